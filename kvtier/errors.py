@@ -1,0 +1,29 @@
+"""Exceptions raised by kvtier. Every one says what was wrong with the input, never just that it was."""
+
+
+class KVTierError(Exception):
+    """Base class of every error kvtier raises on purpose."""
+
+
+class LayoutError(KVTierError, ValueError):
+    """A tensor's shape, dtype or device does not match the KV layout, or a layout is invalid."""
+
+
+class TokenError(KVTierError, ValueError):
+    """Token ids that are not a 1-D sequence of non-negative integers."""
+
+
+class CapacityError(KVTierError):
+    """A write that cannot fit in any tier, even after evicting everything evictable."""
+
+
+class CodecError(KVTierError, ValueError):
+    """An unknown codec name, bad codec parameters, or data that fails to decode."""
+
+
+class BlobError(KVTierError, ValueError):
+    """Bytes that are not a valid kvtier chunk blob (bad header, checksum, layout or key)."""
+
+
+class ConfigError(KVTierError, ValueError):
+    """A configuration that cannot work (unknown tier kind, negative capacity, ...)."""

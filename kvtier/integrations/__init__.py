@@ -1,0 +1,1 @@
+"""Serving-engine adapters (Hugging Face transformers first)."""

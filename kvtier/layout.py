@@ -1,0 +1,126 @@
+"""KVLayout: the shape of one model's KV cache as kvtier stores it, and its fingerprint.
+
+A chunk of a layout is one tensor of shape ``[layers, len(tensors), kv_heads, chunk_tokens, head_dim]``:
+layer-major, so the bytes of one layer are contiguous and can be read without the rest. ``tensors``
+names what a token has per layer and KV head: ``("k", "v")`` for MHA/GQA/MQA models, ``("latent",)``
+for MLA models (one compressed vector per token and layer; then ``kv_heads=1`` and ``head_dim`` is the
+latent width).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvtier.errors import LayoutError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a model's KV cache looks like. Two layouts with any field different never share chunks."""
+
+    model_id: str
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float16"
+    chunk_tokens: int = 256
+    tensors: tuple[str, ...] = ("k", "v")
+    tp_rank: int = 0
+    tp_size: int = 1
+    page_tokens: int = 32
+    _fingerprint: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", tuple(self.tensors))
+        problems = []
+        if not self.model_id:
+            problems.append("model_id is empty")
+        for name in ("num_layers", "kv_heads", "head_dim", "chunk_tokens", "tp_size", "page_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not self.tensors or len(set(self.tensors)) != len(self.tensors):
+            problems.append(f"tensors must be distinct names, got {self.tensors!r}")
+        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < max(1, int(self.tp_size or 1)):
+            problems.append(f"tp_rank must be in [0, tp_size), got {self.tp_rank!r}")
+        if isinstance(self.chunk_tokens, int) and isinstance(self.page_tokens, int) and self.page_tokens > 0:
+            if self.chunk_tokens % self.page_tokens:
+                problems.append(f"chunk_tokens {self.chunk_tokens} is not a multiple of page_tokens {self.page_tokens}")
+        if problems:
+            raise LayoutError("invalid KVLayout: " + "; ".join(problems))
+        described = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+        object.__setattr__(self, "_fingerprint", digest)
+
+    @property
+    def fingerprint(self) -> str:
+        """32 hex characters of sha256 over every field: equal only for identical layouts."""
+        return self._fingerprint
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def chunk_shape(self) -> tuple[int, int, int, int, int]:
+        """``(layers, tensors, kv_heads, chunk_tokens, head_dim)``."""
+        return (self.num_layers, len(self.tensors), self.kv_heads, self.chunk_tokens, self.head_dim)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of KV one token takes over all layers, uncompressed."""
+        return self.num_layers * len(self.tensors) * self.kv_heads * self.head_dim * self.torch_dtype.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one uncompressed chunk's KV."""
+        return self.bytes_per_token * self.chunk_tokens
+
+    @property
+    def pages_per_chunk(self) -> int:
+        return self.chunk_tokens // self.page_tokens
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if not k.startswith("_")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KVLayout":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and not k.startswith("_")}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise LayoutError(f"unknown KVLayout fields: {unknown}")
+        if "tensors" in known:
+            known["tensors"] = tuple(known["tensors"])
+        try:
+            return cls(**known)
+        except TypeError as exc:
+            raise LayoutError(f"invalid KVLayout: {exc}") from None
+
+    def check_kv(self, kv: torch.Tensor, tokens: int, name: str = "kv") -> None:
+        """Raise LayoutError unless ``kv`` is ``[layers, tensors, kv_heads, >= tokens, head_dim]`` of this dtype."""
+        if not isinstance(kv, torch.Tensor):
+            raise LayoutError(f"{name} must be a torch.Tensor, got {type(kv).__name__}")
+        want = (self.num_layers, len(self.tensors), self.kv_heads, tokens, self.head_dim)
+        if kv.dim() != 5 or kv.shape[:3] != want[:3] or kv.shape[4] != want[4] or kv.shape[3] < tokens:
+            raise LayoutError(
+                f"{name} has shape {tuple(kv.shape)}; layout {self.model_id!r} needs "
+                f"[layers={want[0]}, tensors={want[1]}, kv_heads={want[2]}, tokens>={tokens}, head_dim={want[4]}]"
+            )
+        if kv.dtype != self.torch_dtype:
+            raise LayoutError(f"{name} has dtype {kv.dtype}; layout {self.model_id!r} needs {self.torch_dtype}")
+
+
+SMOLLM2_135M = KVLayout("HuggingFaceTB/SmolLM2-135M-Instruct", num_layers=30, kv_heads=3, head_dim=64)
+"""The layout of the real model the tests use (fp16, 256-token chunks: 5.9 MB a chunk)."""
