@@ -32,6 +32,11 @@ class Codec(ABC):
         """Keyword parameters that rebuild this codec with ``get_codec(name, **params)``."""
         return {}
 
+    def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes the encoded tensors of a ``shape`` chunk take (exact for fixed-rate codecs; lossless ones
+        give an estimate). The metadata-only store uses it to account capacity without any data."""
+        return int(torch.Size(shape).numel()) * dtype.itemsize
+
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         """``kv``: ``[L, T, H, C, D]`` -> named layer-major tensors (first dim ``L``), contiguous."""
