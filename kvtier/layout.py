@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -60,8 +60,7 @@ class KVLayout:
                 problems.append(f"chunk_tokens {self.chunk_tokens} is not a multiple of page_tokens {self.page_tokens}")
         if problems:
             raise LayoutError("invalid KVLayout: " + "; ".join(problems))
-        described = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
-        digest = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:32]
         object.__setattr__(self, "_fingerprint", digest)
 
     @property
@@ -93,7 +92,8 @@ class KVLayout:
         return self.chunk_tokens // self.page_tokens
 
     def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if not k.startswith("_")}
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in fields(self) if f.init}
 
     @classmethod
     def from_dict(cls, data: dict) -> "KVLayout":

@@ -39,7 +39,8 @@ class Codec(ABC):
 
     @abstractmethod
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``kv``: ``[L, T, H, C, D]`` -> named layer-major tensors (first dim ``L``), contiguous."""
+        """``kv``: ``[L, T, H, C, D]`` -> named layer-major tensors (first dim ``L``). A part may be a view of
+        ``kv`` itself (the raw codec's is); whoever needs its bytes makes it contiguous."""
 
     @abstractmethod
     def decode(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
@@ -105,11 +106,12 @@ class RawCodec(Codec):
     lossless = True
 
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"kv": kv if kv.is_contiguous() else kv.contiguous()}
+        return {"kv": kv}
 
     def decode(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         expect_parts(parts, ("kv",), self.name)
         src = parts["kv"]
         if src.shape != out.shape:
             raise CodecError(f"raw codec: stored shape {tuple(src.shape)} does not match {tuple(out.shape)}")
-        out.copy_(src)
+        if src.data_ptr() != out.data_ptr():  # a tier may have read the bytes straight into ``out``
+            out.copy_(src)

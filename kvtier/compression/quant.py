@@ -1,0 +1,255 @@
+"""Lossy codecs: ``fp8`` (e4m3, one scale per layer, tensor and KV head) and KIVI-style ``int2``/``int4``/``int8``.
+
+KIVI (Liu et al., 2024) quantizes keys per channel and values per token: key groups run along the tokens of
+one channel (keys have outlier channels), value groups along the channels of one token. Each group of
+``group_size`` elements stores ``bits``-bit codes plus a zero-point (its minimum) and a scale.
+
+To reach 4-bit storage at ratio >= 3.5 with groups of 32, the per-group zero-point and scale are themselves
+stored as 8-bit codes on a linear grid per (layer, tensor, KV head) with three fp32 grid parameters
+(``lo``, ``zstep``, ``sstep``): 2 bytes of metadata per group instead of 4 or 8. Rounding is directed so
+the bound stays exact: the stored zero ``z = lo + zc * zstep`` is at most the group minimum and the stored
+scale ``s = sc * sstep`` is at least ``(max - z) / (2**bits - 1)``, so every element of a group satisfies
+``|x - x_hat| <= s / 2`` (up to fp32 rounding), with ``s`` the group's stored scale.
+
+In a chunk ``[L, T, H, C, D]`` the tensor at ``T`` index 0 (keys) is quantized per channel and every other
+tensor (values) per token. A group that the chunk does not fill (``C`` or ``D`` not a multiple of the group
+size) is padded by repeating its last element, which leaves its minimum and maximum unchanged.
+
+Byte-level corruption of quantized data cannot be detected here (every byte pattern is a valid code); the
+chunk blob's checksum covers that. Structural problems (names, shapes, dtypes) raise CodecError.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from kvtier.compression.codec import Codec, expect_parts, register_codec
+from kvtier.errors import CodecError
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+META_LEVELS = 255  # 8-bit codes for the zero-point and the scale
+
+
+def _check(cond: bool, codec: str, what: str) -> None:
+    if not cond:
+        raise CodecError(f"codec {codec!r}: {what}")
+
+
+@register_codec
+class FP8Codec(Codec):
+    """float8 e4m3 codes with one fp32 scale per (layer, tensor, KV head): 2x smaller than fp16.
+
+    Parts: ``data`` uint8 ``[L, T, H, C, D]`` (the e4m3 bits), ``scale`` fp32 ``[L, T, H]``.
+    """
+
+    name = "fp8"
+    lossless = False
+
+    def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        L, T, H, C, D = shape
+        return L * T * H * (C * D + 4)
+
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        amax = kv.abs().amax(dim=(3, 4)).float()
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        data = (kv.float() / scale[..., None, None]).to(torch.float8_e4m3fn).view(torch.uint8)
+        return {"data": data, "scale": scale}
+
+    def decode(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        expect_parts(parts, ("data", "scale"), self.name)
+        data, scale = parts["data"], parts["scale"]
+        _check(data.dtype == torch.uint8 and tuple(data.shape) == tuple(out.shape), self.name,
+               f"data must be uint8 {tuple(out.shape)}, got {data.dtype} {tuple(data.shape)}")
+        _check(scale.dtype == torch.float32 and tuple(scale.shape) == tuple(out.shape[:3]), self.name,
+               f"scale must be float32 {tuple(out.shape[:3])}, got {scale.dtype} {tuple(scale.shape)}")
+        out.copy_(data.view(torch.float8_e4m3fn).float().mul_(scale[..., None, None]))
+
+
+class KIVICodec(Codec):
+    """Asymmetric ``bits``-bit quantization, keys per channel and values per token, groups of ``group_size``.
+
+    Parts, for the keys (``key_*``, from ``kv[:, :1]``) and the values (``value_*``, from ``kv[:, 1:]``,
+    absent when ``T == 1``), with ``n`` groups per (layer, tensor, head):
+
+    - ``*_codes`` uint8 ``[L, ceil(T' * H * groups * group_size * bits / 8)]``: packed codes (see ``_pack``);
+    - ``*_zero``, ``*_scale`` uint8 ``[L, T', H, ...group grid]``: 8-bit codes of each group's zero and scale;
+    - ``*_grid`` fp32 ``[L, T', H, 3]``: ``lo, zstep, sstep`` that turn those codes into values.
+    """
+
+    lossless = False
+    bits: ClassVar[int]
+
+    def __init__(self, group_size: int = 32) -> None:
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+            raise CodecError(f"codec {self.name!r}: group_size must be a positive integer, got {group_size!r}")
+        self.group_size = group_size
+
+    def params(self) -> dict[str, Any]:
+        return {"group_size": self.group_size}
+
+    @property
+    def levels(self) -> int:
+        """Largest code: ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    # --- shapes ---------------------------------------------------------------------------------------
+    def _padded(self, n: int) -> int:
+        return -(-n // self.group_size) * self.group_size
+
+    def _grid_shape(self, shape: tuple[int, ...], per_channel: bool) -> tuple[int, ...]:
+        """Shape of the per-group metadata of a ``[L, T', H, C, D]`` tensor: one entry per group."""
+        L, T, H, C, D = shape
+        if per_channel:
+            return (L, T, H, self._padded(C) // self.group_size, D)
+        return (L, T, H, C, self._padded(D) // self.group_size)
+
+    def _code_bytes(self, shape: tuple[int, ...], per_channel: bool) -> int:
+        """Packed code bytes per layer."""
+        L, T, H, C, D = shape
+        n = T * H * (self._padded(C) * D if per_channel else C * self._padded(D))
+        return -(-n * self.bits // 8)
+
+    def _split(self, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...], bool]]:
+        """``(prefix, shape, per_channel)`` of the keys and (when ``T > 1``) the values."""
+        L, T, H, C, D = shape
+        split = [("key", (L, 1, H, C, D), True)]
+        if T > 1:
+            split.append(("value", (L, T - 1, H, C, D), False))
+        return split
+
+    def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        total = 0
+        for _, sub, per_channel in self._split(tuple(shape)):
+            groups = torch.Size(self._grid_shape(sub, per_channel)).numel()
+            total += sub[0] * self._code_bytes(sub, per_channel) + 2 * groups + sub[0] * sub[1] * sub[2] * 12
+        return total
+
+    # --- encode ---------------------------------------------------------------------------------------
+    def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check(kv.dim() == 5, self.name, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
+        parts: dict[str, torch.Tensor] = {}
+        for prefix, (L, T, H, C, D), per_channel in self._split(tuple(kv.shape)):
+            src = kv[:, :1] if prefix == "key" else kv[:, 1:]
+            groups = self._grouped(src, per_channel)
+            codes, zero, scale, grid = self._quantize(groups, 4 if per_channel else 5)
+            parts[f"{prefix}_codes"] = self._pack(codes.view(L, -1))
+            parts[f"{prefix}_zero"] = zero
+            parts[f"{prefix}_scale"] = scale
+            parts[f"{prefix}_grid"] = grid
+        return parts
+
+    def _grouped(self, src: torch.Tensor, per_channel: bool) -> torch.Tensor:
+        """fp32 copy of ``src [L, T', H, C, D]`` padded and viewed with a group axis of size ``group_size``:
+        ``[L, T', H, C/G, G, D]`` per channel (groups along tokens), ``[L, T', H, C, D/G, G]`` per token."""
+        L, T, H, C, D = src.shape
+        G = self.group_size
+        Cp, Dp = (self._padded(C), D) if per_channel else (C, self._padded(D))
+        buf = torch.empty((L, T, H, Cp, Dp), dtype=torch.float32, device=src.device)
+        buf[:, :, :, :C, :D].copy_(src)
+        if Cp > C:
+            buf[:, :, :, C:, :] = buf[:, :, :, C - 1 : C, :]
+        if Dp > D:
+            buf[..., D:] = buf[..., D - 1 : D]
+        return buf.view(L, T, H, Cp // G, G, D) if per_channel else buf.view(L, T, H, C, Dp // G, G)
+
+    def _quantize(self, x: torch.Tensor, gdim: int):
+        """Quantize grouped ``x`` (group axis ``gdim``) in place into integer-valued fp32 codes; return them,
+        the zero and scale codes (the group grid) and the ``[L, T', H, 3]`` fp32 grid parameters."""
+        mn = x.amin(dim=gdim, keepdim=True)
+        mx = x.amax(dim=gdim, keepdim=True)
+        flat = (mn.shape[0], mn.shape[1], mn.shape[2], -1)
+        lo = mn.reshape(flat).amin(dim=3)
+        zstep = (mn.reshape(flat).amax(dim=3) - lo) / META_LEVELS
+        zstep = torch.where(zstep > 0, zstep, torch.ones_like(zstep))
+        zc = ((mn - _bcast(lo, mn)) / _bcast(zstep, mn)).floor_().clamp_(0, META_LEVELS)
+        zero = _bcast(lo, mn) + zc * _bcast(zstep, mn)
+        zc -= ((zero > mn) & (zc > 0)).float()  # directed rounding: the stored zero never exceeds the minimum
+        zero = _bcast(lo, mn) + zc * _bcast(zstep, mn)
+        need = (mx - zero) / self.levels
+        sstep = need.reshape(flat).amax(dim=3) / META_LEVELS
+        sstep = torch.where(sstep > 0, sstep, torch.ones_like(sstep))
+        sc = (need / _bcast(sstep, need)).ceil_().clamp_(0, META_LEVELS)
+        scale = sc * _bcast(sstep, need)
+        sc += ((scale < need) & (sc < META_LEVELS)).float()  # directed rounding: the stored scale covers the range
+        scale = sc * _bcast(sstep, need)
+        inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+        torch.addcmul(0.5 - zero * inv, x, inv, out=x)  # (x - zero) / scale + 0.5; its floor is the rounded code
+        x.clamp_(0, self.levels).floor_()
+        grid = torch.stack([lo, zstep, sstep], dim=3)
+        return x, zc.squeeze(gdim).to(torch.uint8), sc.squeeze(gdim).to(torch.uint8), grid
+
+    def _pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[L, n]`` integer-valued fp32 codes < 2**bits -> ``[L, ceil(n * bits / 8)]`` bytes. The row is cut
+        into ``8 // bits`` contiguous slices; slice ``i`` fills bits ``i * bits`` of every byte."""
+        per = 8 // self.bits
+        L, n = codes.shape
+        if n % per:
+            codes = torch.nn.functional.pad(codes, (0, per - n % per))
+        width = codes.shape[1] // per
+        packed = codes[:, :width].clone()
+        for i in range(1, per):
+            packed.add_(codes[:, i * width : (i + 1) * width], alpha=1 << (i * self.bits))
+        return packed.to(torch.uint8)
+
+    # --- decode ---------------------------------------------------------------------------------------
+    def decode(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+        _check(out.dim() == 5, self.name, f"out must be [L, T, H, C, D], got shape {tuple(out.shape)}")
+        split = self._split(tuple(out.shape))
+        names = tuple(f"{p}_{s}" for p, _, _ in split for s in ("codes", "zero", "scale", "grid"))
+        expect_parts(parts, names, self.name)
+        for prefix, shape, per_channel in split:
+            L, T, H, C, D = shape
+            codes, zc, sc, grid = (parts[f"{prefix}_{s}"] for s in ("codes", "zero", "scale", "grid"))
+            grid_shape = self._grid_shape(shape, per_channel)
+            for part, name, want, dtype in (
+                (codes, "codes", (L, self._code_bytes(shape, per_channel)), torch.uint8),
+                (zc, "zero", grid_shape, torch.uint8),
+                (sc, "scale", grid_shape, torch.uint8),
+                (grid, "grid", (L, T, H, 3), torch.float32),
+            ):
+                _check(tuple(part.shape) == want and part.dtype == dtype, self.name,
+                       f"{prefix}_{name} must be {dtype} {want}, got {part.dtype} {tuple(part.shape)}")
+            gdim = 4 if per_channel else 5
+            zero = (_bcast(grid[..., 0], zc) + zc.float() * _bcast(grid[..., 1], zc)).unsqueeze(gdim)
+            scale = (sc.float() * _bcast(grid[..., 2], sc)).unsqueeze(gdim)
+            Cp, Dp = (self._padded(C), D) if per_channel else (C, self._padded(D))
+            x = self._unpack(codes, T * H * Cp * Dp).contiguous()
+            x = x.view(L, T, H, Cp // self.group_size, self.group_size, D) if per_channel \
+                else x.view(L, T, H, C, Dp // self.group_size, self.group_size)
+            torch.addcmul(zero, x, scale, out=x)
+            dst = out[:, :1] if prefix == "key" else out[:, 1:]
+            dst.copy_(x.view(L, T, H, Cp, Dp)[:, :, :, :C, :D])
+
+    def _unpack(self, packed: torch.Tensor, n: int) -> torch.Tensor:
+        """Inverse of :meth:`_pack`: ``[L, bytes]`` -> ``[L, n]`` fp32 codes."""
+        per = 8 // self.bits
+        L, width = packed.shape
+        codes = torch.empty((L, width * per), dtype=torch.float32, device=packed.device)
+        for i in range(per):
+            codes[:, i * width : (i + 1) * width] = (packed >> (i * self.bits)) & self.levels if per > 1 else packed
+        return codes[:, :n]
+
+
+def _bcast(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a ``[L, T', H]`` tensor so it broadcasts against ``like`` ``[L, T', H, ...]``."""
+    return param.view(*param.shape, *([1] * (like.dim() - param.dim())))
+
+
+@register_codec
+class Int2Codec(KIVICodec):
+    name = "int2"
+    bits = 2
+
+
+@register_codec
+class Int4Codec(KIVICodec):
+    name = "int4"
+    bits = 4
+
+
+@register_codec
+class Int8Codec(KIVICodec):
+    name = "int8"
+    bits = 8

@@ -1,0 +1,261 @@
+"""Chunks and the one blob format every tier and the wire use.
+
+A :class:`Chunk` is the KV of ``chunk_tokens`` consecutive tokens for all layers of one model, with what
+verifies a hit: its own token ids and its parent key.
+
+The blob is a safetensors file (readable by ``safetensors.safe_open`` / ``safetensors.torch.load``):
+
+- tensors: ``tokens`` (int32 ``[C]``), ``summary`` (``[L, H, P, 3, D]``, optional) and the codec's parts as
+  ``kv.<name>``, each layer-major (first dim ``L``), so one layer's bytes sit at known offsets;
+- metadata: ``format`` (``kvtier-chunk/1``), ``key``, ``parent`` (hex), ``layout`` (the KVLayout as JSON),
+  ``codec`` and ``codec_params`` (JSON), ``layer_xxh3`` (one XXH3-64 per layer over that layer's slices
+  of every codec part, comma separated), ``tokens_xxh3`` and ``summary_xxh3``.
+
+Tensors are laid out tokens first, then the KV parts, then the summary, so a reader gets the header and the
+tokens with one small read and can verify a hit before it reads any KV.
+
+Writing is zero-copy: :func:`encode_blob` returns the header and memoryviews of the tensors, which a file
+write (``os.writev``), a Redis value or an HTTP body take as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from kvtier.compression.codec import Codec, get_codec
+from kvtier.errors import BlobError, CodecError
+from kvtier.layout import KVLayout
+
+FORMAT = "kvtier-chunk/1"
+_MAX_HEADER = 1 << 20
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+    torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.bool: "BOOL",
+}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+@dataclass
+class Chunk:
+    """One chunk. ``kv``: ``[L, T, H, C, D]`` in the layout's dtype (None in metadata-only use);
+    ``tokens``: int32 ``[C]``; ``summary``: ``[L, H, P, 3, D]`` per-page key min/max/mean, or None."""
+
+    key: bytes
+    parent: bytes
+    tokens: np.ndarray
+    kv: torch.Tensor | None = None
+    summary: torch.Tensor | None = None
+    namespace: str = ""
+
+
+def key_summary(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
+    """Per layer, KV head and page of ``page_tokens`` tokens: the per-channel min, max and mean of the keys.
+
+    ``kv``: ``[L, T, H, C, D]`` (tensor 0 is the key, or the latent for MLA) -> ``[L, H, C // page, 3, D]``
+    in ``kv``'s dtype. Decode-time retrieval scores pages with it (Quest: ``sum_d max(q_d min_d, q_d max_d)``).
+    """
+    L, _, H, C, D = kv.shape
+    keys = kv[:, 0].reshape(L, H, C // page_tokens, page_tokens, D)
+    lo, hi = keys.aminmax(dim=3)
+    mean = keys.float().mean(dim=3).to(kv.dtype)
+    return torch.stack((lo, hi, mean), dim=3)
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def layer_checksums(parts: dict[str, torch.Tensor]) -> list[str]:
+    """One XXH3-64 hex digest per layer over that layer's slice of every part (parts sorted by name)."""
+    names = sorted(parts)
+    n_layers = parts[names[0]].shape[0]
+    out = []
+    for layer in range(n_layers):
+        h = xxhash.xxh3_64()
+        for name in names:
+            h.update(_byte_view(parts[name][layer]))
+        out.append(h.hexdigest())
+    return out
+
+
+def checksum(t: torch.Tensor | None) -> str:
+    """XXH3-64 hex digest of a contiguous CPU tensor's bytes ("" for None)."""
+    return "" if t is None else xxhash.xxh3_64_hexdigest(_byte_view(t))
+
+
+def encode_blob(chunk: Chunk, layout: KVLayout, codec: Codec) -> tuple[bytes, list[memoryview]]:
+    """Encode ``chunk`` with ``codec``: the safetensors header and the tensor buffers, in file order.
+
+    ``b"".join([header, *buffers])`` (or a vectored write of them) is the blob.
+    """
+    if chunk.kv is None:
+        raise BlobError("a chunk without KV cannot be encoded as a blob")
+    kv = chunk.kv if chunk.kv.device.type == "cpu" else chunk.kv.cpu()
+    parts = {name: t.contiguous() for name, t in codec.encode(kv).items()}
+    tokens = torch.from_numpy(np.ascontiguousarray(chunk.tokens, dtype=np.int32))
+    tensors = {"tokens": tokens}
+    tensors.update((f"kv.{name}", t) for name, t in sorted(parts.items()))
+    summary = chunk.summary.cpu().contiguous() if chunk.summary is not None else None
+    if summary is not None:
+        tensors["summary"] = summary
+    metadata = {
+        "format": FORMAT,
+        "key": chunk.key.hex(),
+        "parent": chunk.parent.hex(),
+        "namespace": chunk.namespace,
+        "layout": json.dumps(layout.to_dict(), sort_keys=True),
+        "codec": codec.name,
+        "codec_params": json.dumps(codec.params(), sort_keys=True),
+        "layer_xxh3": ",".join(layer_checksums(parts)),
+        "tokens_xxh3": checksum(tokens),
+        "summary_xxh3": checksum(summary),
+    }
+    header: dict = {"__metadata__": metadata}
+    buffers = []
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        buffers.append(_byte_view(t))
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, buffers
+
+
+def blob_bytes(chunk: Chunk, layout: KVLayout, codec: Codec) -> bytes:
+    """The whole blob as one bytes object (for the wire and Redis)."""
+    header, buffers = encode_blob(chunk, layout, codec)
+    return b"".join([header, *buffers])
+
+
+@dataclass
+class BlobHeader:
+    """A parsed blob header. ``tensors`` maps name -> (dtype, shape, start, end) relative to ``data_start``."""
+
+    key: bytes
+    parent: bytes
+    namespace: str
+    layout: KVLayout
+    codec: Codec
+    layer_xxh3: list[str]
+    tokens_xxh3: str
+    summary_xxh3: str
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+    data_start: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data_start + max((end for *_, end in self.tensors.values()), default=0)
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """Bytes taken by the header, given at least the blob's first 8 bytes."""
+    if len(prefix) < 8:
+        raise BlobError(f"blob too short: {len(prefix)} bytes, a header needs at least 8")
+    (n,) = struct.unpack_from("<Q", prefix)
+    if n <= 0 or n > _MAX_HEADER:
+        raise BlobError(f"blob header length {n} is out of range (1..{_MAX_HEADER})")
+    return 8 + n
+
+
+def parse_header(data: bytes | memoryview) -> BlobHeader:
+    """Parse and validate a blob header from ``data`` (at least :func:`header_length` bytes)."""
+    start = header_length(data)
+    if len(data) < start:
+        raise BlobError(f"blob truncated inside its header ({len(data)} of {start} bytes)")
+    try:
+        raw = json.loads(bytes(data[8:start]))
+        meta = raw.pop("__metadata__")
+        if meta.get("format") != FORMAT:
+            raise BlobError(f"not a kvtier chunk blob: format {meta.get('format')!r}, expected {FORMAT!r}")
+        layout = KVLayout.from_dict(json.loads(meta["layout"]))
+        codec = get_codec(meta["codec"], **json.loads(meta["codec_params"]))
+        tensors = {}
+        for name, spec in raw.items():
+            dtype = _NAME_DTYPES[spec["dtype"]]
+            lo, hi = (int(x) for x in spec["data_offsets"])
+            shape = tuple(int(s) for s in spec["shape"])
+            if lo < 0 or hi < lo or hi - lo != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise BlobError(f"blob tensor {name!r} has inconsistent offsets {lo}..{hi} for shape {shape}")
+            tensors[name] = (dtype, shape, lo, hi)
+        header = BlobHeader(
+            key=bytes.fromhex(meta["key"]),
+            parent=bytes.fromhex(meta["parent"]),
+            namespace=meta["namespace"],
+            layout=layout,
+            codec=codec,
+            layer_xxh3=meta["layer_xxh3"].split(","),
+            tokens_xxh3=meta["tokens_xxh3"],
+            summary_xxh3=meta["summary_xxh3"],
+            tensors=tensors,
+            data_start=start,
+        )
+    except BlobError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, CodecError) as exc:
+        raise BlobError(f"malformed blob header: {type(exc).__name__}: {exc}") from None
+    if "tokens" not in tensors or not any(n.startswith("kv.") for n in tensors):
+        raise BlobError("blob lacks its tokens or KV tensors")
+    if len(header.layer_xxh3) != layout.num_layers:
+        raise BlobError(f"blob has {len(header.layer_xxh3)} layer checksums for {layout.num_layers} layers")
+    return header
+
+
+def _tensor(data: memoryview, header: BlobHeader, name: str) -> torch.Tensor:
+    dtype, shape, lo, hi = header.tensors[name]
+    if header.data_start + hi > len(data):
+        raise BlobError(f"blob truncated: tensor {name!r} ends at byte {header.data_start + hi} of {len(data)}")
+    if lo == hi:
+        return torch.empty(shape, dtype=dtype)
+    raw = data[header.data_start + lo : header.data_start + hi]
+    with warnings.catch_warnings():  # torch warns on read-only buffers; these tensors are only read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None = None,
+                layers: range | None = None) -> tuple[BlobHeader, Chunk]:
+    """Verify and decode a blob. Returns the header and a Chunk whose ``kv`` is ``out`` (filled) or new.
+
+    ``layers``: decode only these layers (``out`` then has ``len(layers)`` layers); only their checksums
+    are checked. Raises BlobError on any corruption: a bad header, a truncated body, a checksum mismatch.
+    The returned ``tokens``/``summary`` may share memory with ``data``.
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    header = parse_header(view)
+    layout = header.layout
+    layers = layers if layers is not None else range(layout.num_layers)
+    parts = {name[3:]: _tensor(view, header, name) for name in header.tensors if name.startswith("kv.")}
+    tokens = _tensor(view, header, "tokens")
+    summary = _tensor(view, header, "summary") if "summary" in header.tensors else None
+    if checksum(tokens) != header.tokens_xxh3 or checksum(summary) != header.summary_xxh3:
+        raise BlobError("blob checksum mismatch in its tokens or summary")
+    for part in parts.values():
+        if part.dim() == 0 or part.shape[0] != layout.num_layers:
+            raise BlobError(f"blob KV part of shape {tuple(part.shape)} is not layer-major over {layout.num_layers} layers")
+    sub = {name: p[layers.start : layers.stop : layers.step] for name, p in parts.items()}
+    sums = layer_checksums(sub)
+    if sums != header.layer_xxh3[layers.start : layers.stop : layers.step]:
+        raise BlobError("blob checksum mismatch in its KV")
+    shape = (len(layers),) + layout.chunk_shape[1:]
+    if out is None:
+        out = torch.empty(shape, dtype=layout.torch_dtype)
+    elif tuple(out.shape) != shape or out.dtype != layout.torch_dtype:
+        raise BlobError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit {shape} {layout.torch_dtype}")
+    try:
+        header.codec.decode(sub, out)
+    except CodecError as exc:
+        raise BlobError(f"blob KV fails to decode: {exc}") from None
+    chunk = Chunk(header.key, header.parent, tokens.numpy(), out, summary, header.namespace)
+    return header, chunk

@@ -1,0 +1,683 @@
+"""TieredStore: the prefix-keyed KV cache over a list of tiers, fastest first.
+
+Data path:
+
+- ``put(tokens, kv)``: key the full chunks (:mod:`kvtier.kvstore.keys`), skip those already cached, encode
+  each new one for the first tier that can ever hold it, evict there until it fits (an evicted chunk is
+  demoted to the next tier, or leaves the store when it is in the last), commit; write-through tiers get a
+  copy too. Nothing is stored after a chunk that could not be.
+- ``lookup(tokens)``: the longest run of leading chunk keys in the index (any tier).
+- ``get(tokens, out)``: lookup, then fetch each chunk from the fastest tier holding it straight into the
+  caller's buffer, verify it (its key must equal ``H(parent || tokens)`` for the expected parent), and
+  promote chunks fetched from a lower tier to the first one. A chunk that fails verification is deleted and
+  ends the hit there.
+
+Eviction is leaf-first: a chunk is not evicted from a tier while a child of it is there, nor dropped from the
+store while it has children anywhere, so the cache never holds a chunk whose prefix it lost. Pinned chunks
+are never evicted. One lock serialises every operation, copies included.
+
+``metadata_only=True`` runs the same index, policies and capacity accounting with :class:`MetaTier`-like
+tiers and no tensors: trace replays drive exactly the production logic.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvtier.errors import CapacityError, LayoutError
+from kvtier.kvstore.chunk import Chunk, key_summary
+from kvtier.kvstore.index import Node, PrefixIndex
+from kvtier.kvstore.keys import TokenLike, as_tokens, chain_key, chunk_keys, root_key
+from kvtier.kvstore.policies import EvictionPolicy, make_policy
+from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.meta import MetaTier
+from kvtier.layout import KVLayout
+
+
+@dataclass
+class ChunkRef:
+    """A cached chunk of a prompt: its index in the prompt, key, and the tiers holding it (fastest first)."""
+
+    index: int
+    key: bytes
+    tiers: list[str]
+
+
+@dataclass
+class LookupResult:
+    tokens: int
+    chunks: list[ChunkRef]
+
+
+@dataclass
+class GetResult:
+    """``tokens`` fetched (a multiple of chunk_tokens) into ``kv`` (``[L', T, H, >= tokens, D]``);
+    ``tiers``: the tier each chunk came from."""
+
+    tokens: int
+    kv: torch.Tensor | None
+    tiers: list[str]
+
+
+@dataclass
+class PutResult:
+    """``stored`` new chunks, ``present`` already cached, ``dropped`` full chunks that found no room."""
+
+    stored: int
+    present: int
+    dropped: int
+
+
+@dataclass
+class _Counters:
+    lookups: int = 0
+    lookup_tokens: int = 0
+    hit_tokens: int = 0
+    gets: int = 0
+    get_tokens: int = 0
+    puts: int = 0
+    put_chunks: int = 0
+    put_bytes: int = 0
+    verify_failures: int = 0
+    promotions: int = 0
+    demotions: int = 0
+    drops: int = 0
+    tier_hits: dict[str, int] = field(default_factory=dict)
+
+
+class TieredStore:
+    """A prefix cache of KV chunks over ``tiers`` (fastest first).
+
+    ``policy``: an eviction policy name for every tier, or one per tier (``lru``, ``lfu``, ``s3fifo``,
+    ``cost``). ``write_through``: per tier, also write every new chunk there (e.g. to a persistent disk).
+    ``layout``: the default layout for calls that name none; other layouts can be attached.
+    """
+
+    def __init__(self, tiers: Sequence[Tier], layout: KVLayout | None = None,
+                 policy: str | Sequence[str] = "lru", write_through: bool | Sequence[bool] = False,
+                 metadata_only: bool = False, summaries: bool = True) -> None:
+        if not tiers:
+            raise ValueError("a TieredStore needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be distinct, got {names}")
+        if metadata_only and not all(isinstance(t, MetaTier) for t in tiers):
+            raise ValueError("metadata_only needs MetaTier tiers")
+        self.tiers = list(tiers)
+        self.metadata_only = metadata_only
+        self.keep_summaries = summaries and not metadata_only
+        n = len(self.tiers)
+        policies = [policy] * n if isinstance(policy, str) else list(policy)
+        wt = [write_through] * n if isinstance(write_through, bool) else list(write_through)
+        if len(policies) != n or len(wt) != n:
+            raise ValueError(f"give one policy and one write_through flag per tier ({n} tiers)")
+        self.policies: list[EvictionPolicy] = [make_policy(p, t.capacity_bytes) for p, t in zip(policies, self.tiers)]
+        self.write_through = wt
+        self._lock = threading.RLock()
+        self.index = PrefixIndex()
+        self.layouts: dict[str, KVLayout] = {}
+        self.layout = layout
+        if layout is not None:
+            self.attach(layout)
+        self.namespace_bytes: dict[str, int] = {}
+        self.quotas: dict[str, int] = {}
+        self.counters = _Counters(tier_hits={t.name: 0 for t in self.tiers})
+        self._scratch: dict[str, torch.Tensor] = {}
+        self._recover()
+
+    # ------------------------------------------------------------------ public API
+
+    def attach(self, layout: KVLayout) -> str:
+        """Register a layout (so chunks of it can be stored); returns its fingerprint."""
+        with self._lock:
+            self.layouts.setdefault(layout.fingerprint, layout)
+        return layout.fingerprint
+
+    def keys(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> list[bytes]:
+        """Chunk keys of the full chunks of ``tokens``."""
+        layout = self._layout(layout)
+        return chunk_keys(root_key(layout.fingerprint, namespace), as_tokens(tokens), layout.chunk_tokens)
+
+    def lookup(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> LookupResult:
+        """The longest cached prefix of ``tokens``, in whole chunks."""
+        layout = self._layout(layout)
+        keys = self.keys(tokens, namespace, layout)
+        return self.lookup_keys(keys, layout, n_tokens=len(tokens))
+
+    def lookup_keys(self, keys: Sequence[bytes], layout: KVLayout | None = None, n_tokens: int | None = None) -> LookupResult:
+        layout = self._layout(layout)
+        with self._lock:
+            nodes = self.index.match(keys)
+            refs = [ChunkRef(i, n.key, self._tier_names(n)) for i, n in enumerate(nodes)]
+            self.counters.lookups += 1
+            self.counters.lookup_tokens += len(keys) * layout.chunk_tokens if n_tokens is None else n_tokens
+            self.counters.hit_tokens += len(nodes) * layout.chunk_tokens
+        return LookupResult(len(nodes) * layout.chunk_tokens, refs)
+
+    def put(self, tokens: TokenLike, kv: torch.Tensor | None, namespace: str = "",
+            layout: KVLayout | None = None) -> PutResult:
+        """Store the full chunks of ``tokens`` whose KV is ``kv``: ``[L, T, H, len(tokens), D]`` in the
+        layout's dtype (None only in metadata-only mode). A partial last chunk is not stored."""
+        layout = self._layout(layout)
+        ids = as_tokens(tokens)
+        C = layout.chunk_tokens
+        n_full = len(ids) // C
+        if self.metadata_only:
+            if kv is not None:
+                raise ValueError("a metadata-only store takes kv=None")
+        else:
+            layout.check_kv(kv, len(ids))
+            if kv.shape[3] != len(ids):
+                raise LayoutError(f"kv holds {kv.shape[3]} tokens but {len(ids)} token ids were given")
+            self._check_device(kv)
+        root = root_key(layout.fingerprint, namespace)
+        keys = chunk_keys(root, ids, C)
+        chunks = []
+        for i, key in enumerate(keys):
+            part = None if kv is None else kv[:, :, :, i * C : (i + 1) * C]
+            chunks.append(Chunk(key, keys[i - 1] if i else root, ids[i * C : (i + 1) * C], part))
+        return self._put_chain(chunks, root, layout, namespace, n_full)
+
+    def get(self, tokens: TokenLike, out: torch.Tensor | None = None, layers: range | None = None,
+            namespace: str = "", layout: KVLayout | None = None) -> GetResult:
+        """Fetch the longest cached prefix of ``tokens`` into ``out`` (``[len(layers), T, H, >= n, D]``;
+        allocated when None). ``layers`` (default all) selects a contiguous range of layers."""
+        layout = self._layout(layout)
+        ids = as_tokens(tokens)
+        root = root_key(layout.fingerprint, namespace)
+        keys = chunk_keys(root, ids, layout.chunk_tokens)
+        return self.get_keys(keys, root, out, layers, layout)
+
+    def get_keys(self, keys: Sequence[bytes], root: bytes, out: torch.Tensor | None = None,
+                 layers: range | None = None, layout: KVLayout | None = None) -> GetResult:
+        """Like :meth:`get` for chunk keys whose first parent is ``root``."""
+        layout = self._layout(layout)
+        layers = self._check_layers(layers, layout)
+        C = layout.chunk_tokens
+        with self._lock:
+            nodes = self.index.match(keys)
+            if out is None and not self.metadata_only:
+                out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (len(nodes) * C, layout.head_dim),
+                                  dtype=layout.torch_dtype)
+            if out is not None:
+                self._check_out(out, layout, layers, len(nodes) * C)
+            fetched: list[tuple[Node, int, Chunk]] = []
+            parent = root
+            for i, node in enumerate(nodes):
+                got = self._fetch(node, parent, None if out is None else out[:, :, :, i * C : (i + 1) * C], layers)
+                if got is None:
+                    break
+                fetched.append((node, *got))
+                parent = node.key
+            self._after_get(fetched, layers, layout)
+            self.counters.gets += 1
+            self.counters.get_tokens += len(fetched) * C
+            names = [self.tiers[t].name for _, t, _ in fetched]
+        return GetResult(len(fetched) * C, out, names)
+
+    def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",
+                   layout: KVLayout | None = None) -> PutResult:
+        """Store a chain of chunks built elsewhere (e.g. received by the service). Each chunk's parent must be
+        the previous chunk's key (the first's: ``root`` or a cached chunk) and its key ``H(parent || tokens)``."""
+        layout = self._layout(layout)
+        expected = chunks[0].parent if chunks else root
+        if chunks and expected != root and expected not in self.index:
+            raise ValueError(f"parent {expected.hex()} of the first chunk is neither the root nor cached")
+        for c in chunks:
+            if c.parent != expected:
+                raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {expected.hex()}")
+            tokens = as_tokens(c.tokens)
+            if len(tokens) != layout.chunk_tokens:
+                raise ValueError(f"chunk {c.key.hex()} has {len(tokens)} tokens, the layout needs {layout.chunk_tokens}")
+            if chain_key(c.parent, _token_bytes(tokens)) != c.key:
+                raise ValueError(f"chunk key {c.key.hex()} is not H(parent || tokens)")
+            if not self.metadata_only:
+                layout.check_kv(c.kv, layout.chunk_tokens, name=f"kv of chunk {c.key.hex()}")
+                self._check_device(c.kv)
+            expected = c.key
+        return self._put_chain(list(chunks), chunks[0].parent if chunks else root, layout, namespace, len(chunks))
+
+    def put_keys(self, keys: Sequence[bytes], root: bytes, namespace: str = "", layout: KVLayout | None = None) -> PutResult:
+        """Metadata-only: store chunks known only by their chained keys (e.g. a trace's block hashes)."""
+        if not self.metadata_only:
+            raise ValueError("put_keys is for metadata-only stores; put chunks with their KV otherwise")
+        layout = self._layout(layout)
+        chunks = [Chunk(k, keys[i - 1] if i else root, None) for i, k in enumerate(keys)]
+        return self._put_chain(chunks, root, layout, namespace, len(chunks))
+
+    def pin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        """Protect the cached prefix of ``tokens`` from eviction; returns the chunks pinned. Pins nest."""
+        keys = self.keys(tokens, namespace, layout)
+        with self._lock:
+            nodes = self.index.match(keys)
+            for n in nodes:
+                n.pins += 1
+            return len(nodes)
+
+    def unpin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        """Undo one :meth:`pin` of the cached prefix of ``tokens``; returns the chunks unpinned."""
+        keys = self.keys(tokens, namespace, layout)
+        with self._lock:
+            nodes = [n for n in self.index.match(keys) if n.pins > 0]
+            for n in nodes:
+                n.pins -= 1
+            return len(nodes)
+
+    def delete(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        """Delete the chunks of ``tokens`` and everything cached below them (their subtrees), except pinned
+        ones and their ancestors; returns the number of chunks deleted."""
+        keys = self.keys(tokens, namespace, layout)
+        with self._lock:
+            nodes = self.index.match(keys)
+            return self._delete_subtree(nodes[0]) if nodes else 0
+
+    def delete_namespace(self, namespace: str) -> int:
+        """Delete every unpinned chunk of a namespace; returns how many."""
+        with self._lock:
+            roots = [n for n in self.index.nodes.values() if n.parent is None and n.namespace == namespace]
+            return sum(self._delete_subtree(n) for n in roots)
+
+    def set_quota(self, namespace: str, nbytes: int | None) -> None:
+        """Limit a namespace to ``nbytes`` of uncompressed KV (None: no limit); its own least valuable
+        chunks are dropped to stay under it."""
+        with self._lock:
+            if nbytes is None:
+                self.quotas.pop(namespace, None)
+            else:
+                self.quotas[namespace] = int(nbytes)
+
+    def summaries(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> list[torch.Tensor]:
+        """Key summaries (``[L, H, P, 3, D]``: per page min, max, mean) of the cached prefix, without its KV."""
+        keys = self.keys(tokens, namespace, layout)
+        with self._lock:
+            out = []
+            for node in self.index.match(keys):
+                s = self._summary(node, _lowest_bit(node.tiers))
+                if s is None:
+                    break
+                out.append(s)
+            return out
+
+    def prefetch(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        """Promote the cached prefix of ``tokens`` to the first tier; returns the chunks now there."""
+        layout = self._layout(layout)
+        keys = self.keys(tokens, namespace, layout)
+        root = root_key(layout.fingerprint, namespace)
+        with self._lock:
+            nodes = self.index.match(keys)
+            for n in nodes:
+                n.pins += 1
+            try:
+                parent = root
+                for node in nodes:
+                    if not node.tiers & 1:
+                        buf = None if self.metadata_only else self._scratch_for(layout)
+                        got = self._fetch(node, parent, buf, range(layout.num_layers))
+                        if got is None or not self._promote(node, got[1], layout, got[0]):
+                            break
+                    parent = node.key
+                return sum(1 for n in nodes if n.tiers & 1)
+            finally:
+                for n in nodes:
+                    n.pins -= 1
+
+    def stats(self) -> dict:
+        """Counters, hit rate and per-tier occupancy."""
+        with self._lock:
+            c = self.counters
+            return {
+                "chunks": len(self.index),
+                "lookups": c.lookups,
+                "lookup_tokens": c.lookup_tokens,
+                "hit_tokens": c.hit_tokens,
+                "token_hit_rate": c.hit_tokens / c.lookup_tokens if c.lookup_tokens else 0.0,
+                "gets": c.gets,
+                "get_tokens": c.get_tokens,
+                "puts": c.puts,
+                "put_chunks": c.put_chunks,
+                "put_bytes": c.put_bytes,
+                "promotions": c.promotions,
+                "demotions": c.demotions,
+                "drops": c.drops,
+                "verify_failures": c.verify_failures,
+                "tiers": [
+                    {
+                        "name": t.name, "kind": type(t).__name__, "codec": t.codec.name,
+                        "chunks": len(t), "used_bytes": t.used_bytes, "capacity_bytes": t.capacity_bytes,
+                        "hits": c.tier_hits[t.name], "corrupt": t.stats.corrupt, "evictions": t.stats.evictions,
+                        "bytes_read": t.stats.bytes_read, "bytes_written": t.stats.bytes_written,
+                    }
+                    for t in self.tiers
+                ],
+                "namespaces": dict(self.namespace_bytes),
+            }
+
+    def close(self) -> None:
+        for t in self.tiers:
+            t.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _layout(self, layout: KVLayout | None) -> KVLayout:
+        layout = layout or self.layout
+        if layout is None:
+            raise LayoutError("no layout given and the store has no default layout")
+        if layout.fingerprint not in self.layouts:
+            self.attach(layout)
+        return layout
+
+    def _tier_names(self, node: Node) -> list[str]:
+        return [t.name for i, t in enumerate(self.tiers) if node.tiers >> i & 1]
+
+    def _check_device(self, kv: torch.Tensor) -> None:
+        allowed = {torch.device("cpu")} | {getattr(t, "device", torch.device("cpu")) for t in self.tiers}
+        if kv.device not in allowed and torch.device(kv.device.type) not in allowed:
+            raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(map(str, allowed))}")
+
+    @staticmethod
+    def _check_layers(layers: range | None, layout: KVLayout) -> range:
+        if layers is None:
+            return range(layout.num_layers)
+        if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= layout.num_layers:
+            raise LayoutError(f"layers must be a contiguous non-empty range within 0..{layout.num_layers}, got {layers!r}")
+        return layers
+
+    @staticmethod
+    def _check_out(out: torch.Tensor, layout: KVLayout, layers: range, tokens: int) -> None:
+        want = (len(layers),) + layout.chunk_shape[1:3]
+        if (not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[:3]) != want
+                or out.shape[3] < tokens or out.shape[4] != layout.head_dim or out.dtype != layout.torch_dtype):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise LayoutError(f"out buffer {shape} does not fit [{want[0]}, {want[1]}, {want[2]}, >={tokens}, "
+                              f"{layout.head_dim}] of {layout.torch_dtype}")
+
+    def _scratch_for(self, layout: KVLayout) -> torch.Tensor:
+        buf = self._scratch.get(layout.fingerprint)
+        if buf is None:
+            buf = self._scratch[layout.fingerprint] = torch.empty(layout.chunk_shape, dtype=layout.torch_dtype)
+        return buf
+
+    def _put_chain(self, chunks: list[Chunk], root: bytes, layout: KVLayout, namespace: str, n_full: int) -> PutResult:
+        with self._lock:
+            nodes = self.index.match([c.key for c in chunks])
+            new = chunks[len(nodes):]
+            self._check_capacity(len(new), layout)
+            parent = nodes[-1] if nodes else None
+            if parent is None and chunks and chunks[0].parent != root:
+                parent = self.index.get(chunks[0].parent)
+            path = list(nodes) + ([parent] if parent is not None and parent not in nodes else [])
+            for n in path:
+                n.pins += 1
+            added: list[Node] = []
+            try:
+                for chunk in new:
+                    if self.keep_summaries and chunk.kv is not None and chunk.summary is None:
+                        chunk.summary = key_summary(chunk.kv, layout.page_tokens)
+                    if not self._quota_room(namespace, layout):
+                        break
+                    chunk.namespace = namespace
+                    tiers_mask = self._store_new(chunk, layout)
+                    if not tiers_mask:
+                        break
+                    node = self.index.add(chunk.key, parent, namespace, layout.fingerprint)
+                    node.tiers = tiers_mask
+                    node.pins += 1
+                    added.append(node)
+                    self.namespace_bytes[namespace] = self.namespace_bytes.get(namespace, 0) + layout.chunk_bytes
+                    parent = node
+            finally:
+                for node in reversed(added):  # deepest first: parents end up newer than children
+                    for i, policy in enumerate(self.policies):
+                        if node.tiers >> i & 1:
+                            policy.insert(node.key, layout.chunk_bytes, node.depth)
+                for n in path + added:
+                    n.pins -= 1
+            self.counters.puts += 1
+            self.counters.put_chunks += len(added)
+            self.counters.put_bytes += len(added) * layout.chunk_bytes
+        return PutResult(stored=len(added), present=len(nodes), dropped=n_full - len(nodes) - len(added))
+
+    def _check_capacity(self, n_new: int, layout: KVLayout) -> None:
+        if n_new == 0:
+            return
+        need = [n_new * t.codec.encoded_nbytes(layout.chunk_shape, layout.torch_dtype) for t in self.tiers]
+        if all(n > t.capacity_bytes for n, t in zip(need, self.tiers)):
+            raise CapacityError(
+                f"a put of {n_new} new chunks needs about {min(need)} bytes, more than the capacity of every tier ("
+                + ", ".join(f"{t.name}: {t.capacity_bytes}" for t in self.tiers) + "); nothing was stored"
+            )
+
+    def _store_new(self, chunk: Chunk, layout: KVLayout) -> int:
+        """Commit a new chunk to the first tier that takes it (plus write-through tiers); returns the tier mask."""
+        mask = 0
+        for i, tier in enumerate(self.tiers):
+            if mask and not self.write_through[i]:
+                continue
+            prepared = tier.prepare(chunk, layout)
+            if prepared.nbytes > tier.capacity_bytes or not self._make_room(i, prepared.nbytes):
+                continue
+            tier.commit(prepared)
+            mask |= 1 << i
+        return mask
+
+    def _make_room(self, t: int, nbytes: int) -> bool:
+        tier = self.tiers[t]
+        failed: set[bytes] = set()
+        while not tier.can_fit(nbytes):
+            key = self.policies[t].victim(lambda k: k not in failed and self._evictable(k, t))
+            if key is None:
+                return False
+            if not self._evict(self.index.nodes[key], t):
+                failed.add(key)
+        return True
+
+    def _evictable(self, key: bytes, t: int) -> bool:
+        node = self.index.nodes[key]
+        if node.pins or node.has_children_in(1 << t):
+            return False
+        stays = node.tiers & ~(1 << t) or t + 1 < len(self.tiers)
+        return bool(stays) or not node.children
+
+    def _evict(self, node: Node, t: int) -> bool:
+        """Take ``node`` out of tier ``t``, demoting it to tier t+1 unless a lower tier has it already.
+        Refuses (False) when that would drop from the store a chunk that still has children."""
+        kept = node.tiers & ~(1 << t)
+        if not node.tiers >> (t + 1) and t + 1 < len(self.tiers) and self._demote(node, t):
+            kept = True
+        if not kept and node.children:
+            return False
+        self._drop(node, t)
+        self.tiers[t].stats.evictions += 1
+        return True
+
+    def _demote(self, node: Node, t: int) -> bool:
+        layout = self.layouts[node.layout]
+        if self.metadata_only:
+            chunk = Chunk(node.key, b"", None)
+        else:
+            buf = self._scratch_for(layout)
+            chunk = self.tiers[t].get(node.key, buf)
+            if chunk is None:
+                return False
+            chunk.summary = self._summary(node, t)
+            chunk.namespace = node.namespace
+        target = self.tiers[t + 1]
+        prepared = target.prepare(chunk, layout)
+        if prepared.nbytes > target.capacity_bytes:
+            return False
+        node.pins += 1
+        try:
+            if not self._make_room(t + 1, prepared.nbytes):
+                return False
+        finally:
+            node.pins -= 1
+        target.commit(prepared)
+        node.tiers |= 1 << (t + 1)
+        self.policies[t + 1].insert(node.key, layout.chunk_bytes, node.depth)
+        self.counters.demotions += 1
+        return True
+
+    def _drop(self, node: Node, t: int) -> None:
+        """Remove ``node``'s chunk from tier ``t``."""
+        self.tiers[t].delete(node.key)
+        self._forget(node, t)
+
+    def _forget(self, node: Node, t: int) -> None:
+        """Tier ``t`` no longer holds ``node``; when no tier does, remove it (and what hangs below) from the index."""
+        self.policies[t].remove(node.key)
+        node.tiers &= ~(1 << t)
+        if node.tiers:
+            return
+        for child in list(node.children or ()):  # a prefix that is gone makes its descendants useless
+            self._delete_subtree(child, force=True)
+        self.index.remove(node)
+        self.namespace_bytes[node.namespace] -= self.layouts[node.layout].chunk_bytes
+        self.counters.drops += 1
+
+    def _delete_subtree(self, top: Node, force: bool = False) -> int:
+        """Delete ``top`` and its descendants, deepest first; unless ``force``, pinned chunks and their
+        ancestors stay. Returns the number deleted."""
+        count = 0
+        for node in list(PrefixIndex.subtree(top)):
+            if not force and (node.pins or node.children):
+                continue
+            for t in range(len(self.tiers)):
+                if node.tiers >> t & 1:
+                    self._drop(node, t)
+            count += 1
+        return count
+
+    def _quota_room(self, namespace: str, layout: KVLayout) -> bool:
+        """Drop the namespace's own chunks until one more fits its quota; False if that is impossible."""
+        quota = self.quotas.get(namespace)
+        if quota is None:
+            return True
+        while self.namespace_bytes.get(namespace, 0) + layout.chunk_bytes > quota:
+            victim = None
+            for t in reversed(range(len(self.tiers))):
+                victim = self.policies[t].victim(
+                    lambda k: (n := self.index.nodes[k]).namespace == namespace and not n.pins and not n.children)
+                if victim is not None:
+                    break
+            if victim is None:
+                return False
+            self._delete_subtree(self.index.nodes[victim])
+        return True
+
+    def _summary(self, node: Node, t: int) -> torch.Tensor | None:
+        """``node``'s key summary from tier ``t`` (a tier that finds it corrupt deletes the chunk: forget it)."""
+        summary = self.tiers[t].summary(node.key)
+        if summary is None and not self.tiers[t].contains(node.key):
+            self._forget(node, t)
+        return summary
+
+    def _fetch(self, node: Node, parent: bytes, out: torch.Tensor | None, layers: range) -> tuple[int, Chunk] | None:
+        """Read ``node``'s chunk from the fastest tier holding it into ``out`` and verify it: its parent must be
+        ``parent`` and its key ``H(parent || tokens)``. A copy that fails is deleted and the next tier tried.
+        Returns ``(tier index, chunk)``, or None when no good copy is left."""
+        while node.tiers:
+            t = _lowest_bit(node.tiers)
+            tier = self.tiers[t]
+            if self.metadata_only:
+                return t, Chunk(node.key, parent, None)
+            chunk = tier.get(node.key, out, layers)
+            if chunk is not None and chunk.parent == parent and chain_key(parent, _token_bytes(chunk.tokens)) == node.key:
+                return t, chunk
+            if chunk is not None:
+                self.counters.verify_failures += 1
+                tier.delete(node.key)
+            self._forget(node, t)  # a corrupt copy was deleted by the tier itself
+        return None
+
+    def _after_get(self, fetched: list[tuple[Node, int, Chunk]], layers: range, layout: KVLayout) -> None:
+        """Touch what was fetched (deepest first) and promote chunks that came from a lower tier."""
+        for node, t, _ in reversed(fetched):
+            self.counters.tier_hits[self.tiers[t].name] += 1
+            for i, policy in enumerate(self.policies):
+                if node.tiers >> i & 1:
+                    policy.touch(node.key)
+        if len(layers) != layout.num_layers:
+            return  # a partial fetch cannot be promoted
+        for node, _, _ in fetched:
+            node.pins += 1
+        try:
+            for node, t, chunk in fetched:
+                if t > 0:
+                    self._promote(node, chunk, layout, t)
+        finally:
+            for node, _, _ in fetched:
+                node.pins -= 1
+
+    def _promote(self, node: Node, chunk: Chunk, layout: KVLayout, source: int) -> bool:
+        """Copy a verified chunk (read from tier ``source``) into tier 0."""
+        if node.tiers & 1:
+            return True
+        chunk.namespace = node.namespace
+        if self.keep_summaries:
+            chunk.summary = self._summary(node, source)
+        top = self.tiers[0]
+        prepared = top.prepare(chunk, layout)
+        if prepared.nbytes > top.capacity_bytes or not self._make_room(0, prepared.nbytes):
+            return False
+        top.commit(prepared)
+        node.tiers |= 1
+        self.policies[0].insert(node.key, layout.chunk_bytes, node.depth)
+        self.counters.promotions += 1
+        return True
+
+    def _recover(self) -> None:
+        """Rebuild the index from the persistent tiers: walk down from each prompt's first chunk, so a chunk
+        whose prefix is lost (an orphan) is never indexed; delete orphans; evict what exceeds a capacity."""
+        found: dict[bytes, tuple[Chunk, KVLayout, int]] = {}
+        for t, tier in enumerate(self.tiers):
+            if tier.persistent:
+                for chunk, layout in tier.scan():
+                    _, _, mask = found.get(chunk.key, (chunk, layout, 0))
+                    found[chunk.key] = (chunk, layout, mask | 1 << t)
+        if not found:
+            return
+        children: dict[bytes, list[bytes]] = {}
+        queue: deque[bytes] = deque()
+        for key, (chunk, layout, _) in found.items():
+            if chunk.parent == root_key(layout.fingerprint, chunk.namespace):
+                queue.append(key)
+            else:
+                children.setdefault(chunk.parent, []).append(key)
+        order = []
+        while queue:
+            key = queue.popleft()
+            chunk, layout, mask = found[key]
+            self.attach(layout)
+            node = self.index.add(key, self.index.get(chunk.parent), chunk.namespace, layout.fingerprint)
+            node.tiers = mask
+            self.namespace_bytes[chunk.namespace] = self.namespace_bytes.get(chunk.namespace, 0) + layout.chunk_bytes
+            order.append(node)
+            queue.extend(children.pop(key, ()))
+        for orphans in children.values():
+            for key in orphans:
+                for t in range(len(self.tiers)):
+                    if found[key][2] >> t & 1:
+                        self.tiers[t].delete(key)
+        for node in reversed(order):
+            for t, policy in enumerate(self.policies):
+                if node.tiers >> t & 1:
+                    policy.insert(node.key, self.layouts[node.layout].chunk_bytes, node.depth)
+        for t, tier in enumerate(self.tiers):
+            while tier.used_bytes > tier.capacity_bytes:
+                key = self.policies[t].victim(lambda k: self._evictable(k, t))
+                if key is None or not self._evict(self.index.nodes[key], t):
+                    break
+
+
+def _token_bytes(tokens: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(tokens, dtype="<i4")).cast("B")
+
+
+def _lowest_bit(mask: int) -> int:
+    return (mask & -mask).bit_length() - 1

@@ -1,0 +1,246 @@
+"""DiskTier: one blob file per chunk in a local folder.
+
+- Writes are atomic: the blob goes to ``tmp/`` and is renamed into place, so a reader never sees half a
+  file. ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a
+  lost or torn file can never be served, because every read verifies its checksums.
+- Reads go straight into the caller's buffer (no staging copy for the raw codec) and verify the per-layer
+  checksums of what they read; a corrupt or truncated file is a miss, deleted and counted.
+- On start-up the folder is listed for sizes; :meth:`scan` reads each header for the store's index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvtier.compression.codec import Codec
+from kvtier.errors import BlobError
+from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, encode_blob, header_length, layer_checksums, parse_header
+from kvtier.kvstore.tiers.base import Prepared, Tier
+from kvtier.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".kvt"
+_FIRST_READ = 64 * 1024
+
+
+def _write_all(fd: int, buffers: list) -> int:
+    """``os.writev`` until every byte is written; returns the total."""
+    total = sum(len(b) for b in buffers)
+    written = 0
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        n = os.writev(fd, views)
+        written += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    assert written == total
+    return total
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; BlobError if the file ends first."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise BlobError(f"file truncated: wanted {len(buf)} bytes at {offset}, got {done}")
+        done += n
+
+
+class DiskTier(Tier):
+    persistent = True
+
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int, codec: Codec | str = "raw",
+                 name: str = "disk", fsync: bool = False) -> None:
+        super().__init__(name, capacity_bytes, codec)
+        self.path = Path(path)
+        self.fsync = fsync
+        self._tmp = self.path / "tmp"
+        shutil.rmtree(self._tmp, ignore_errors=True)  # half-written files of an earlier run
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._sizes: dict[bytes, int] = {}
+        self._used = 0
+        self._tmp_seq = 0
+        self._tmp_lock = threading.Lock()
+        for sub in self.path.iterdir():
+            if sub.is_dir() and len(sub.name) == 2:
+                for f in sub.glob("*" + SUFFIX):
+                    try:
+                        key = bytes.fromhex(f.name[: -len(SUFFIX)])
+                        size = f.stat().st_size
+                    except (ValueError, OSError):
+                        continue
+                    self._sizes[key] = size
+                    self._used += size
+
+    def _file(self, key: bytes) -> Path:
+        h = key.hex()
+        return self.path / h[:2] / (h + SUFFIX)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def prepare(self, chunk: Chunk, layout: KVLayout) -> Prepared:
+        header, buffers = encode_blob(chunk, layout, self.codec)
+        return Prepared(chunk.key, len(header) + sum(len(b) for b in buffers), [header, *buffers])
+
+    def commit(self, prepared: Prepared) -> None:
+        final = self._file(prepared.key)
+        with self._tmp_lock:
+            self._tmp_seq += 1
+            tmp = self._tmp / f"{final.name}.{os.getpid()}.{self._tmp_seq}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, prepared.payload)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(tmp, final)
+        old = self._sizes.get(prepared.key, 0)
+        self._sizes[prepared.key] = prepared.nbytes
+        self._used += prepared.nbytes - old
+        self.stats.bytes_written += prepared.nbytes
+
+    def _read_header(self, fd: int) -> tuple[BlobHeader, memoryview]:
+        first = memoryview(bytearray(_FIRST_READ))
+        n = os.preadv(fd, [first], 0)
+        first = first[:n]
+        need = header_length(first)
+        if need > len(first):
+            more = memoryview(bytearray(need))
+            _pread_into(fd, more, 0)
+            first = more
+        return parse_header(first), first
+
+    def _read_tensor(self, fd: int, header: BlobHeader, first: memoryview, name: str) -> torch.Tensor:
+        dtype, shape, lo, hi = header.tensors[name]
+        out = torch.empty(shape, dtype=dtype)
+        start = header.data_start + lo
+        if start + (hi - lo) <= len(first):
+            out.view(-1).view(torch.uint8).copy_(torch.frombuffer(first[start : start + hi - lo], dtype=torch.uint8))
+        elif hi > lo:
+            _pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
+        return out
+
+    def _corrupt(self, key: bytes, why: str) -> None:
+        log.warning("disk tier %s: chunk %s is unreadable (%s); deleted", self.name, key.hex(), why)
+        self.stats.corrupt += 1
+        self.delete(key)
+
+    def get(self, key: bytes, out: torch.Tensor, layers: range | None = None) -> Chunk | None:
+        if key not in self._sizes:
+            self.stats.misses += 1
+            return None
+        try:
+            fd = os.open(self._file(key), os.O_RDONLY)
+        except FileNotFoundError:
+            self._corrupt(key, "missing")
+            self.stats.misses += 1
+            return None
+        try:
+            header, first = self._read_header(fd)
+            if header.key != key:
+                raise BlobError(f"file holds key {header.key.hex()}, not {key.hex()}")
+            tokens = self._read_tensor(fd, header, first, "tokens")
+            if checksum(tokens) != header.tokens_xxh3:
+                raise BlobError("tokens checksum mismatch")
+            layers = layers if layers is not None else range(header.layout.num_layers)
+            direct = self.codec.name == "raw" and out.device.type == "cpu" and out.is_contiguous()
+            parts = {}
+            for name, (dtype, shape, lo, hi) in header.tensors.items():
+                if not name.startswith("kv."):
+                    continue
+                layer_bytes = (hi - lo) // shape[0]
+                target = out if direct else torch.empty((len(layers),) + shape[1:], dtype=dtype)
+                if tuple(target.shape) != (len(layers),) + shape[1:] or target.dtype != dtype:
+                    raise BlobError(f"stored part {name} {shape} {dtype} does not fit the buffer {tuple(out.shape)}")
+                _pread_into(fd, memoryview(target.view(-1).view(torch.uint8).numpy()),
+                            header.data_start + lo + layers.start * layer_bytes)
+                parts[name[3:]] = target
+            if layer_checksums(parts) != header.layer_xxh3[layers.start : layers.stop]:
+                raise BlobError("KV checksum mismatch")
+            header.codec.decode(parts, out)
+        except (BlobError, ValueError, OSError) as exc:
+            self._corrupt(key, str(exc))
+            self.stats.misses += 1
+            return None
+        finally:
+            os.close(fd)
+        self.stats.hits += 1
+        self.stats.bytes_read += self._sizes.get(key, 0)
+        return Chunk(header.key, header.parent, tokens.numpy(), out)
+
+    def summary(self, key: bytes) -> torch.Tensor | None:
+        if key not in self._sizes:
+            return None
+        try:
+            fd = os.open(self._file(key), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            header, first = self._read_header(fd)
+            if "summary" not in header.tensors:
+                return None
+            summary = self._read_tensor(fd, header, first, "summary")
+            if checksum(summary) != header.summary_xxh3:
+                raise BlobError("summary checksum mismatch")
+            return summary
+        except (BlobError, OSError) as exc:
+            self._corrupt(key, str(exc))
+            return None
+        finally:
+            os.close(fd)
+
+    def scan(self) -> Iterator[tuple[Chunk, KVLayout]]:
+        """Header, parent and tokens of every file; unreadable ones are deleted and counted."""
+        for key in list(self._sizes):
+            try:
+                fd = os.open(self._file(key), os.O_RDONLY)
+            except FileNotFoundError:
+                self._corrupt(key, "missing")
+                continue
+            try:
+                header, first = self._read_header(fd)
+                if header.key != key:
+                    raise BlobError("file name and key differ")
+                tokens = self._read_tensor(fd, header, first, "tokens")
+                if checksum(tokens) != header.tokens_xxh3:
+                    raise BlobError("tokens checksum mismatch")
+            except (BlobError, OSError) as exc:
+                self._corrupt(key, str(exc))
+                continue
+            finally:
+                os.close(fd)
+            yield Chunk(key, header.parent, tokens.numpy(), namespace=header.namespace), header.layout
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._sizes
+
+    def delete(self, key: bytes) -> int:
+        nbytes = self._sizes.pop(key, None)
+        if nbytes is None:
+            return 0
+        self._used -= nbytes
+        try:
+            self._file(key).unlink()
+        except FileNotFoundError:
+            pass
+        return nbytes
+
+    def __len__(self) -> int:
+        return len(self._sizes)

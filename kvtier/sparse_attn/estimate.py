@@ -1,0 +1,128 @@
+"""Online estimation: the sparse index of one input, head by head, from its queries and keys.
+
+- vertical-slash: softmax attention of the last 64 queries over all keys; column scores are its sums per key,
+  diagonal scores its sums per offset ``query position - key position``. The first ``SINK_COLUMNS`` keys and
+  the ``LOCAL_DIAGONALS`` nearest diagonals are always kept.
+- block-sparse: softmax attention between 64-token mean-pooled query blocks and key blocks; key block 0 and
+  the key blocks on each query block's diagonal are always kept.
+- A-shape: nothing to estimate.
+
+Budgets are fixed counts, or adaptive: the fewest items (highest score first) whose scores add up to ``mass``
+of the total, optionally capped by the count (FlexPrefill / XAttention style).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kvtier.kernels.index import BLOCK, SparseIndex, build_index, compact, row_positions
+from kvtier.sparse_attn.config import HeadPattern, SparseConfigError
+from kvtier.sparse_attn.patterns import a_shape_blocks, slash_blocks
+
+LAST_QUERIES = 64
+SINK_COLUMNS = 64
+LOCAL_DIAGONALS = 64
+
+
+def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float | None = None) -> SparseIndex:
+    """The SparseIndex for queries ``[B, H, q_len, D]`` (the last q_len positions) over keys ``[B, Hkv, k_len, D]``,
+    with ``patterns[h]`` for query head ``h``."""
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    if len(patterns) != heads:
+        raise SparseConfigError(f"got {len(patterns)} head patterns for {heads} query heads")
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    group = heads // k.shape[1]
+    num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    block_mask = torch.zeros(batch, heads, num_qb, num_kb, dtype=torch.bool, device=q.device)
+    columns = torch.full((batch, heads, 1), -1, dtype=torch.long, device=q.device)
+    for kind in sorted({p.kind for p in patterns}):
+        hs = [h for h, p in enumerate(patterns) if p.kind == kind]
+        chosen = [patterns[h] for h in hs]
+        hs_t = torch.tensor(hs, device=q.device)
+        kv = k[:, hs_t // group]
+        if kind == "a_shape":
+            for h, p in zip(hs, chosen):
+                block_mask[:, h] = a_shape_blocks(batch, 1, q_len, k_len, p.sink, p.local, q.device)[:, 0]
+        elif kind == "vertical_slash":
+            cols, offsets = _vertical_slash(q[:, hs_t], kv, chosen, scale, k_len)
+            block_mask[:, hs_t] = slash_blocks(offsets, q_len, k_len)
+            width = max(columns.shape[-1], cols.shape[-1])
+            columns = torch.nn.functional.pad(columns, (0, width - columns.shape[-1]), value=-1)
+            columns[:, hs_t] = torch.nn.functional.pad(cols.long(), (0, width - cols.shape[-1]), value=-1)
+        else:
+            block_mask[:, hs_t] = _block_sparse(q[:, hs_t], kv, chosen, scale, q_len, k_len)
+    return build_index(block_mask, columns, q_len, k_len)
+
+
+def _budgets(patterns: list[HeadPattern], count_field: str, limit: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head: the count (cap) and the mass target (inf for fixed budgets): ``[H']`` each."""
+    counts = [limit if getattr(p, count_field) is None else getattr(p, count_field) for p in patterns]
+    masses = [math.inf if p.mass is None else p.mass for p in patterns]
+    return torch.tensor(counts, device=device), torch.tensor(masses, device=device, dtype=torch.float64)
+
+
+def select(scores: torch.Tensor, forced: torch.Tensor, count: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the items to keep: the forced ones, then by falling score the first ``count`` of them
+    while the score before the item stays below ``mass`` x the total.
+
+    scores: ``[B, H', ..., N]`` non-negative; forced: bool broadcastable to scores; count, mass: ``[H']``.
+    """
+    extra = (1,) * (scores.dim() - 2)
+    count = count.view(-1, *extra)
+    mass = mass.view(-1, *extra)
+    order = torch.sort(scores.masked_fill(forced, math.inf), dim=-1, descending=True).indices
+    vals = scores.gather(-1, order).double()
+    before = vals.cumsum(-1) - vals
+    rank = torch.arange(scores.shape[-1], device=scores.device)
+    take = (rank < count) & (torch.isinf(mass) | (before < mass * vals.sum(-1, keepdim=True)))
+    take |= forced.expand_as(scores).gather(-1, order)
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
+def _vertical_slash(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float,
+                    k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns ``[B, H', C]`` and slash offsets ``[B, H', S]`` (int32, -1 padded) from the last queries."""
+    last = min(LAST_QUERIES, q.shape[2])
+    pos = torch.arange(k_len - last, k_len, device=q.device)
+    keys = torch.arange(k_len, device=q.device)
+    scores = torch.matmul(q[:, :, -last:].float(), k.float().transpose(-1, -2)) * scale  # [B, H', last, k_len]
+    scores.masked_fill_(keys > pos[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    vertical = probs.sum(-2)
+    offsets = (pos[:, None] - keys).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
+    slash = torch.zeros_like(vertical).scatter_add_(-1, offsets, probs.flatten(-2))
+    count, mass = _budgets(patterns, "vertical", k_len, q.device)
+    keep_cols = select(vertical, keys < SINK_COLUMNS, count, mass)
+    count, mass = _budgets(patterns, "slash", k_len, q.device)
+    keep_slash = select(slash, keys < LOCAL_DIAGONALS, count, mass)
+    cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
+    diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
+    return cols, diags
+
+
+def _block_sparse(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float,
+                  q_len: int, k_len: int) -> torch.Tensor:
+    """Key-block selection ``[B, H', NQB, NKB]`` from mean-pooled queries and keys."""
+    num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    first, last = row_positions(q_len, k_len, q.device)
+    pooled_q = _mean_pool(q.float(), num_qb)
+    pooled_k = _mean_pool(k.float(), num_kb)
+    scores = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale  # [B, H', NQB, NKB]
+    kb = torch.arange(num_kb, device=q.device)
+    scores.masked_fill_(kb * BLOCK > last[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    forced = (kb == 0) | ((kb >= first[:, None] // BLOCK) & (kb <= last[:, None] // BLOCK))
+    count, mass = _budgets(patterns, "blocks", num_kb, q.device)
+    return select(probs, forced, count, mass)
+
+
+def _mean_pool(x: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Means over 64-token blocks (the last one may be short): ``[B, H, N, D] -> [B, H, ceil(N / 64), D]``."""
+    n = x.shape[2]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, num_blocks * BLOCK - n))
+    sums = padded.view(*x.shape[:2], num_blocks, BLOCK, x.shape[-1]).sum(3)
+    sizes = (n - torch.arange(num_blocks, device=x.device) * BLOCK).clamp(max=BLOCK)
+    return sums / sizes[:, None]
