@@ -608,7 +608,7 @@ class TieredStore:
             node.pins += 1
         try:
             for node, t, chunk in fetched:
-                if t > 0:
+                if t > 0 and node.key in self.index:
                     self._promote(node, chunk, layout, t)
         finally:
             for node, _, _ in fetched:

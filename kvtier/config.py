@@ -1,0 +1,125 @@
+"""Configuration: one pydantic-settings model, read from a JSON file and ``KVTIER_*`` environment variables
+(nested with ``__``, e.g. ``KVTIER_SERVER__PORT=9000``).
+
+The default is the embedded store: a host-memory tier and a local-disk tier (with write-through, so chunks
+survive a restart), LRU, no lossy codec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from kvtier.errors import ConfigError
+
+
+class TierConfig(BaseModel):
+    kind: Literal["device", "host", "disk", "redis"]
+    name: str | None = None
+    capacity_bytes: int = Field(gt=0)
+    codec: str = "raw"
+    policy: Literal["lru", "lfu", "s3fifo", "cost"] = "lru"
+    write_through: bool = False
+    path: str | None = None  # disk: the folder
+    fsync: bool = False  # disk: flush every file to the device
+    url: str | None = None  # redis: redis://host:port/db
+
+    @model_validator(mode="after")
+    def _check(self) -> "TierConfig":
+        if self.kind == "disk" and not self.path:
+            raise ValueError("a disk tier needs a path")
+        if self.kind == "redis" and not self.url:
+            raise ValueError("a redis tier needs a url")
+        return self
+
+
+class TenantConfig(BaseModel):
+    name: str
+    key_sha256: str = Field(description="sha256 hex digest of the tenant's API key (never the key itself)")
+    quota_bytes: int | None = Field(default=None, gt=0)
+
+
+class ServerConfig(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8470, ge=0, le=65535)
+    max_body_bytes: int = Field(default=256 << 20, gt=0)
+    max_tokens_per_request: int = Field(default=1 << 20, gt=0)
+    max_chunks_per_batch: int = Field(default=64, gt=0)
+
+
+def _default_tiers() -> list[TierConfig]:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvtier" / "disk"
+    return [
+        TierConfig(kind="host", capacity_bytes=2 << 30),
+        TierConfig(kind="disk", capacity_bytes=20 << 30, path=str(cache), write_through=True),
+    ]
+
+
+class KVTierConfig(BaseSettings):
+    """Everything kvtier reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="KVTIER_", env_nested_delimiter="__", extra="forbid")
+
+    tiers: list[TierConfig] = Field(default_factory=_default_tiers)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    admin_key_sha256: str | None = None
+    open_access: bool = Field(default=False, description="no API keys: one anonymous tenant (for local use)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "KVTierConfig":
+        if not self.tiers:
+            raise ValueError("at least one tier is needed")
+        names = [t.name or t.kind for t in self.tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tier names must be distinct, got {names}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None) -> "KVTierConfig":
+        """Read a JSON config file (if given); environment variables override its values."""
+        data = {}
+        if path is not None:
+            try:
+                data = json.loads(Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def build_tiers(config: KVTierConfig) -> list:
+    """The tiers a config describes, fastest first."""
+    from kvtier.kvstore.tiers import DeviceTier, DiskTier, HostTier
+
+    tiers = []
+    for tc in config.tiers:
+        name = tc.name or tc.kind
+        if tc.kind == "device":
+            tiers.append(DeviceTier(tc.capacity_bytes, tc.codec, name=name))
+        elif tc.kind == "host":
+            tiers.append(HostTier(tc.capacity_bytes, tc.codec, name=name))
+        elif tc.kind == "disk":
+            tiers.append(DiskTier(tc.path, tc.capacity_bytes, tc.codec, name=name, fsync=tc.fsync))
+        else:
+            from kvtier.kvstore.tiers.redis import RedisTier
+
+            tiers.append(RedisTier(tc.url, tc.capacity_bytes, tc.codec, name=name))
+    return tiers
+
+
+def build_store(config: KVTierConfig, layout=None):
+    """A TieredStore for ``config``."""
+    from kvtier.kvstore.store import TieredStore
+
+    return TieredStore(
+        build_tiers(config), layout=layout,
+        policy=[t.policy for t in config.tiers], write_through=[t.write_through for t in config.tiers],
+    )
