@@ -38,9 +38,13 @@ class TierConfig(BaseModel):
         return self
 
 
+_SHA256_HEX = r"^[0-9a-fA-F]{64}$"
+
+
 class TenantConfig(BaseModel):
-    name: str
-    key_sha256: str = Field(description="sha256 hex digest of the tenant's API key (never the key itself)")
+    name: str = Field(min_length=1, max_length=128)
+    key_sha256: str = Field(pattern=_SHA256_HEX,
+                            description="sha256 hex digest of the tenant's API key (never the key itself)")
     quota_bytes: int | None = Field(default=None, gt=0)
 
 
@@ -50,6 +54,10 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(default=256 << 20, gt=0)
     max_tokens_per_request: int = Field(default=1 << 20, gt=0)
     max_chunks_per_batch: int = Field(default=64, gt=0)
+    buffer_pool_bytes: int = Field(default=256 << 20, ge=0,
+                                   description="idle chunk buffers kept for reuse by fetches (no page faults)")
+    bench_endpoints: bool = Field(default=False,
+                                  description="serve the bare byte source/sink that `kvtier bench api` compares with")
 
 
 def _default_tiers() -> list[TierConfig]:
@@ -68,7 +76,7 @@ class KVTierConfig(BaseSettings):
     tiers: list[TierConfig] = Field(default_factory=_default_tiers)
     server: ServerConfig = Field(default_factory=ServerConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
-    admin_key_sha256: str | None = None
+    admin_key_sha256: str | None = Field(default=None, pattern=_SHA256_HEX)
     open_access: bool = Field(default=False, description="no API keys: one anonymous tenant (for local use)")
 
     @model_validator(mode="after")
@@ -78,6 +86,12 @@ class KVTierConfig(BaseSettings):
         names = [t.name or t.kind for t in self.tiers]
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be distinct, got {names}")
+        tenants = [t.name for t in self.tenants]
+        if len(set(tenants)) != len(tenants):
+            raise ValueError(f"tenant names must be distinct, got {tenants}")
+        digests = [t.key_sha256.lower() for t in self.tenants] + [(self.admin_key_sha256 or "").lower()]
+        if len(set(digests) - {""}) != len([d for d in digests if d]):
+            raise ValueError("every tenant and the admin need a distinct API key")
         return self
 
     @classmethod

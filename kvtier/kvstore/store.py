@@ -270,12 +270,13 @@ class TieredStore:
             return len(nodes)
 
     def delete(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
-        """Delete the chunks of ``tokens`` and everything cached below them (their subtrees), except pinned
-        ones and their ancestors; returns the number of chunks deleted."""
+        """Delete the last full chunk of ``tokens`` and everything cached below it (its subtree), except
+        pinned chunks and their ancestors; returns the number of chunks deleted (0 if it is not cached).
+        ``delete(prompt[:chunk_tokens])`` deletes every cached prompt that starts like ``prompt``."""
         keys = self.keys(tokens, namespace, layout)
         with self._lock:
-            nodes = self.index.match(keys)
-            return self._delete_subtree(nodes[0]) if nodes else 0
+            node = self.index.get(keys[-1]) if keys else None
+            return self._delete_subtree(node) if node is not None else 0
 
     def delete_namespace(self, namespace: str) -> int:
         """Delete every unpinned chunk of a namespace; returns how many."""

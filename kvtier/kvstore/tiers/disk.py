@@ -121,11 +121,16 @@ class DiskTier(Tier):
         n = os.preadv(fd, [first], 0)
         first = first[:n]
         need = header_length(first)
+        header_end = need
         if need > len(first):
             more = memoryview(bytearray(need))
             _pread_into(fd, more, 0)
             first = more
-        return parse_header(first), first
+        header = parse_header(first[:header_end])
+        size = os.fstat(fd).st_size
+        if size != header.total_bytes:
+            raise BlobError(f"file is {size} bytes, its header says {header.total_bytes}")
+        return header, first
 
     def _read_tensor(self, fd: int, header: BlobHeader, first: memoryview, name: str) -> torch.Tensor:
         dtype, shape, lo, hi = header.tensors[name]

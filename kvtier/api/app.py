@@ -1,0 +1,564 @@
+"""The kvtier service: a FastAPI app over one :class:`~kvtier.kvstore.store.TieredStore`.
+
+Every tenant endpoint takes token ids and a layout fingerprint; the server derives the chunk keys from the
+tenant's own namespace, so a request can only ever name its own tenant's chunks. The one place a client
+names a key is the parent of the first chunk of a put, and that must be the tenant's root or a chunk of the
+tenant's namespace: any other key, cached or not, gets the same 409. Layouts are attached per tenant.
+
+Chunk data travels in the blob format (:mod:`kvtier.kvstore.chunk`), framed by :mod:`kvtier.api.wire`. A put
+is decoded and verified entirely (framing, checksums, layout, key chain) before anything is stored; a fetch
+copies each chunk once, into a pooled buffer, and streams the blobs from there with a Content-Length.
+Store calls run in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+import numpy as np
+import torch
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from kvtier.api import schemas
+from kvtier.api.auth import ANONYMOUS, Authenticator, Principal, tenant_namespace
+from kvtier.api.metrics import Metrics
+from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frames
+from kvtier.compression.codec import get_codec
+from kvtier.config import KVTierConfig, build_store
+from kvtier.errors import BlobError, CapacityError, KVTierError
+from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
+from kvtier.kvstore.keys import root_key
+from kvtier.kvstore.store import TieredStore
+from kvtier.layout import KVLayout
+
+T = TypeVar("T")
+_SMALL = 64 << 10  # buffers below this are joined with their frame's header into one write
+
+
+class APIError(HTTPException):
+    """A refusal: ``status`` (4xx), a short ``error`` kind and a ``detail`` saying what was wrong."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(status, detail)
+        self.error = error
+
+
+def _error_response(status: int, error: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+class BufferPool:
+    """Idle chunk tensors kept for reuse, up to ``max_bytes`` in all: a fresh large allocation page-faults
+    on first touch (several times slower than a copy), a reused one does not. Thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get((shape, dtype))
+            if free:
+                t = free.pop()
+                self._bytes -= t.nbytes
+                return t
+        return torch.empty(shape, dtype=dtype)
+
+    def give(self, tensors: list[torch.Tensor]) -> None:
+        with self._lock:
+            for t in tensors:
+                if self._bytes + t.nbytes <= self.max_bytes:
+                    self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+                    self._bytes += t.nbytes
+
+
+@dataclass
+class _TenantCounters:
+    requests: Tally = field(default_factory=Tally)
+    lookup_tokens: int = 0
+    hit_tokens: int = 0
+    put_chunks: int = 0
+    fetched_chunks: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class Fetched:
+    """A fetch ready to stream: ``parts`` (frames in order) borrow ``buffers``, returned to the pool by
+    :meth:`Service.release` once sent."""
+
+    parts: list[bytes | memoryview]
+    tokens: int
+    tiers: list[str]
+    buffers: list[torch.Tensor]
+
+
+class FramesResponse(Response):
+    """Streams a list of byte buffers with a Content-Length (no copy of the buffers here), then calls
+    ``on_close`` (also when the client goes away)."""
+
+    media_type = CONTENT_TYPE
+
+    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str], on_close: Callable[[], None]) -> None:
+        self.parts = parts
+        self.on_close = on_close
+        self.status_code = 200
+        self.background = None
+        nbytes = sum(len(p) for p in parts)
+        self.raw_headers = [(b"content-type", CONTENT_TYPE.encode()), (b"content-length", str(nbytes).encode())]
+        self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for part in self.parts:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.on_close()
+
+
+class Service:
+    """What the endpoints do, on plain Python values; every method may block (run it in a thread)."""
+
+    def __init__(self, config: KVTierConfig, store: TieredStore) -> None:
+        self.config = config
+        self.limits = config.server
+        self.store = store
+        self.auth = Authenticator(config)
+        self.metrics = Metrics(store)
+        self.pool = BufferPool(config.server.buffer_pool_bytes)
+        self.codec = get_codec("raw")
+        self._attached: dict[str, set[str]] = {}
+        self._counters: dict[str, _TenantCounters] = {}
+        self._lock = threading.Lock()
+        self._sources: dict[int, bytes] = {}
+        for tenant in config.tenants:
+            if tenant.quota_bytes is not None:
+                store.set_quota(tenant_namespace(tenant.name), tenant.quota_bytes)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def tenants(self) -> list[str]:
+        names = [t.name for t in self.config.tenants]
+        return names + [ANONYMOUS] if self.config.open_access else names
+
+    def count(self, tenant: str, **deltas: int) -> None:
+        with self._lock:
+            c = self._counters.setdefault(tenant, _TenantCounters())
+            for name, value in deltas.items():
+                setattr(c, name, getattr(c, name) + value)
+
+    def count_request(self, tenant: str, endpoint: str) -> None:
+        with self._lock:
+            self._counters.setdefault(tenant, _TenantCounters()).requests[endpoint] += 1
+
+    def layout(self, principal: Principal, fingerprint: str) -> KVLayout:
+        """The layout ``fingerprint`` if this tenant attached it; 404 otherwise."""
+        with self._lock:
+            known = fingerprint in self._attached.get(principal.tenant, ())
+        if not known:
+            raise APIError(404, "layout_not_attached",
+                           f"layout {fingerprint} is not attached for this tenant: POST /v1/layouts first")
+        return self.store.layouts[fingerprint]
+
+    def check_tokens(self, n: int) -> None:
+        if n > self.limits.max_tokens_per_request:
+            raise APIError(413, "too_many_tokens",
+                           f"{n} tokens in one request; the limit is {self.limits.max_tokens_per_request}")
+
+    # ------------------------------------------------------------------ tenant operations
+
+    def attach(self, principal: Principal, layout: KVLayout) -> schemas.AttachResponse:
+        fingerprint = self.store.attach(layout)
+        with self._lock:
+            self._attached.setdefault(principal.tenant, set()).add(fingerprint)
+        return schemas.AttachResponse(
+            fingerprint=fingerprint, root=root_key(fingerprint, principal.namespace).hex(),
+            chunk_tokens=layout.chunk_tokens, chunk_bytes=layout.chunk_bytes,
+            limits=schemas.Limits(**self.limits.model_dump(include=set(schemas.Limits.model_fields))),
+        )
+
+    def lookup(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> schemas.LookupResponse:
+        result = self.store.lookup(tokens, principal.namespace, layout)
+        self.count(principal.tenant, lookup_tokens=len(tokens), hit_tokens=result.tokens)
+        return schemas.LookupResponse(tokens=result.tokens, chunks=[
+            schemas.ChunkInfo(index=c.index, key=c.key.hex(), tiers=c.tiers) for c in result.chunks])
+
+    def put(self, principal: Principal, layout: KVLayout, body: bytes) -> schemas.PutResponse:
+        """Verify every blob of ``body`` (a chain of chunks), then store them; nothing is stored on a refusal."""
+        blobs = list(split_frames(memoryview(body)))
+        if len(blobs) > self.limits.max_chunks_per_batch:
+            raise APIError(413, "too_many_chunks",
+                           f"{len(blobs)} chunks in one batch; the limit is {self.limits.max_chunks_per_batch}")
+        self.check_tokens(len(blobs) * layout.chunk_tokens)
+        chunks = []
+        for i, blob in enumerate(blobs):
+            try:
+                header, chunk = decode_blob(blob)
+            except BlobError as exc:
+                raise APIError(400, "bad_blob", f"blob {i}: {exc}") from None
+            if header.layout.fingerprint != layout.fingerprint:
+                raise APIError(400, "wrong_layout", f"blob {i} has layout {header.layout.fingerprint}, "
+                                                    f"the request names {layout.fingerprint}")
+            chunks.append(chunk)
+        if not chunks:
+            return schemas.PutResponse(stored=0, present=0, dropped=0)
+        root = root_key(layout.fingerprint, principal.namespace)
+        parent = chunks[0].parent
+        if parent != root and not self._owns(principal, layout, parent):
+            raise _parent_missing(parent)
+        try:
+            result = self.store.put_chunks(chunks, root, principal.namespace, layout)
+        except CapacityError:
+            raise
+        except ValueError as exc:
+            if parent != root and not self._owns(principal, layout, parent):
+                raise _parent_missing(parent) from None  # evicted since the check above
+            raise APIError(400, "bad_chunk", str(exc)) from None
+        self.count(principal.tenant, put_chunks=result.stored, bytes_in=len(body))
+        self.metrics.chunks_moved.labels("in").inc(result.stored)
+        return schemas.PutResponse(stored=result.stored, present=result.present, dropped=result.dropped)
+
+    def _owns(self, principal: Principal, layout: KVLayout, key: bytes) -> bool:
+        node = self.store.index.get(key)
+        return node is not None and node.namespace == principal.namespace and node.layout == layout.fingerprint
+
+    def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest) -> Fetched:
+        """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on, each into its
+        own pooled buffer, and frame them as blobs of the (layer-sliced) layout."""
+        layers = _layers(layout, req.layer_start, req.layer_stop)
+        sliced = layer_slice(layout, layers)
+        ids = np.asarray(req.tokens, dtype=np.int64)
+        keys = self.store.keys(ids, principal.namespace, layout)
+        C = layout.chunk_tokens
+        parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else root_key(
+            layout.fingerprint, principal.namespace)
+        stop = min(len(keys), req.start_chunk + self.limits.max_chunks_per_batch)
+        fetched = Fetched([], 0, [], [])
+        for i in range(req.start_chunk, stop):
+            buf = self.pool.take(sliced.chunk_shape, layout.torch_dtype)
+            got = self.store.get_keys([keys[i]], parent, buf, layers, layout)
+            if not got.tokens:
+                self.pool.give([buf])
+                break
+            fetched.buffers.append(buf)
+            fetched.tiers += got.tiers
+            fetched.tokens += C
+            chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C].astype(np.int32), buf)
+            fetched.parts += _frame(*encode_blob(chunk, sliced, self.codec))
+            parent = keys[i]
+        n = len(fetched.buffers)
+        self.count(principal.tenant, fetched_chunks=n, bytes_out=sum(len(p) for p in fetched.parts))
+        self.metrics.chunks_moved.labels("out").inc(n)
+        return fetched
+
+    def release(self, fetched: Fetched) -> None:
+        self.pool.give(fetched.buffers)
+
+    def pin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
+        return self.store.pin(tokens, principal.namespace, layout)
+
+    def unpin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
+        return self.store.unpin(tokens, principal.namespace, layout)
+
+    def delete(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
+        return self.store.delete(tokens, principal.namespace, layout)
+
+    def prefetch(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
+        return self.store.prefetch(tokens, principal.namespace, layout)
+
+    def tenant_stats(self, tenant: str) -> schemas.TenantStats:
+        quota = next((t.quota_bytes for t in self.config.tenants if t.name == tenant), None)
+        with self._lock:
+            c = self._counters.get(tenant, _TenantCounters())
+            counters = dict(requests=dict(c.requests), lookup_tokens=c.lookup_tokens, hit_tokens=c.hit_tokens,
+                            put_chunks=c.put_chunks, fetched_chunks=c.fetched_chunks, bytes_in=c.bytes_in,
+                            bytes_out=c.bytes_out)
+        used = self.store.namespace_bytes.get(tenant_namespace(tenant), 0)
+        return schemas.TenantStats(tenant=tenant, used_bytes=used, quota_bytes=quota, **counters)
+
+    # ------------------------------------------------------------------ admin
+
+    def admin_stats(self) -> schemas.AdminStats:
+        return schemas.AdminStats(store=self.store.stats(), tenants=[self.tenant_stats(t) for t in self.tenants()])
+
+    def flush(self, tenant: str | None) -> int:
+        """Delete every unpinned chunk of ``tenant`` (None: of every namespace in the store)."""
+        if tenant is None:
+            return sum(self.store.delete_namespace(ns) for ns in list(self.store.namespace_bytes))
+        if tenant not in self.tenants():
+            raise APIError(404, "unknown_tenant", f"no tenant named {tenant!r} is configured")
+        return self.store.delete_namespace(tenant_namespace(tenant))
+
+    def source(self, nbytes: int) -> bytes:
+        """Bench only: ``nbytes`` bytes, allocated once per size."""
+        with self._lock:
+            return self._sources.setdefault(nbytes, bytes(nbytes))
+
+
+def _parent_missing(key: bytes) -> APIError:
+    return APIError(409, "parent_not_cached", f"the parent {key.hex()} of the first chunk is neither this tenant's "
+                                              "root nor one of its cached chunks: put from the prompt's start")
+
+
+def _layers(layout: KVLayout, start: int | None, stop: int | None) -> range:
+    layers = range(start or 0, layout.num_layers if stop is None else stop)
+    if not 0 <= layers.start < layers.stop <= layout.num_layers:
+        raise APIError(400, "bad_layers", f"layers [{layers.start}, {layers.stop}) are not a non-empty range "
+                                          f"within the layout's {layout.num_layers} layers")
+    return layers
+
+
+def _frame(header: bytes, buffers: list[memoryview]) -> list[bytes | memoryview]:
+    """One frame as few parts as possible: small buffers join the length prefix and the header."""
+    parts: list[bytes | memoryview] = []
+    pending = [frame_prefix(len(header) + sum(len(b) for b in buffers)), header]
+    for b in buffers:
+        if len(b) < _SMALL:
+            pending.append(b)
+        else:
+            parts += [b"".join(pending), b]
+            pending = []
+    if pending:
+        parts.append(b"".join(pending))
+    return parts
+
+
+class _Instrument:
+    """ASGI middleware: request metrics, and the body-size limit (a declared Content-Length over it is refused
+    before anything is read; a chunked body is cut off when it passes it)."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app = app
+        self.metrics = service.metrics
+        self.max_body = service.limits.max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = self.metrics
+        received = sent = 0
+        status = 500
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise APIError(413, "body_too_large", f"request body over the limit of {self.max_body} bytes")
+            return message
+
+        async def counting_send(message) -> None:
+            nonlocal sent, status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        m.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            declared = dict(scope["headers"]).get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > self.max_body:
+                detail = (f"Content-Length {declared.decode(errors='replace')} is over the limit of {self.max_body} bytes"
+                          if declared.isdigit() else "Content-Length is not a number")
+                await _error_response(413 if declared.isdigit() else 400, "body_too_large", detail)(
+                    scope, receive, counting_send)
+                return
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            m.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            m.latency.labels(endpoint).observe(time.perf_counter() - start)
+            m.requests.labels(endpoint, str(status)).inc()
+            m.bytes_in.labels(endpoint).inc(received)
+            m.bytes_out.labels(endpoint).inc(sent)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": schemas.ErrorBody, "description": why}
+    for status, why in ((400, "malformed request, blob or chunk"), (401, "missing or unknown API key"),
+                        (403, "the key may not use this endpoint"), (404, "unknown layout or tenant"),
+                        (409, "the first chunk's parent is not cached"), (413, "over a size limit"))
+}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAPI:
+    """The service for ``config``, over ``store`` (built from the config when None; then closed on shutdown)."""
+    owned = store is None
+    store = build_store(config) if owned else store
+    service = Service(config, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if owned:
+            store.close()
+
+    app = FastAPI(title="kvtier", version="1", lifespan=lifespan,
+                  description="A tiered KV-cache store: chunks of KV keyed by token prefix, per tenant.")
+    app.state.service = service
+    app.add_middleware(_Instrument, service=service)
+    bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer KEY`")
+
+    def principal(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        found = service.auth.identify(creds.credentials if creds else None)
+        if found is None:
+            raise APIError(401, "unauthorized", "a valid API key is required: Authorization: Bearer KEY")
+        return found
+
+    def tenant(request: Request, who: Principal = Depends(principal)) -> Principal:
+        if who.tenant is None:
+            raise APIError(403, "forbidden", "the admin key is not a tenant's key; tenant endpoints need one")
+        service.count_request(who.tenant, request.scope["route"].path)
+        return who
+
+    def admin(who: Principal = Depends(principal)) -> Principal:
+        if not who.admin:
+            raise APIError(403, "forbidden", "this endpoint needs the admin key")
+        return who
+
+    async def run(fn: Callable[..., T], *args) -> T:
+        service.metrics.store_queue.inc()
+        try:
+            return await anyio.to_thread.run_sync(partial(fn, *args))
+        finally:
+            service.metrics.store_queue.dec()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error = getattr(exc, "error", "http_error")
+        return JSONResponse({"error": error, "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(CapacityError)
+    async def capacity_error(request: Request, exc: CapacityError) -> JSONResponse:
+        return _error_response(413, "capacity", str(exc))
+
+    @app.exception_handler(KVTierError)
+    async def kvtier_error(request: Request, exc: KVTierError) -> JSONResponse:
+        return _error_response(400, type(exc).__name__, str(exc))
+
+    @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
+    async def health() -> schemas.Health:
+        """Liveness: answers without a key."""
+        return schemas.Health(status="ok", tiers=[t.name for t in store.tiers])
+
+    @app.post("/v1/layouts", response_model=schemas.AttachResponse, responses=_ERRORS, tags=["chunks"])
+    async def attach(body: schemas.Layout, who: Principal = Depends(tenant)) -> schemas.AttachResponse:
+        """Attach a model's KV layout for this tenant; returns its fingerprint, which every other call names."""
+        layout = KVLayout.from_dict(body.model_dump())
+        return service.attach(who, layout)
+
+    @app.post("/v1/lookup", response_model=schemas.LookupResponse, responses=_ERRORS, tags=["chunks"])
+    async def lookup(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.LookupResponse:
+        """The longest cached prefix of the tokens: its length and, per chunk, its key and tiers."""
+        layout = service.layout(who, body.layout)
+        service.check_tokens(len(body.tokens))
+        return await run(service.lookup, who, layout, body.tokens)
+
+    @app.put("/v1/chunks", response_model=schemas.PutResponse, responses=_ERRORS, tags=["chunks"], openapi_extra={
+        "requestBody": {"required": True, "content": {CONTENT_TYPE: _BINARY},
+                        "description": "chunk blobs, each preceded by its length (u64 little-endian): a chain, "
+                                       "the first one's parent being the tenant's root or a cached chunk"}})
+    async def put_chunks(request: Request, layout: str = Query(pattern=schemas.FINGERPRINT, description="layout fingerprint"),
+                         who: Principal = Depends(tenant)) -> schemas.PutResponse:
+        """Store a batch of chunks (idempotent: chunks already cached are counted as present)."""
+        kv_layout = service.layout(who, layout)
+        body = await request.body()
+        return await run(service.put, who, kv_layout, body)
+
+    @app.post("/v1/chunks/fetch", response_class=FramesResponse, tags=["chunks"],
+              responses={200: {"content": {CONTENT_TYPE: _BINARY},
+                               "description": "the cached chunks from start_chunk on, as framed blobs; headers "
+                                              "X-KVTier-Tokens (tokens returned) and X-KVTier-Tiers (per chunk)"},
+                         **_ERRORS})
+    async def fetch(body: schemas.FetchRequest, who: Principal = Depends(tenant)) -> FramesResponse:
+        """Fetch cached chunks (all layers, or the layers [layer_start, layer_stop)), at most
+        max_chunks_per_batch from chunk start_chunk on."""
+        layout = service.layout(who, body.layout)
+        service.check_tokens(len(body.tokens))
+        fetched = await run(service.fetch, who, layout, body)
+        headers = {"x-kvtier-tokens": str(fetched.tokens), "x-kvtier-tiers": ",".join(fetched.tiers)}
+        return FramesResponse(fetched.parts, headers, partial(service.release, fetched))
+
+    def count_endpoint(path: str, method: Callable[[Principal, KVLayout, list[int]], int], doc: str) -> None:
+        async def endpoint(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.CountResponse:
+            layout = service.layout(who, body.layout)
+            service.check_tokens(len(body.tokens))
+            return schemas.CountResponse(chunks=await run(method, who, layout, body.tokens))
+
+        endpoint.__doc__ = doc
+        app.post(path, response_model=schemas.CountResponse, responses=_ERRORS, tags=["chunks"],
+                 name=path.rsplit("/", 1)[1])(endpoint)
+
+    count_endpoint("/v1/prefetch", service.prefetch, "Promote the cached prefix to the first tier; returns the "
+                                                     "chunks now there.")
+    count_endpoint("/v1/pin", service.pin, "Protect the cached prefix from eviction (pins nest); returns the "
+                                           "chunks pinned.")
+    count_endpoint("/v1/unpin", service.unpin, "Undo one pin of the cached prefix; returns the chunks unpinned.")
+    count_endpoint("/v1/delete", service.delete, "Delete the prompt's chunks and everything cached below them, "
+                                                 "except pinned ones; returns the chunks deleted.")
+
+    @app.get("/v1/stats", response_model=schemas.TenantStats, responses=_ERRORS, tags=["service"])
+    async def tenant_stats(who: Principal = Depends(tenant)) -> schemas.TenantStats:
+        """This tenant's usage, quota and counters (nothing about other tenants)."""
+        return service.tenant_stats(who.tenant)
+
+    @app.get("/v1/admin/stats", response_model=schemas.AdminStats, responses=_ERRORS, tags=["admin"])
+    async def admin_stats(who: Principal = Depends(admin)) -> schemas.AdminStats:
+        """The whole store's statistics and every tenant's."""
+        return await run(service.admin_stats)
+
+    @app.post("/v1/admin/flush", response_model=schemas.CountResponse, responses=_ERRORS, tags=["admin"])
+    async def flush(body: schemas.FlushRequest = Body(default_factory=schemas.FlushRequest),
+                    who: Principal = Depends(admin)) -> schemas.CountResponse:
+        """Delete every unpinned chunk of one tenant, or of all."""
+        return schemas.CountResponse(chunks=await run(service.flush, body.tenant))
+
+    @app.get("/metrics", tags=["service"], responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_ERRORS},
+             response_class=Response)
+    async def metrics(who: Principal = Depends(admin)) -> Response:
+        """Prometheus metrics (admin key: they describe every tenant's traffic)."""
+        data = await run(generate_latest, service.metrics.registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    if config.server.bench_endpoints:
+        @app.put("/v1/bench/sink", tags=["bench"], openapi_extra={
+            "requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
+        async def sink(request: Request, who: Principal = Depends(tenant)) -> dict[str, int]:
+            """Bench baseline: read the body and drop it."""
+            n = 0
+            async for piece in request.stream():
+                n += len(piece)
+            return {"bytes": n}
+
+        @app.get("/v1/bench/source", response_class=FramesResponse, tags=["bench"])
+        async def source(nbytes: int = Query(ge=0, le=1 << 30), who: Principal = Depends(tenant)) -> FramesResponse:
+            """Bench baseline: ``nbytes`` bytes from memory, sent like a fetch."""
+            return FramesResponse([service.source(nbytes)], {}, lambda: None)
+
+    return app
+

@@ -1,0 +1,126 @@
+"""Request traces for the hit-rate replay: the Mooncake loader and LMCache-style generators.
+
+A trace is a list of requests; each request names the content of its prompt's *full* blocks by block ids
+(as Mooncake's ``hash_ids``): two requests share the KV of their common leading ids. Block ids identify a
+block's content given its prefix, so the store's chained keys (:func:`kvtier.kvstore.keys.chain_block_keys`)
+give equal keys exactly for equal prefixes. A partial last block has no id: it is never cached.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_MOONCAKE = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mooncake_conversation.jsonl"
+"""``../shared/traces/mooncake_conversation.jsonl`` relative to the repository."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt: ``blocks`` ids of its full blocks, ``tokens`` its input length (partial tail included)."""
+
+    blocks: tuple[int, ...]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Trace:
+    name: str
+    block_tokens: int
+    requests: list[Request]
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(r.tokens for r in self.requests)
+
+
+def load_mooncake(path: str | Path = DEFAULT_MOONCAKE, block_tokens: int = 512, limit: int | None = None) -> Trace:
+    """A Mooncake trace (one JSON object a line with ``input_length`` and ``hash_ids``); keeps the ids of the
+    ``input_length // block_tokens`` full blocks. ``limit``: the first requests only."""
+    requests = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if limit is not None and len(requests) >= limit:
+                break
+            row = json.loads(line)
+            n = int(row["input_length"])
+            ids = row["hash_ids"]
+            if len(ids) * block_tokens < n:
+                raise ValueError(f"{path}: a request of {n} tokens has only {len(ids)} blocks of {block_tokens}")
+            requests.append(Request(tuple(ids[: n // block_tokens]), n))
+    return Trace(Path(path).stem, block_tokens, requests)
+
+
+class _Ids:
+    """Small integer ids for hashable block descriptions."""
+
+    def __init__(self) -> None:
+        self._ids: dict[object, int] = {}
+
+    def __call__(self, what: object) -> int:
+        return self._ids.setdefault(what, len(self._ids))
+
+
+def multi_round_qa(users: int = 100, rounds: int = 10, concurrent: int = 20, system_tokens: int = 1000,
+                   history_tokens: int = 8000, question_tokens: int = 100, answer_tokens: int = 200,
+                   block_tokens: int = 256, seed: int = 0) -> Trace:
+    """LMCache's multi-round QA: every prompt is a shared system prompt, the user's own context
+    (``history_tokens``), and all earlier questions and answers of that user, plus a new question.
+
+    ``concurrent`` users are active at once; each request comes from one of them at random, and a user who
+    has asked ``rounds`` questions is replaced by a new one. Prompt ``r`` of a user extends prompt ``r-1``
+    by its answer and a new question, so its blocks are the shared system blocks, then the user's stream.
+    """
+    rng = random.Random(seed)
+    ids = _Ids()
+    shared = system_tokens // block_tokens
+    system_ids = [ids(("system", j)) for j in range(shared)]
+    requests = []
+    active = {u: 0 for u in range(min(concurrent, users))}
+    next_user = len(active)
+    while active:
+        user = rng.choice(sorted(active))
+        r = active[user]
+        n = system_tokens + history_tokens + r * (question_tokens + answer_tokens) + question_tokens
+        blocks = system_ids + [ids(("user", user, j)) for j in range(shared, n // block_tokens)]
+        requests.append(Request(tuple(blocks), n))
+        active[user] = r + 1
+        if active[user] == rounds:
+            del active[user]
+            if next_user < users:
+                active[next_user] = 0
+                next_user += 1
+    return Trace(f"multi-round-qa-u{users}-r{rounds}", block_tokens, requests)
+
+
+RepeatMode = Literal["tile", "interleave", "random"]
+
+
+def long_doc_qa(documents: int = 40, document_tokens: int = 10000, question_tokens: int = 50, repeats: int = 2,
+                mode: RepeatMode = "random", block_tokens: int = 256, seed: int = 0) -> Trace:
+    """LMCache's long-document QA: each prompt is one document plus a fresh question; every document is
+    asked about ``repeats`` times, ordered by ``mode``: ``tile`` (all documents, then all again),
+    ``interleave`` (each document ``repeats`` times in a row) or ``random`` (a seeded shuffle)."""
+    if mode == "tile":
+        order = list(range(documents)) * repeats
+    elif mode == "interleave":
+        order = [d for d in range(documents) for _ in range(repeats)]
+    elif mode == "random":
+        order = list(range(documents)) * repeats
+        random.Random(seed).shuffle(order)
+    else:
+        raise ValueError(f"mode must be tile, interleave or random, got {mode!r}")
+    ids = _Ids()
+    shared = document_tokens // block_tokens
+    n = document_tokens + question_tokens
+    requests = []
+    for q, doc in enumerate(order):
+        blocks = [ids(("doc", doc, j)) for j in range(shared)]
+        blocks += [ids(("question", q, j)) for j in range(shared, n // block_tokens)]
+        requests.append(Request(tuple(blocks), n))
+    return Trace(f"long-doc-qa-{mode}", block_tokens, requests)

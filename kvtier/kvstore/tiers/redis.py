@@ -1,0 +1,451 @@
+"""RedisTier: chunks as blobs in a Redis server (redis-py + hiredis, one connection pool, pipelines).
+
+Keys, for chunk key ``k`` (hex ``h``) and ``prefix`` (default ``kvtier:``):
+
+- ``{prefix}{h}:0`` .. ``{prefix}{h}:{n-1}``: the blob (:mod:`kvtier.kvstore.chunk`) cut into parts of
+  ``part_bytes`` (the last one shorter). Large values block the server while it copies them and make the
+  client's reader buffer grow; parts of a few MiB keep both cheap.
+- ``{prefix}{h}:m``, the index entry: ``b"KVTM"``, the blob's length and part size (``<QQ``), then the
+  blob's head (header and tokens, a few KiB). Start-up lists these entries alone to rebuild the tier's
+  sizes and the store's index without reading any KV.
+
+A commit sends the parts, then the index entry, in one pipeline; a get reads exactly the byte ranges it needs
+(``GETRANGE``: the whole blob, or the head, the requested layers and the summary) and verifies them with
+:func:`~kvtier.kvstore.chunk.decode_blob`. A missing part reads as an empty range, so a chunk that lost a
+part, or holds a bad one, is a miss that is deleted and counted in ``stats.corrupt``; no torn or corrupt
+chunk is ever served, whatever happened to the server.
+
+Failures: gets and summaries never raise. A Redis error during a get is a miss counted in ``stats.errors``,
+and the chunk is forgotten here (the store forgets a chunk a tier missed); its keys, like those of every
+delete that failed, are deleted with the next write that reaches the server. A commit that fails raises
+:class:`RedisTierError` and leaves nothing of the chunk accounted. Every command has a timeout, and
+:meth:`close` only drops the connections, so nothing waits forever.
+
+``used_bytes`` is the sum of the lengths of the values this tier stored (parts and index entries), not
+Redis's own per-key overhead. One tier owns a prefix: two stores sharing a prefix would evict each other's
+chunks unseen.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.connection import PythonRespSerializer
+from redis.retry import Retry
+
+from kvtier.compression.codec import Codec
+from kvtier.errors import BlobError, KVTierError
+from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, decode_blob, encode_blob, parse_header
+from kvtier.kvstore.tiers.base import Prepared, Tier, TierStats
+from kvtier.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"KVTM"
+_META = struct.Struct("<QQ")  # blob bytes, part bytes
+_BATCH_BYTES = 64 << 20  # a pipeline of get_many/commit_many moves at most about this much
+_SCAN_BATCH = 512
+_MAX_VALUE = 512 << 20  # Redis's limit on one string value
+
+
+class RedisTierError(KVTierError):
+    """A Redis command failed (connection refused or lost, timeout, out of memory): nothing was stored."""
+
+
+@dataclass
+class RedisTierStats(TierStats):
+    errors: int = 0  # Redis commands that failed (each get among them is also a miss)
+
+
+@dataclass
+class _Entry:
+    """Where one stored chunk's bytes are: its blob's layout in parts, and the byte spans of its tensors."""
+
+    nbytes: int  # accounted: the blob plus the index entry
+    blob_bytes: int
+    part_bytes: int
+    head_end: int  # header and tokens: blob[0:head_end]
+    kv: tuple[tuple[int, int], ...]  # per KV tensor: (start in the blob, bytes per layer)
+    summary: tuple[int, int] | None  # the summary's [start, end) in the blob
+
+    @property
+    def n_parts(self) -> int:
+        return -(-self.blob_bytes // self.part_bytes)
+
+    def ranges(self, layers: range | None) -> list[tuple[int, int]]:
+        """The blob byte ranges a get of ``layers`` (None: all) needs, merged and sorted."""
+        if layers is None:
+            return [(0, self.blob_bytes)]
+        spans = [(0, self.head_end)]
+        spans += [(start + layers.start * per, start + layers.stop * per) for start, per in self.kv]
+        if self.summary is not None:
+            spans.append(self.summary)
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+            else:
+                merged.append((lo, hi))
+        return merged
+
+
+def _entry(header: BlobHeader, nbytes: int, blob_bytes: int, part_bytes: int) -> _Entry:
+    start = header.data_start
+    kv = tuple((start + lo, (hi - lo) // shape[0])
+               for name, (_, shape, lo, hi) in sorted(header.tensors.items()) if name.startswith("kv."))
+    summary = None
+    if "summary" in header.tensors:
+        _, _, lo, hi = header.tensors["summary"]
+        summary = (start + lo, start + hi)
+    return _Entry(nbytes, blob_bytes, part_bytes, start + header.tensors["tokens"][3], kv, summary)
+
+
+def _slices(buffers: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """Views of bytes ``[start, end)`` of the concatenation of ``buffers`` (no copy)."""
+    out = []
+    offset = 0
+    for buf in buffers:
+        lo, hi = max(start, offset), min(end, offset + len(buf))
+        if lo < hi:
+            out.append(buf[lo - offset : hi - offset])
+        offset += len(buf)
+    return out
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisTier(Tier):
+    """A persistent tier in Redis at ``url`` (``redis://[:password@]host:port/db``, ``rediss://``,
+    ``unix://``): chunks survive a restart of the store process while the server keeps its data.
+
+    ``max_value_bytes``: the largest value (blob part) written; ``timeout_s``: connect and command timeout.
+    Raises :class:`RedisTierError` when the server cannot be reached at start-up.
+    """
+
+    persistent = True
+
+    def __init__(self, url: str, capacity_bytes: int, codec: Codec | str = "raw", name: str = "redis",
+                 prefix: str = "kvtier:", max_value_bytes: int = 4 << 20, timeout_s: float = 5.0) -> None:
+        super().__init__(name, capacity_bytes, codec)
+        if not 4096 <= max_value_bytes <= _MAX_VALUE:
+            raise ValueError(f"tier {name!r}: max_value_bytes must be in [4096, {_MAX_VALUE}], got {max_value_bytes}")
+        self.prefix = prefix
+        self.part_bytes = int(max_value_bytes)
+        self.stats = RedisTierStats()
+        # hiredis parses replies; the pure-Python packer sends memoryviews of the tensors without copying them
+        # (redis-py's hiredis packer copies every value twice).
+        self._pool = redis.ConnectionPool.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
+            command_packer=PythonRespSerializer(6000, redis.connection.Encoder("utf-8", "strict", False).encode))
+        self._redis = redis.Redis(connection_pool=self._pool)
+        kwargs = self._pool.connection_kwargs
+        self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+        self._entries: dict[bytes, _Entry] = {}
+        self._used = 0
+        self._stale: set[bytes] = set()  # Redis keys to delete with the next write that reaches the server
+        self._local = threading.local()
+        try:
+            for key, meta, header in self._read_index(self._list_index()):
+                if header is None:  # its parts cannot be found without it: delete the entry alone, later
+                    self.stats.corrupt += 1
+                    self._stale.add(self._meta(key))
+                    continue
+                blob_bytes, part_bytes = _META.unpack_from(meta, 4)
+                self._add(key, _entry(header, blob_bytes + len(meta), blob_bytes, part_bytes))
+        except redis.RedisError as exc:
+            self._pool.disconnect()
+            raise RedisTierError(f"redis tier {name!r}: cannot read its chunks from {self.where}: {exc}") from None
+
+    # ------------------------------------------------------------------ keys and index entries
+
+    def _part(self, key: bytes, i: int) -> bytes:
+        return f"{self.prefix}{key.hex()}:{i}".encode()
+
+    def _meta(self, key: bytes) -> bytes:
+        return f"{self.prefix}{key.hex()}:m".encode()
+
+    def _names(self, key: bytes, entry: _Entry) -> list[bytes]:
+        return [self._meta(key)] + [self._part(key, i) for i in range(entry.n_parts)]
+
+    def _list_index(self) -> list[bytes]:
+        """Keys of the chunks whose index entries are in Redis."""
+        pattern = _glob_escape(self.prefix) + "*:m"
+        keys = []
+        for name in self._redis.scan_iter(match=pattern, count=1000):
+            try:
+                keys.append(bytes.fromhex(name[len(self.prefix.encode()) : -2].decode()))
+            except ValueError:
+                continue
+        return keys
+
+    def _read_index(self, keys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, BlobHeader | None]]:
+        """``(key, index entry, parsed header)`` per key; an unreadable entry gives None for the header
+        (and an entry that vanished, b"")."""
+        for i in range(0, len(keys), _SCAN_BATCH):
+            batch = keys[i : i + _SCAN_BATCH]
+            pipe = self._redis.pipeline(transaction=False)
+            for key in batch:
+                pipe.get(self._meta(key))
+            for key, meta in zip(batch, pipe.execute()):
+                meta = meta or b""
+                try:
+                    header = self._check_meta(key, meta)
+                except BlobError as exc:
+                    log.warning("redis tier %s: index entry of %s is unreadable (%s)", self.name, key.hex(), exc)
+                    header = None
+                yield key, meta, header
+
+    def _check_meta(self, key: bytes, meta: bytes) -> BlobHeader:
+        head = 4 + _META.size
+        if len(meta) < head or meta[:4] != _MAGIC:
+            raise BlobError("not a kvtier index entry")
+        blob_bytes, part_bytes = _META.unpack_from(meta, 4)
+        header = parse_header(memoryview(meta)[head:])
+        if header.key != key or header.total_bytes != blob_bytes or not 0 < part_bytes <= _MAX_VALUE:
+            raise BlobError("index entry does not match its key or sizes")
+        _, _, lo, hi = header.tensors["tokens"]
+        if len(meta) - head < header.data_start + hi:
+            raise BlobError("index entry lacks the tokens")
+        return header
+
+    def _add(self, key: bytes, entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._used += entry.nbytes
+
+    # ------------------------------------------------------------------ the tier contract
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def prepare(self, chunk: Chunk, layout: KVLayout) -> Prepared:
+        header, buffers = encode_blob(chunk, layout, self.codec)
+        flat = [memoryview(header), *buffers]
+        blob_bytes = sum(len(b) for b in flat)
+        parsed = parse_header(header)
+        entry = _entry(parsed, 0, blob_bytes, self.part_bytes)
+        meta = b"".join([_MAGIC, _META.pack(blob_bytes, self.part_bytes), *_slices(flat, 0, entry.head_end)])
+        entry.nbytes = blob_bytes + len(meta)
+        parts = []
+        for i in range(entry.n_parts):
+            pieces = _slices(flat, i * self.part_bytes, min(blob_bytes, (i + 1) * self.part_bytes))
+            parts.append(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        return Prepared(chunk.key, entry.nbytes, (entry, parts, meta))
+
+    def commit(self, prepared: Prepared) -> None:
+        self.commit_many([prepared])
+
+    def commit_many(self, prepared: Sequence[Prepared]) -> None:
+        """Store the chunks in pipelines of up to about 64 MiB. Raises RedisTierError if one fails; the chunks
+        of earlier pipelines are stored then, the others are not."""
+        for batch in self._batches(prepared, lambda p: p.nbytes):
+            pipe = self._redis.pipeline(transaction=False)
+            stale = self._queue_stale(pipe)
+            for p in batch:
+                old = self._entries.get(p.key)
+                if old is not None:
+                    pipe.delete(*self._names(p.key, old))
+                entry, parts, meta = p.payload
+                for i, part in enumerate(parts):
+                    pipe.set(self._part(p.key, i), part)
+                pipe.set(self._meta(p.key), meta)
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                self.stats.errors += 1
+                for p in batch:  # some of its commands may have run: delete its keys later
+                    if p.key in self._entries:
+                        self._stale.update(self._names(p.key, self._entries[p.key]))
+                        self._forget(p.key)
+                    self._stale.update(self._names(p.key, p.payload[0]))
+                raise RedisTierError(f"redis tier {self.name!r}: storing {len(batch)} chunk(s) at {self.where} "
+                                     f"failed: {type(exc).__name__}: {exc}") from None
+            self._stale -= stale
+            for p in batch:
+                self._forget(p.key)
+                self._add(p.key, p.payload[0])
+                self.stats.bytes_written += p.nbytes
+
+    def get(self, key: bytes, out: torch.Tensor, layers: range | None = None) -> Chunk | None:
+        return self.get_many([key], [out], layers)[0]
+
+    def get_many(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor],
+                 layers: range | None = None) -> list[Chunk | None]:
+        """Fetch chunks in pipelines of up to about 64 MiB; misses (also corrupt chunks and failures) are None."""
+        results: list[Chunk | None] = [None] * len(keys)
+        wanted = [i for i, k in enumerate(keys) if k in self._entries]
+        self.stats.misses += len(keys) - len(wanted)
+        for batch in self._batches(wanted, lambda i: self._entries[keys[i]].blob_bytes):
+            pipe = self._redis.pipeline(transaction=False)
+            pieces = [self._queue_reads(pipe, keys[i], self._entries[keys[i]].ranges(layers)) for i in batch]
+            try:
+                replies = pipe.execute()
+            except redis.RedisError as exc:
+                log.warning("redis tier %s: reading %d chunk(s) from %s failed: %s", self.name, len(batch), self.where, exc)
+                self.stats.errors += 1
+                self.stats.misses += len(batch)
+                for i in batch:  # the store forgets a chunk that missed: forget it here too
+                    self._stale.update(self._names(keys[i], self._entries[keys[i]]))
+                    self._forget(keys[i])
+                continue
+            for i, piece in zip(batch, pieces):
+                mine, replies = replies[: len(piece)], replies[len(piece) :]
+                results[i] = self._decode(keys[i], outs[i], layers, piece, mine)
+        return results
+
+    def summary(self, key: bytes) -> torch.Tensor | None:
+        entry = self._entries.get(key)
+        if entry is None or entry.summary is None:
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        pieces = self._queue_reads(pipe, key, [(0, entry.head_end), entry.summary])
+        try:
+            data = self._assemble(entry, pieces, pipe.execute())
+            header = parse_header(data)
+            dtype, shape, lo, hi = header.tensors["summary"]
+            raw = data[header.data_start + lo : header.data_start + hi]
+            summary = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(shape)
+            if checksum(summary) != header.summary_xxh3:
+                raise BlobError("summary checksum mismatch")
+            return summary
+        except redis.RedisError as exc:
+            log.warning("redis tier %s: reading a summary from %s failed: %s", self.name, self.where, exc)
+            self.stats.errors += 1
+            return None
+        except BlobError as exc:
+            self._corrupt(key, str(exc))
+            return None
+
+    def scan(self) -> Iterator[tuple[Chunk, KVLayout]]:
+        """Key, parent, tokens and namespace of every chunk, from the index entries; unreadable ones are
+        deleted and counted. Raises RedisTierError if the server cannot be read."""
+        try:
+            for key, meta, header in self._read_index(list(self._entries)):
+                if header is None:
+                    self._corrupt(key, "unreadable index entry")
+                    continue
+                tokens = torch.frombuffer(bytearray(self._token_bytes(meta, header)), dtype=torch.int32)
+                if checksum(tokens) != header.tokens_xxh3:
+                    self._corrupt(key, "tokens checksum mismatch")
+                    continue
+                yield Chunk(key, header.parent, tokens.numpy(), namespace=header.namespace), header.layout
+        except redis.RedisError as exc:
+            self.stats.errors += 1
+            raise RedisTierError(f"redis tier {self.name!r}: listing its chunks at {self.where} failed: {exc}") from None
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def delete(self, key: bytes) -> int:
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0
+        self._forget(key)
+        self._stale.update(self._names(key, entry))
+        pipe = self._redis.pipeline(transaction=False)
+        stale = self._queue_stale(pipe)
+        try:
+            pipe.execute()
+            self._stale -= stale
+        except redis.RedisError as exc:
+            log.warning("redis tier %s: deleting at %s failed (retried with the next write): %s", self.name, self.where, exc)
+            self.stats.errors += 1
+        return entry.nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        """Drop the connections (sends nothing, so it cannot hang)."""
+        self._pool.disconnect()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _forget(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._used -= entry.nbytes
+
+    def _corrupt(self, key: bytes, why: str) -> None:
+        log.warning("redis tier %s: chunk %s is unreadable (%s); deleted", self.name, key.hex(), why)
+        self.stats.corrupt += 1
+        self.delete(key)
+
+    def _queue_stale(self, pipe: redis.client.Pipeline) -> set[bytes]:
+        """Queue the deletion of the stale keys; returns them (to drop from the set once it succeeded)."""
+        stale = set(self._stale)
+        if stale:
+            pipe.delete(*stale)
+        return stale
+
+    @staticmethod
+    def _batches(items: Sequence, size, limit: int = _BATCH_BYTES) -> Iterator[list]:
+        batch: list = []
+        total = 0
+        for item in items:
+            if batch and total + size(item) > limit:
+                yield batch
+                batch, total = [], 0
+            batch.append(item)
+            total += size(item)
+        if batch:
+            yield batch
+
+    def _queue_reads(self, pipe: redis.client.Pipeline, key: bytes,
+                     ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Queue a GETRANGE per part overlapping each blob range; returns the pieces' (blob offset, length)."""
+        P = self._entries[key].part_bytes
+        pieces = []
+        for lo, hi in ranges:
+            for i in range(lo // P, (hi - 1) // P + 1):
+                a, b = max(lo, i * P), min(hi, (i + 1) * P)
+                pipe.getrange(self._part(key, i), a - i * P, b - i * P - 1)
+                pieces.append((a, b - a))
+        return pieces
+
+    def _assemble(self, entry: _Entry, pieces: list[tuple[int, int]], replies: list[bytes]) -> memoryview:
+        """The blob with ``pieces`` filled in (bytes elsewhere are undefined); BlobError if a piece is short."""
+        for (_, n), reply in zip(pieces, replies):
+            if len(reply) != n:
+                raise BlobError(f"a part is missing or truncated ({len(reply)} of {n} bytes)")
+        if len(pieces) == 1 and pieces[0] == (0, entry.blob_bytes):
+            return memoryview(replies[0])
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < entry.blob_bytes:
+            buf = self._local.buf = memoryview(bytearray(entry.blob_bytes))  # reused: its pages stay mapped
+        for (offset, n), reply in zip(pieces, replies):
+            buf[offset : offset + n] = reply
+        return buf[: entry.blob_bytes]
+
+    def _decode(self, key: bytes, out: torch.Tensor, layers: range | None, pieces: list[tuple[int, int]],
+                replies: list[bytes]) -> Chunk | None:
+        entry = self._entries.get(key)
+        if entry is None:  # deleted meanwhile (the same key earlier in this batch was corrupt)
+            self.stats.misses += 1
+            return None
+        try:
+            header, chunk = decode_blob(self._assemble(entry, pieces, replies), out, layers)
+            if header.key != key:
+                raise BlobError(f"the value holds chunk {header.key.hex()}")
+        except BlobError as exc:
+            self._corrupt(key, str(exc))
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self.stats.bytes_read += sum(n for _, n in pieces)
+        return Chunk(key, chunk.parent, chunk.tokens.copy(), out, namespace=chunk.namespace)
+
+    @staticmethod
+    def _token_bytes(meta: bytes, header: BlobHeader) -> bytes:
+        _, _, lo, hi = header.tensors["tokens"]
+        start = 4 + _META.size + header.data_start
+        return meta[start + lo : start + hi]

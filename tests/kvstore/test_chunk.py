@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as st_load
+
+from kvtier.compression import get_codec
+from kvtier.errors import BlobError
+from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary
+from kvtier.kvstore.keys import chain_key, root_key
+from kvtier.layout import KVLayout
+
+from .helpers import make_kv
+
+
+def chunk_of(layout, seed=0):
+    kv = make_kv(layout, layout.chunk_tokens, seed)
+    root = root_key(layout.fingerprint, "ns")
+    tokens = np.arange(layout.chunk_tokens, dtype=np.int32) + seed
+    key = chain_key(root, tokens.tobytes())
+    return Chunk(key, root, tokens, kv, key_summary(kv, layout.page_tokens), "ns")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_blob_round_trip(dtype):
+    layout = KVLayout("m", num_layers=3, kv_heads=2, head_dim=16, dtype=dtype, chunk_tokens=32, page_tokens=8)
+    chunk = chunk_of(layout)
+    data = blob_bytes(chunk, layout, get_codec("raw"))
+    header, back = decode_blob(data)
+    assert header.key == chunk.key and header.parent == chunk.parent and header.namespace == "ns"
+    assert header.layout == layout
+    assert torch.equal(back.kv, chunk.kv) and back.kv.dtype == chunk.kv.dtype
+    assert np.array_equal(back.tokens, chunk.tokens)
+    assert torch.equal(back.summary, chunk.summary)
+
+
+def test_blob_is_plain_safetensors():
+    layout = KVLayout("m", num_layers=2, kv_heads=1, head_dim=8, chunk_tokens=16, page_tokens=8)
+    chunk = chunk_of(layout)
+    tensors = st_load(blob_bytes(chunk, layout, get_codec("raw")))
+    assert torch.equal(tensors["kv.kv"], chunk.kv)
+    assert torch.equal(tensors["tokens"], torch.from_numpy(chunk.tokens))
+
+
+def test_one_layer_decodes_alone():
+    layout = KVLayout("m", num_layers=4, kv_heads=2, head_dim=8, chunk_tokens=16, page_tokens=8)
+    chunk = chunk_of(layout)
+    data = bytearray(blob_bytes(chunk, layout, get_codec("raw")))
+    _, back = decode_blob(data, layers=range(2, 3))
+    assert torch.equal(back.kv, chunk.kv[2:3])
+    # corrupting layer 0 does not stop reading layer 2, but does stop reading all layers
+    header, _ = decode_blob(data)
+    start = header.data_start + header.tensors["kv.kv"][2]
+    data[start + 1] ^= 0xFF
+    _, back = decode_blob(data, layers=range(2, 3))
+    assert torch.equal(back.kv, chunk.kv[2:3])
+    with pytest.raises(BlobError, match="checksum"):
+        decode_blob(data)
+
+
+def test_summary_matches_brute_force():
+    layout = KVLayout("m", num_layers=2, kv_heads=3, head_dim=8, chunk_tokens=32, page_tokens=8)
+    kv = make_kv(layout, 32).float()
+    s = key_summary(kv, 8)
+    for layer in range(2):
+        for head in range(3):
+            for page in range(4):
+                keys = kv[layer, 0, head, page * 8 : (page + 1) * 8]
+                assert torch.equal(s[layer, head, page, 0], keys.min(0).values)
+                assert torch.equal(s[layer, head, page, 1], keys.max(0).values)
+                assert torch.allclose(s[layer, head, page, 2], keys.mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["flip_kv", "flip_tokens", "truncate", "header", "garbage", "empty"])
+def test_damaged_blob_is_a_blob_error(damage):
+    layout = KVLayout("m", num_layers=2, kv_heads=1, head_dim=8, chunk_tokens=16, page_tokens=8)
+    data = bytearray(blob_bytes(chunk_of(layout), layout, get_codec("raw")))
+    header, _ = decode_blob(data)
+    if damage == "flip_kv":
+        data[header.data_start + header.tensors["kv.kv"][2] + 5] ^= 1
+    elif damage == "flip_tokens":
+        data[header.data_start + header.tensors["tokens"][2]] ^= 1
+    elif damage == "truncate":
+        data = data[: len(data) - 10]
+    elif damage == "header":
+        data[20] = ord("{")
+    elif damage == "garbage":
+        data = bytearray(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    else:
+        data = bytearray()
+    with pytest.raises(BlobError):
+        decode_blob(data)

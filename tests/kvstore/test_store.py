@@ -1,0 +1,290 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvtier.errors import CapacityError, LayoutError, TokenError
+from kvtier.kvstore import DiskTier, HostTier, MetaTier, TieredStore
+from kvtier.layout import KVLayout
+
+from .helpers import TINY, kv_for_tokens
+
+C = TINY.chunk_tokens
+
+
+def footprint(layout=TINY):
+    """Bytes one chunk takes in a HostTier (KV + summary, 256-byte aligned)."""
+    t = HostTier(1 << 20, prefault=False)
+    store = TieredStore([t], layout=layout)
+    tokens = list(range(layout.chunk_tokens))
+    store.put(tokens, kv_for_tokens(layout, tokens))
+    return t.used_bytes
+
+
+FP = footprint()
+
+
+def prompt(seed, n_chunks, extra=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 1000, n_chunks * C + extra).tolist()
+
+
+def host(n_chunks):
+    return HostTier(n_chunks * FP, prefault=False)
+
+
+def check_invariants(store: TieredStore) -> None:
+    for t, tier in enumerate(store.tiers):
+        held = [n for n in store.index.nodes.values() if n.tiers >> t & 1]
+        assert len(held) == len(tier)
+        assert all(tier.contains(n.key) for n in held)
+        assert tier.used_bytes <= tier.capacity_bytes
+    for node in store.index.nodes.values():
+        assert node.tiers, "a node no tier holds"
+        assert node.parent is None or node.parent.key in store.index.nodes, "an orphan"
+        assert node.pins == 0
+
+
+def test_put_lookup_get_round_trip():
+    store = TieredStore([host(20)], layout=TINY)
+    tokens = prompt(0, 3, extra=5)
+    kv = kv_for_tokens(TINY, tokens)
+    res = store.put(tokens, kv)
+    assert (res.stored, res.present, res.dropped) == (3, 0, 0)
+    assert store.lookup(tokens).tokens == 3 * C
+    assert store.lookup(tokens[: 2 * C + 3]).tokens == 2 * C
+    got = store.get(tokens)
+    assert got.tokens == 3 * C and torch.equal(got.kv, kv[:, :, :, : 3 * C])
+    # a longer prompt sharing the prefix stores only its new chunks
+    longer = tokens[: 3 * C] + prompt(1, 2)
+    res = store.put(longer, kv_for_tokens(TINY, longer))
+    assert (res.stored, res.present) == (2, 3)
+    # another prompt diverging inside chunk 1 shares only chunk 0
+    other = tokens[:C] + [7] * (2 * C)
+    assert store.lookup(other).tokens == C
+    check_invariants(store)
+
+
+def test_get_into_caller_buffer_and_layers():
+    store = TieredStore([host(10)], layout=TINY)
+    tokens = prompt(0, 2)
+    kv = kv_for_tokens(TINY, tokens)
+    store.put(tokens, kv)
+    out = torch.zeros((1, 2, 2, 3 * C, 8), dtype=torch.float16)
+    res = store.get(tokens + [1] * C, out, layers=range(1, 2))
+    assert res.tokens == 2 * C and res.kv is out
+    assert torch.equal(out[:, :, :, : 2 * C], kv[1:2]) and not out[:, :, :, 2 * C :].any()
+
+
+def test_leaf_first_eviction_and_no_orphans():
+    store = TieredStore([host(4)], layout=TINY)
+    a = prompt(0, 3)
+    store.put(a, kv_for_tokens(TINY, a))
+    b = prompt(1, 2)
+    store.put(b, kv_for_tokens(TINY, b))  # needs 1 slot: evicts a's deepest chunk, not its first
+    assert store.lookup(a).tokens == 2 * C
+    assert store.lookup(b).tokens == 2 * C
+    check_invariants(store)
+    c = prompt(2, 4)
+    store.put(c, kv_for_tokens(TINY, c))
+    assert store.lookup(c).tokens == 4 * C and store.lookup(a).tokens == 0 and store.lookup(b).tokens == 0
+    check_invariants(store)
+
+
+def test_pins_protect_chunks():
+    store = TieredStore([host(3)], layout=TINY)
+    a = prompt(0, 2)
+    store.put(a, kv_for_tokens(TINY, a))
+    assert store.pin(a) == 2
+    b = prompt(1, 3)
+    res = store.put(b, kv_for_tokens(TINY, b))
+    assert res.stored == 1 and res.dropped == 2  # only one slot was free; pinned chunks stayed
+    assert store.lookup(a).tokens == 2 * C
+    assert store.delete(a) == 0  # pinned chunks are not deleted
+    assert store.unpin(a) == 2
+    res = store.put(b, kv_for_tokens(TINY, b))
+    assert res.stored == 2 and store.lookup(a).tokens == 0
+    check_invariants(store)
+
+
+def test_demotion_and_promotion(tmp_path):
+    store = TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    a, b = prompt(0, 2), prompt(1, 2)
+    store.put(a, kv_for_tokens(TINY, a))
+    store.put(b, kv_for_tokens(TINY, b))  # a is demoted to disk
+    assert [r.tiers for r in store.lookup(a).chunks] == [["disk"], ["disk"]]
+    got = store.get(a)
+    assert got.tiers == ["disk", "disk"] and torch.equal(got.kv, kv_for_tokens(TINY, a))
+    assert [r.tiers for r in store.lookup(a).chunks] == [["host", "disk"], ["host", "disk"]]  # promoted
+    assert [r.tiers for r in store.lookup(b).chunks] == [["disk"], ["disk"]]  # b made room
+    assert store.get(a).tiers == ["host", "host"]
+    s = store.stats()
+    assert s["promotions"] == 2 and s["demotions"] == 4
+    check_invariants(store)
+
+
+def test_prefetch_promotes(tmp_path):
+    store = TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    a, b = prompt(0, 2), prompt(1, 2)
+    store.put(a, kv_for_tokens(TINY, a))
+    store.put(b, kv_for_tokens(TINY, b))
+    assert store.prefetch(a) == 2
+    assert [r.tiers for r in store.lookup(a).chunks] == [["host", "disk"], ["host", "disk"]]
+
+
+def test_restart_recovers_from_disk(tmp_path):
+    layout2 = KVLayout("other", num_layers=1, kv_heads=1, head_dim=8, dtype="float32", chunk_tokens=16, page_tokens=8)
+    store = TieredStore([host(8), DiskTier(tmp_path, 100 * FP)], layout=TINY, write_through=[False, True])
+    a = prompt(0, 3, extra=3)
+    store.put(a, kv_for_tokens(TINY, a), namespace="t1")
+    store.put(a, kv_for_tokens(layout2, a), layout=layout2)
+    again = TieredStore([host(8), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    assert again.lookup(a, namespace="t1").tokens == 3 * C
+    assert again.lookup(a).tokens == 0  # another namespace
+    assert again.lookup(a, layout=layout2).tokens == 3 * C
+    got = again.get(a, namespace="t1")
+    assert torch.equal(got.kv, kv_for_tokens(TINY, a)[:, :, :, : 3 * C])
+    assert again.namespace_bytes["t1"] == 3 * TINY.chunk_bytes
+    check_invariants(again)
+
+
+def test_restart_drops_orphans_and_corrupt_files(tmp_path):
+    store = TieredStore([DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    a = prompt(0, 4)
+    store.put(a, kv_for_tokens(TINY, a))
+    keys = store.keys(a)
+    store.tiers[0]._file(keys[1]).write_bytes(b"garbage")  # chunk 1 unreadable: 2 and 3 are orphans
+    again = TieredStore([DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    assert again.lookup(a).tokens == C
+    assert len(again.tiers[0]) == 1 and again.tiers[0].stats.corrupt == 1
+    check_invariants(again)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_disk_chunk_is_a_miss(tmp_path, damage):
+    store = TieredStore([DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    a = prompt(0, 3)
+    kv = kv_for_tokens(TINY, a)
+    store.put(a, kv)
+    path = store.tiers[0]._file(store.keys(a)[1])
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 3] ^= 0xFF
+    else:
+        data = data[:-200]
+    path.write_bytes(bytes(data))
+    got = store.get(a)
+    assert got.tokens == C and torch.equal(got.kv[:, :, :, :C], kv[:, :, :, :C])
+    assert store.lookup(a).tokens == C  # the corrupt chunk and its descendant are gone
+    assert store.stats()["tiers"][0]["corrupt"] == 1
+    check_invariants(store)
+
+
+def test_write_through_and_delete(tmp_path):
+    store = TieredStore([host(8), DiskTier(tmp_path, 100 * FP)], layout=TINY, write_through=[False, True])
+    a = prompt(0, 3)
+    store.put(a, kv_for_tokens(TINY, a))
+    assert all(r.tiers == ["host", "disk"] for r in store.lookup(a).chunks)
+    assert store.delete(a[: 2 * C]) == 2  # chunk 1 and its subtree (chunk 2)
+    assert store.lookup(a).tokens == C
+    assert len(store.tiers[1]) == 1
+    check_invariants(store)
+
+
+def test_quota_evicts_own_chunks_only():
+    store = TieredStore([host(20)], layout=TINY)
+    store.set_quota("small", 2 * TINY.chunk_bytes)
+    big = prompt(0, 4)
+    store.put(big, kv_for_tokens(TINY, big), namespace="other")
+    a, b = prompt(1, 2), prompt(2, 2)
+    store.put(a, kv_for_tokens(TINY, a), namespace="small")
+    store.put(b, kv_for_tokens(TINY, b), namespace="small")
+    assert store.namespace_bytes["small"] <= 2 * TINY.chunk_bytes
+    assert store.lookup(b, namespace="small").tokens == 2 * C
+    assert store.lookup(a, namespace="small").tokens == 0
+    assert store.lookup(big, namespace="other").tokens == 4 * C
+
+
+def test_bad_input_changes_nothing(tmp_path):
+    store = TieredStore([host(4), DiskTier(tmp_path, 8 * FP)], layout=TINY)
+    a = prompt(0, 2)
+    kv = kv_for_tokens(TINY, a)
+    store.put(a, kv)
+    before = store.stats()
+    with pytest.raises(LayoutError, match="shape"):
+        store.put(a, kv[:, :, :1])
+    with pytest.raises(LayoutError, match="dtype"):
+        store.put(a, kv.float())
+    with pytest.raises(LayoutError, match="tokens"):
+        store.put(a + [1], kv)
+    with pytest.raises(LayoutError, match="must be a torch.Tensor"):
+        store.put(a, kv.numpy())
+    with pytest.raises(TokenError):
+        store.put([float(x) for x in a], kv)
+    with pytest.raises(TokenError):
+        store.lookup(["a", "b"])
+    huge = prompt(5, 20)
+    with pytest.raises(CapacityError, match="capacity of every tier"):
+        store.put(huge, kv_for_tokens(TINY, huge))
+    with pytest.raises(LayoutError, match="out buffer"):
+        store.get(a, torch.empty(3, 3))
+    with pytest.raises(LayoutError, match="layers"):
+        store.get(a, layers=range(1, 5))
+    if torch.device("meta") is not None:
+        with pytest.raises(LayoutError, match="is on meta"):
+            store.put(a, kv.to("meta"))
+    after = store.stats()
+    assert after["chunks"] == before["chunks"] == 2
+    assert [t["used_bytes"] for t in after["tiers"]] == [t["used_bytes"] for t in before["tiers"]]
+    assert torch.equal(store.get(a).kv, kv)
+
+
+def test_metadata_only_mode_matches_tensor_store():
+    rng = np.random.default_rng(3)
+    prefixes = [prompt(i, 3) for i in range(4)]
+    requests = [prefixes[rng.integers(4)][: int(rng.integers(1, 4)) * C] + prompt(100 + i, int(rng.integers(0, 3)))
+                for i in range(40)]
+    real = TieredStore([host(6)], layout=TINY, policy="lru")
+    meta = TieredStore([MetaTier("host", 6 * FP)], layout=TINY, policy="lru", metadata_only=True)
+    meta.tiers[0]._size_of[TINY.fingerprint] = FP  # the same footprint as the host tier's
+    for r in requests:
+        hits = []
+        for store in (real, meta):
+            hits.append(store.lookup(r).tokens)
+            store.get(r)
+            store.put(r, kv_for_tokens(TINY, r) if store is real else None)
+        assert hits[0] == hits[1]
+    assert real.stats()["hit_tokens"] == meta.stats()["hit_tokens"] > 0
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete", "pin"]), st.integers(0, 5), st.integers(1, 4)),
+               min_size=1, max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS, policy=st.sampled_from(["lru", "lfu", "s3fifo", "cost"]))
+def test_random_operations_keep_accounting_exact(tmp_path_factory, ops, policy):
+    folder = tmp_path_factory.mktemp("disk")
+    store = TieredStore([host(3), DiskTier(folder, 5 * (FP + 2048))], layout=TINY, policy=policy)
+    base = [prompt(i, 4) for i in range(3)]
+    for op, which, n in ops:
+        tokens = (base[which % 3][: 2 * C] + prompt(which, 2))[: n * C] if which >= 3 else base[which][: n * C]
+        if op == "put":
+            store.put(tokens, kv_for_tokens(TINY, tokens))
+        elif op == "get":
+            got = store.get(tokens)
+            assert torch.equal(got.kv[:, :, :, : got.tokens], kv_for_tokens(TINY, tokens)[:, :, :, : got.tokens])
+        elif op == "delete":
+            store.delete(tokens)
+        else:
+            store.pin(tokens)
+            store.put(prompt(50 + which, 2), kv_for_tokens(TINY, prompt(50 + which, 2)))
+            store.unpin(tokens)
+        check_invariants(store)
+        for tier in store.tiers:
+            if isinstance(tier, DiskTier):
+                on_disk = sum(p.stat().st_size for p in folder.glob("*/*.kvt"))
+                assert tier.used_bytes == on_disk
+            else:
+                assert tier.used_bytes == sum(e.nbytes for e in tier._entries.values())

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from kvtier.kvstore.chunk import Chunk, key_summary
+from kvtier.kvstore.keys import chunk_keys, root_key
+from kvtier.kvstore.tiers import DiskTier, HostTier, MetaTier
+from kvtier.kvstore.tiers.memory import ExtentAllocator
+
+from .helpers import TINY, make_kv
+
+
+def chunks(n, seed=0, layout=TINY):
+    kv = make_kv(layout, n * layout.chunk_tokens, seed)
+    tokens = np.arange(n * layout.chunk_tokens, dtype=np.int32) + 1000 * seed
+    root = root_key(layout.fingerprint)
+    keys = chunk_keys(root, tokens, layout.chunk_tokens)
+    C = layout.chunk_tokens
+    out = []
+    for i, k in enumerate(keys):
+        part = kv[:, :, :, i * C : (i + 1) * C].contiguous()
+        out.append(Chunk(k, keys[i - 1] if i else root, tokens[i * C : (i + 1) * C], part, key_summary(part, layout.page_tokens)))
+    return out
+
+
+@pytest.fixture(params=["host", "disk"])
+def tier(request, tmp_path):
+    if request.param == "host":
+        return HostTier(64 * 1024, prefault=False)
+    return DiskTier(tmp_path / "disk", 64 * 1024)
+
+
+def test_tier_semantics(tier):
+    cs = chunks(3)
+    assert not tier.contains(cs[0].key) and tier.used_bytes == 0
+    sizes = []
+    for c in cs:
+        p = tier.prepare(c, TINY)
+        assert tier.can_fit(p.nbytes)
+        tier.commit(p)
+        sizes.append(p.nbytes)
+    assert len(tier) == 3 and tier.used_bytes == sum(sizes)
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    for c in cs:
+        got = tier.get(c.key, out)
+        assert got.key == c.key and got.parent == c.parent and np.array_equal(got.tokens, c.tokens)
+        assert torch.equal(out, c.kv)
+        assert torch.equal(tier.summary(c.key), c.summary)
+    one = torch.empty((1,) + TINY.chunk_shape[1:], dtype=TINY.torch_dtype)
+    assert tier.get(cs[1].key, one, range(1, 2)) is not None and torch.equal(one, cs[1].kv[1:2])
+    assert tier.delete(cs[1].key) == sizes[1]
+    assert tier.delete(cs[1].key) == 0
+    assert not tier.contains(cs[1].key) and tier.get(cs[1].key, out) is None
+    assert tier.used_bytes == sizes[0] + sizes[2]
+    assert tier.stats.misses == 1
+
+
+def test_meta_tier_accounts_without_data():
+    t = MetaTier("m", 10 * TINY.chunk_bytes)
+    p = t.prepare(Chunk(b"k" * 16, b"r" * 16, None), TINY)
+    assert p.nbytes == TINY.chunk_bytes + 4 * TINY.chunk_tokens
+    t.commit(p)
+    assert t.used_bytes == p.nbytes and t.contains(b"k" * 16)
+    with pytest.raises(RuntimeError, match="metadata-only"):
+        t.get(b"k" * 16, torch.empty(1))
+
+
+def test_extent_allocator_coalesces():
+    a = ExtentAllocator(256 * 10)
+    offs = [a.alloc(256) for _ in range(10)]
+    assert offs == [256 * i for i in range(10)] and a.alloc(256) is None
+    for i in (1, 3, 2):
+        a.free(offs[i], 256)
+    assert a.alloc(768) == 256  # three freed neighbours merged into one extent
+    a.free(256, 768)
+    for i in (0, 4, 5, 6, 7, 8, 9):
+        a.free(offs[i], 256)
+    assert a.alloc(2560) == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "swap"])
+def test_disk_corruption_is_a_counted_miss(tmp_path, damage):
+    tier = DiskTier(tmp_path, 1 << 20)
+    cs = chunks(2)
+    for c in cs:
+        tier.commit(tier.prepare(c, TINY))
+    path = tier._file(cs[0].key)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(tier._file(cs[1].key).read_bytes())  # another chunk's file under this key
+    path.write_bytes(bytes(data))
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    assert tier.get(cs[0].key, out) is None
+    assert tier.stats.corrupt == 1 and not tier.contains(cs[0].key) and not path.exists()
+    assert tier.get(cs[1].key, out) is not None and torch.equal(out, cs[1].kv)
+
+
+def test_disk_restart_lists_files_and_cleans_temporaries(tmp_path):
+    tier = DiskTier(tmp_path, 1 << 20)
+    cs = chunks(3)
+    for c in cs:
+        tier.commit(tier.prepare(c, TINY))
+    (tmp_path / "tmp" / "half-written").write_bytes(b"x" * 100)
+    again = DiskTier(tmp_path, 1 << 20)
+    assert len(again) == 3 and again.used_bytes == tier.used_bytes
+    assert not (tmp_path / "tmp" / "half-written").exists()
+    found = {c.key: c for c, layout in again.scan()}
+    assert set(found) == {c.key for c in cs}
+    assert all(found[c.key].parent == c.parent and np.array_equal(found[c.key].tokens, c.tokens) for c in cs)
