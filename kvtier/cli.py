@@ -10,19 +10,21 @@ from kvtier.bench import BENCHMARKS
 
 
 def _bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="run a benchmark (prints a table, or JSON with --json)")
-    names = bench.add_subparsers(dest="benchmark", required=True, metavar="NAME")
-    for name, module_name in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("kvtier"):
-                continue  # not built yet
-            raise
-        p = names.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
-        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-        module.add_arguments(p)
-        p.set_defaults(_bench_module=module)
+    bench = sub.add_parser("bench", help="run a benchmark (prints a table, or JSON with --json)",
+                           description="Benchmarks: " + ", ".join(BENCHMARKS) + ". `kvtier bench NAME -h` lists options.")
+    bench.add_argument("benchmark", choices=list(BENCHMARKS), metavar="NAME", help=", ".join(BENCHMARKS))
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+
+
+def _run_bench(name: str, options: list[str]) -> int:
+    """Import only the chosen benchmark, parse its own options, run it and print the report."""
+    module = importlib.import_module(BENCHMARKS[name])
+    parser = argparse.ArgumentParser(prog=f"kvtier bench {name}", description=(module.__doc__ or "").strip())
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    module.add_arguments(parser)
+    args = parser.parse_args(options)
+    module.run(args).print(as_json=args.json)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        report = args._bench_module.run(args)
-        report.print(as_json=args.json)
-        return 0
+        return _run_bench(args.benchmark, args.options)
     if args.command == "demo":
         from kvtier.demo import run_demo
 

@@ -48,8 +48,8 @@ T = TypeVar("T")
 _SMALL = 64 << 10  # buffers below this are joined with their frame's header into one write
 
 
-class APIError(HTTPException):
-    """A refusal: ``status`` (4xx), a short ``error`` kind and a ``detail`` saying what was wrong."""
+class Refusal(HTTPException):
+    """A refusal (an HTTP error the client caused): ``status`` (4xx), a short ``error`` kind and a ``detail`` saying what was wrong."""
 
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(status, detail)
@@ -174,13 +174,13 @@ class Service:
         with self._lock:
             known = fingerprint in self._attached.get(principal.tenant, ())
         if not known:
-            raise APIError(404, "layout_not_attached",
+            raise Refusal(404, "layout_not_attached",
                            f"layout {fingerprint} is not attached for this tenant: POST /v1/layouts first")
         return self.store.layouts[fingerprint]
 
     def check_tokens(self, n: int) -> None:
         if n > self.limits.max_tokens_per_request:
-            raise APIError(413, "too_many_tokens",
+            raise Refusal(413, "too_many_tokens",
                            f"{n} tokens in one request; the limit is {self.limits.max_tokens_per_request}")
 
     # ------------------------------------------------------------------ tenant operations
@@ -205,7 +205,7 @@ class Service:
         """Verify every blob of ``body`` (a chain of chunks), then store them; nothing is stored on a refusal."""
         blobs = list(split_frames(memoryview(body)))
         if len(blobs) > self.limits.max_chunks_per_batch:
-            raise APIError(413, "too_many_chunks",
+            raise Refusal(413, "too_many_chunks",
                            f"{len(blobs)} chunks in one batch; the limit is {self.limits.max_chunks_per_batch}")
         self.check_tokens(len(blobs) * layout.chunk_tokens)
         chunks = []
@@ -213,9 +213,9 @@ class Service:
             try:
                 header, chunk = decode_blob(blob)
             except BlobError as exc:
-                raise APIError(400, "bad_blob", f"blob {i}: {exc}") from None
+                raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
             if header.layout.fingerprint != layout.fingerprint:
-                raise APIError(400, "wrong_layout", f"blob {i} has layout {header.layout.fingerprint}, "
+                raise Refusal(400, "wrong_layout", f"blob {i} has layout {header.layout.fingerprint}, "
                                                     f"the request names {layout.fingerprint}")
             chunks.append(chunk)
         if not chunks:
@@ -231,7 +231,7 @@ class Service:
         except ValueError as exc:
             if parent != root and not self._owns(principal, layout, parent):
                 raise _parent_missing(parent) from None  # evicted since the check above
-            raise APIError(400, "bad_chunk", str(exc)) from None
+            raise Refusal(400, "bad_chunk", str(exc)) from None
         self.count(principal.tenant, put_chunks=result.stored, bytes_in=len(body))
         self.metrics.chunks_moved.labels("in").inc(result.stored)
         return schemas.PutResponse(stored=result.stored, present=result.present, dropped=result.dropped)
@@ -304,7 +304,7 @@ class Service:
         if tenant is None:
             return sum(self.store.delete_namespace(ns) for ns in list(self.store.namespace_bytes))
         if tenant not in self.tenants():
-            raise APIError(404, "unknown_tenant", f"no tenant named {tenant!r} is configured")
+            raise Refusal(404, "unknown_tenant", f"no tenant named {tenant!r} is configured")
         return self.store.delete_namespace(tenant_namespace(tenant))
 
     def source(self, nbytes: int) -> bytes:
@@ -313,15 +313,15 @@ class Service:
             return self._sources.setdefault(nbytes, bytes(nbytes))
 
 
-def _parent_missing(key: bytes) -> APIError:
-    return APIError(409, "parent_not_cached", f"the parent {key.hex()} of the first chunk is neither this tenant's "
+def _parent_missing(key: bytes) -> Refusal:
+    return Refusal(409, "parent_not_cached", f"the parent {key.hex()} of the first chunk is neither this tenant's "
                                               "root nor one of its cached chunks: put from the prompt's start")
 
 
 def _layers(layout: KVLayout, start: int | None, stop: int | None) -> range:
     layers = range(start or 0, layout.num_layers if stop is None else stop)
     if not 0 <= layers.start < layers.stop <= layout.num_layers:
-        raise APIError(400, "bad_layers", f"layers [{layers.start}, {layers.stop}) are not a non-empty range "
+        raise Refusal(400, "bad_layers", f"layers [{layers.start}, {layers.stop}) are not a non-empty range "
                                           f"within the layout's {layout.num_layers} layers")
     return layers
 
@@ -364,7 +364,7 @@ class _Instrument:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise APIError(413, "body_too_large", f"request body over the limit of {self.max_body} bytes")
+                    raise Refusal(413, "body_too_large", f"request body over the limit of {self.max_body} bytes")
             return message
 
         async def counting_send(message) -> None:
@@ -402,6 +402,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
                         (403, "the key may not use this endpoint"), (404, "unknown layout or tenant"),
                         (409, "the first chunk's parent is not cached"), (413, "over a size limit"))
 }
+# Routes with a binary response would document their errors in its media type: name JSON explicitly.
+_ERRORS_BESIDE_BINARY = {
+    status: {"description": r["description"],
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for status, r in _ERRORS.items()
+}
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -426,18 +432,18 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
     def principal(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         found = service.auth.identify(creds.credentials if creds else None)
         if found is None:
-            raise APIError(401, "unauthorized", "a valid API key is required: Authorization: Bearer KEY")
+            raise Refusal(401, "unauthorized", "a valid API key is required: Authorization: Bearer KEY")
         return found
 
     def tenant(request: Request, who: Principal = Depends(principal)) -> Principal:
         if who.tenant is None:
-            raise APIError(403, "forbidden", "the admin key is not a tenant's key; tenant endpoints need one")
+            raise Refusal(403, "forbidden", "the admin key is not a tenant's key; tenant endpoints need one")
         service.count_request(who.tenant, request.scope["route"].path)
         return who
 
     def admin(who: Principal = Depends(principal)) -> Principal:
         if not who.admin:
-            raise APIError(403, "forbidden", "this endpoint needs the admin key")
+            raise Refusal(403, "forbidden", "this endpoint needs the admin key")
         return who
 
     async def run(fn: Callable[..., T], *args) -> T:
@@ -490,11 +496,11 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
         body = await request.body()
         return await run(service.put, who, kv_layout, body)
 
-    @app.post("/v1/chunks/fetch", response_class=FramesResponse, tags=["chunks"],
+    @app.post("/v1/chunks/fetch", response_class=FramesResponse, status_code=200, tags=["chunks"],
               responses={200: {"content": {CONTENT_TYPE: _BINARY},
                                "description": "the cached chunks from start_chunk on, as framed blobs; headers "
                                               "X-KVTier-Tokens (tokens returned) and X-KVTier-Tiers (per chunk)"},
-                         **_ERRORS})
+                         **_ERRORS_BESIDE_BINARY})
     async def fetch(body: schemas.FetchRequest, who: Principal = Depends(tenant)) -> FramesResponse:
         """Fetch cached chunks (all layers, or the layers [layer_start, layer_stop)), at most
         max_chunks_per_batch from chunk start_chunk on."""
@@ -538,7 +544,7 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
         """Delete every unpinned chunk of one tenant, or of all."""
         return schemas.CountResponse(chunks=await run(service.flush, body.tenant))
 
-    @app.get("/metrics", tags=["service"], responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_ERRORS},
+    @app.get("/metrics", tags=["service"], responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_ERRORS_BESIDE_BINARY},
              response_class=Response)
     async def metrics(who: Principal = Depends(admin)) -> Response:
         """Prometheus metrics (admin key: they describe every tenant's traffic)."""
@@ -555,7 +561,8 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
                 n += len(piece)
             return {"bytes": n}
 
-        @app.get("/v1/bench/source", response_class=FramesResponse, tags=["bench"])
+        @app.get("/v1/bench/source", response_class=FramesResponse, status_code=200, tags=["bench"],
+                 responses=_ERRORS_BESIDE_BINARY)
         async def source(nbytes: int = Query(ge=0, le=1 << 30), who: Principal = Depends(tenant)) -> FramesResponse:
             """Bench baseline: ``nbytes`` bytes from memory, sent like a fetch."""
             return FramesResponse([service.source(nbytes)], {}, lambda: None)

@@ -78,17 +78,24 @@ def get_codec(name: str, **params: Any) -> Codec:
 
 
 def _load_builtin() -> None:
-    """Import the modules that register the built-in codecs (once)."""
+    """Import the modules that register the built-in codecs (once all of them exist)."""
+    global _builtin_loaded
+    if _builtin_loaded:
+        return
     import importlib
 
+    missing = False
     for module in _BUILTIN_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if not (exc.name or "").startswith("kvtier"):
                 raise
+            missing = True
+    _builtin_loaded = not missing
 
 
+_builtin_loaded = False
 _BUILTIN_MODULES = ("kvtier.compression.quant", "kvtier.compression.lossless")
 
 

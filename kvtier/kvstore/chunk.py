@@ -20,6 +20,7 @@ write (``os.writev``), a Redis value or an HTTP body take as they are.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import warnings
@@ -83,14 +84,19 @@ def _byte_view(t: torch.Tensor) -> memoryview:
 
 
 def layer_checksums(parts: dict[str, torch.Tensor]) -> list[str]:
-    """One XXH3-64 hex digest per layer over that layer's slice of every part (parts sorted by name)."""
-    names = sorted(parts)
-    n_layers = parts[names[0]].shape[0]
+    """One XXH3-64 hex digest per layer over that layer's slice of every part (parts sorted by name).
+    Parts must be contiguous (layer-major), so layer ``l`` is the ``l``-th equal slice of each part's bytes."""
+    views = []
+    for name in sorted(parts):
+        t = parts[name]
+        view = _byte_view(t)
+        views.append((view, len(view) // t.shape[0]))
+    n_layers = parts[next(iter(parts))].shape[0]
     out = []
     for layer in range(n_layers):
         h = xxhash.xxh3_64()
-        for name in names:
-            h.update(_byte_view(parts[name][layer]))
+        for view, step in views:
+            h.update(view[layer * step : (layer + 1) * step])
         out.append(h.hexdigest())
     return out
 
@@ -166,6 +172,16 @@ class BlobHeader:
         return self.data_start + max((end for *_, end in self.tensors.values()), default=0)
 
 
+@functools.lru_cache(maxsize=64)
+def _layout(text: str) -> KVLayout:
+    return KVLayout.from_dict(json.loads(text))
+
+
+@functools.lru_cache(maxsize=64)
+def _codec(name: str, params: str) -> Codec:
+    return get_codec(name, **json.loads(params))
+
+
 def header_length(prefix: bytes | memoryview) -> int:
     """Bytes taken by the header, given at least the blob's first 8 bytes."""
     if len(prefix) < 8:
@@ -186,8 +202,8 @@ def parse_header(data: bytes | memoryview) -> BlobHeader:
         meta = raw.pop("__metadata__")
         if meta.get("format") != FORMAT:
             raise BlobError(f"not a kvtier chunk blob: format {meta.get('format')!r}, expected {FORMAT!r}")
-        layout = KVLayout.from_dict(json.loads(meta["layout"]))
-        codec = get_codec(meta["codec"], **json.loads(meta["codec_params"]))
+        layout = _layout(meta["layout"])
+        codec = _codec(meta["codec"], meta["codec_params"])
         tensors = {}
         for name, spec in raw.items():
             dtype = _NAME_DTYPES[spec["dtype"]]

@@ -1,3 +1,4 @@
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -154,7 +155,7 @@ def test_restart_drops_orphans_and_corrupt_files(tmp_path):
     a = prompt(0, 4)
     store.put(a, kv_for_tokens(TINY, a))
     keys = store.keys(a)
-    store.tiers[0]._file(keys[1]).write_bytes(b"garbage")  # chunk 1 unreadable: 2 and 3 are orphans
+    Path(store.tiers[0]._file(keys[1])).write_bytes(b"garbage")  # chunk 1 unreadable: 2 and 3 are orphans
     again = TieredStore([DiskTier(tmp_path, 100 * FP)], layout=TINY)
     assert again.lookup(a).tokens == C
     assert len(again.tiers[0]) == 1 and again.tiers[0].stats.corrupt == 1
@@ -167,7 +168,7 @@ def test_corrupt_disk_chunk_is_a_miss(tmp_path, damage):
     a = prompt(0, 3)
     kv = kv_for_tokens(TINY, a)
     store.put(a, kv)
-    path = store.tiers[0]._file(store.keys(a)[1])
+    path = Path(store.tiers[0]._file(store.keys(a)[1]))
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 3] ^= 0xFF

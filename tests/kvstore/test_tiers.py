@@ -1,3 +1,4 @@
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -84,7 +85,7 @@ def test_disk_corruption_is_a_counted_miss(tmp_path, damage):
     cs = chunks(2)
     for c in cs:
         tier.commit(tier.prepare(c, TINY))
-    path = tier._file(cs[0].key)
+    path = Path(tier._file(cs[0].key))
     data = bytearray(path.read_bytes())
     if damage == "flip":
         data[len(data) // 2] ^= 0x40
@@ -93,7 +94,7 @@ def test_disk_corruption_is_a_counted_miss(tmp_path, damage):
     elif damage == "empty":
         data = bytearray()
     else:
-        data = bytearray(tier._file(cs[1].key).read_bytes())  # another chunk's file under this key
+        data = bytearray(Path(tier._file(cs[1].key)).read_bytes())  # another chunk's file under this key
     path.write_bytes(bytes(data))
     out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
     assert tier.get(cs[0].key, out) is None

@@ -29,7 +29,7 @@ from kvtier.layout import KVLayout
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvt"
-_FIRST_READ = 64 * 1024
+_FIRST_READ = 16 * 1024  # the header and the tokens, in one read
 
 
 def _write_all(fd: int, buffers: list) -> int:
@@ -66,6 +66,7 @@ class DiskTier(Tier):
                  name: str = "disk", fsync: bool = False) -> None:
         super().__init__(name, capacity_bytes, codec)
         self.path = Path(path)
+        self._root = str(self.path)
         self.fsync = fsync
         self._tmp = self.path / "tmp"
         shutil.rmtree(self._tmp, ignore_errors=True)  # half-written files of an earlier run
@@ -85,9 +86,9 @@ class DiskTier(Tier):
                     self._sizes[key] = size
                     self._used += size
 
-    def _file(self, key: bytes) -> Path:
+    def _file(self, key: bytes) -> str:
         h = key.hex()
-        return self.path / h[:2] / (h + SUFFIX)
+        return os.path.join(self._root, h[:2], h + SUFFIX)
 
     @property
     def used_bytes(self) -> int:
@@ -101,7 +102,7 @@ class DiskTier(Tier):
         final = self._file(prepared.key)
         with self._tmp_lock:
             self._tmp_seq += 1
-            tmp = self._tmp / f"{final.name}.{os.getpid()}.{self._tmp_seq}"
+            tmp = self._tmp / f"{os.path.basename(final)}.{os.getpid()}.{self._tmp_seq}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, prepared.payload)
@@ -109,7 +110,7 @@ class DiskTier(Tier):
                 os.fsync(fd)
         finally:
             os.close(fd)
-        final.parent.mkdir(exist_ok=True)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
         os.replace(tmp, final)
         old = self._sizes.get(prepared.key, 0)
         self._sizes[prepared.key] = prepared.nbytes
@@ -242,7 +243,7 @@ class DiskTier(Tier):
             return 0
         self._used -= nbytes
         try:
-            self._file(key).unlink()
+            os.unlink(self._file(key))
         except FileNotFoundError:
             pass
         return nbytes
