@@ -289,3 +289,20 @@ def test_random_operations_keep_accounting_exact(tmp_path_factory, ops, policy):
                 assert tier.used_bytes == on_disk
             else:
                 assert tier.used_bytes == sum(e.nbytes for e in tier._entries.values())
+
+
+def test_device_tier_over_host_and_disk(tmp_path):
+    from kvtier.kvstore import DeviceTier
+
+    device = DeviceTier(2 * FP, prefault=False)  # the CPU device here; CUDA memory where present
+    store = TieredStore([device, host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    prompts = [prompt(i, 2) for i in range(3)]
+    for p in prompts:
+        store.put(p, kv_for_tokens(TINY, p))
+    assert [r.tiers[0] for r in store.lookup(prompts[2]).chunks] == ["device", "device"]
+    assert [r.tiers[0] for r in store.lookup(prompts[1]).chunks] == ["host", "host"]
+    assert [r.tiers[0] for r in store.lookup(prompts[0]).chunks] == ["disk", "disk"]
+    got = store.get(prompts[0])
+    assert got.tiers == ["disk", "disk"] and torch.equal(got.kv, kv_for_tokens(TINY, prompts[0]))
+    assert store.get(prompts[0]).tiers == ["device", "device"]
+    check_invariants(store)

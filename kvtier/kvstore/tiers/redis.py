@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +40,8 @@ from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from kvtier.compression.codec import Codec
-from kvtier.errors import BlobError, KVTierError
-from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, decode_blob, encode_blob, parse_header
+from kvtier.errors import BlobError, CodecError, KVTierError
+from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, encode_blob, header_length, layer_checksums, parse_header
 from kvtier.kvstore.tiers.base import Prepared, Tier, TierStats
 from kvtier.layout import KVLayout
 
@@ -80,13 +79,11 @@ class _Entry:
         return -(-self.blob_bytes // self.part_bytes)
 
     def ranges(self, layers: range | None) -> list[tuple[int, int]]:
-        """The blob byte ranges a get of ``layers`` (None: all) needs, merged and sorted."""
+        """The blob byte ranges a get of ``layers`` (None: all) reads: header, tokens and those layers."""
         if layers is None:
             return [(0, self.blob_bytes)]
         spans = [(0, self.head_end)]
         spans += [(start + layers.start * per, start + layers.stop * per) for start, per in self.kv]
-        if self.summary is not None:
-            spans.append(self.summary)
         merged: list[tuple[int, int]] = []
         for lo, hi in sorted(spans):
             if merged and lo <= merged[-1][1]:
@@ -117,6 +114,48 @@ def _slices(buffers: Sequence[memoryview], start: int, end: int) -> list[memoryv
             out.append(buf[lo - offset : hi - offset])
         offset += len(buf)
     return out
+
+
+class _Pieces:
+    """The replies of a chunk's GETRANGEs: ``(blob offset, length)`` each, checked for length."""
+
+    def __init__(self, spans: list[tuple[int, int]], replies: list[bytes]) -> None:
+        for (_, n), reply in zip(spans, replies):
+            if len(reply) != n:
+                raise BlobError(f"a part is missing or truncated ({len(reply)} of {n} bytes)")
+        self.spans = spans
+        self.replies = replies
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.spans)
+
+    def copy_to(self, start: int, dst: memoryview) -> None:
+        """Fill ``dst`` with blob bytes ``[start, start + len(dst))``; BlobError if some were not read."""
+        end = start + len(dst)
+        filled = 0
+        for (offset, n), reply in zip(self.spans, self.replies):
+            lo, hi = max(start, offset), min(end, offset + n)
+            if lo < hi:
+                dst[lo - start : hi - start] = memoryview(reply)[lo - offset : hi - offset]
+                filled += hi - lo
+        if filled != len(dst):
+            raise BlobError(f"blob bytes {start}..{end} were not read")
+
+    def tensor(self, header: BlobHeader, name: str, layers: range | None = None) -> torch.Tensor:
+        """A new tensor holding ``name`` (only ``layers`` of it, when given)."""
+        dtype, shape, lo, hi = header.tensors[name]
+        if layers is not None:
+            per = (hi - lo) // shape[0]
+            lo, shape = lo + layers.start * per, (len(layers),) + shape[1:]
+        out = torch.empty(shape, dtype=dtype)
+        self.copy_to(header.data_start + lo, _byte_view(out))
+        return out
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor (no copy)."""
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _glob_escape(text: str) -> str:
@@ -152,7 +191,6 @@ class RedisTier(Tier):
         self._entries: dict[bytes, _Entry] = {}
         self._used = 0
         self._stale: set[bytes] = set()  # Redis keys to delete with the next write that reaches the server
-        self._local = threading.local()
         try:
             for key, meta, header in self._read_index(self._list_index()):
                 if header is None:  # its parts cannot be found without it: delete the entry alone, later
@@ -286,7 +324,7 @@ class RedisTier(Tier):
         self.stats.misses += len(keys) - len(wanted)
         for batch in self._batches(wanted, lambda i: self._entries[keys[i]].blob_bytes):
             pipe = self._redis.pipeline(transaction=False)
-            pieces = [self._queue_reads(pipe, keys[i], self._entries[keys[i]].ranges(layers)) for i in batch]
+            reads = [self._queue_reads(pipe, keys[i], self._entries[keys[i]].ranges(layers)) for i in batch]
             try:
                 replies = pipe.execute()
             except redis.RedisError as exc:
@@ -297,9 +335,18 @@ class RedisTier(Tier):
                     self._stale.update(self._names(keys[i], self._entries[keys[i]]))
                     self._forget(keys[i])
                 continue
-            for i, piece in zip(batch, pieces):
-                mine, replies = replies[: len(piece)], replies[len(piece) :]
-                results[i] = self._decode(keys[i], outs[i], layers, piece, mine)
+            for i, spans in zip(batch, reads):
+                mine, replies = replies[: len(spans)], replies[len(spans) :]
+                if keys[i] not in self._entries:  # deleted meanwhile: the same key, corrupt, earlier in this batch
+                    self.stats.misses += 1
+                    continue
+                try:
+                    pieces = _Pieces(spans, mine)
+                except BlobError as exc:
+                    self._corrupt(keys[i], str(exc))
+                    self.stats.misses += 1
+                    continue
+                results[i] = self._decode(keys[i], outs[i], layers, pieces)
         return results
 
     def summary(self, key: bytes) -> torch.Tensor | None:
@@ -307,13 +354,11 @@ class RedisTier(Tier):
         if entry is None or entry.summary is None:
             return None
         pipe = self._redis.pipeline(transaction=False)
-        pieces = self._queue_reads(pipe, key, [(0, entry.head_end), entry.summary])
+        spans = self._queue_reads(pipe, key, [(0, entry.head_end), entry.summary])
         try:
-            data = self._assemble(entry, pieces, pipe.execute())
-            header = parse_header(data)
-            dtype, shape, lo, hi = header.tensors["summary"]
-            raw = data[header.data_start + lo : header.data_start + hi]
-            summary = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).view(shape)
+            pieces = _Pieces(spans, pipe.execute())
+            header = self._header(key, pieces)
+            summary = pieces.tensor(header, "summary")
             if checksum(summary) != header.summary_xxh3:
                 raise BlobError("summary checksum mismatch")
             return summary
@@ -412,37 +457,49 @@ class RedisTier(Tier):
                 pieces.append((a, b - a))
         return pieces
 
-    def _assemble(self, entry: _Entry, pieces: list[tuple[int, int]], replies: list[bytes]) -> memoryview:
-        """The blob with ``pieces`` filled in (bytes elsewhere are undefined); BlobError if a piece is short."""
-        for (_, n), reply in zip(pieces, replies):
-            if len(reply) != n:
-                raise BlobError(f"a part is missing or truncated ({len(reply)} of {n} bytes)")
-        if len(pieces) == 1 and pieces[0] == (0, entry.blob_bytes):
-            return memoryview(replies[0])
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < entry.blob_bytes:
-            buf = self._local.buf = memoryview(bytearray(entry.blob_bytes))  # reused: its pages stay mapped
-        for (offset, n), reply in zip(pieces, replies):
-            buf[offset : offset + n] = reply
-        return buf[: entry.blob_bytes]
+    @staticmethod
+    def _header(key: bytes, pieces: _Pieces) -> BlobHeader:
+        first = bytearray(8)
+        pieces.copy_to(0, memoryview(first))
+        head = bytearray(header_length(first))
+        pieces.copy_to(0, memoryview(head))
+        header = parse_header(head)
+        if header.key != key:
+            raise BlobError(f"the value holds chunk {header.key.hex()}")
+        return header
 
-    def _decode(self, key: bytes, out: torch.Tensor, layers: range | None, pieces: list[tuple[int, int]],
-                replies: list[bytes]) -> Chunk | None:
-        entry = self._entries.get(key)
-        if entry is None:  # deleted meanwhile (the same key earlier in this batch was corrupt)
-            self.stats.misses += 1
-            return None
+    def _decode(self, key: bytes, out: torch.Tensor, layers: range | None, pieces: _Pieces) -> Chunk | None:
+        """Verify the chunk read into ``pieces`` and decode its KV into ``out``: like DiskTier, the raw codec's
+        bytes go straight into a contiguous CPU ``out``; other codecs decode from a copy of their parts."""
         try:
-            header, chunk = decode_blob(self._assemble(entry, pieces, replies), out, layers)
-            if header.key != key:
-                raise BlobError(f"the value holds chunk {header.key.hex()}")
-        except BlobError as exc:
+            header = self._header(key, pieces)
+            tokens = pieces.tensor(header, "tokens")
+            if checksum(tokens) != header.tokens_xxh3:
+                raise BlobError("tokens checksum mismatch")
+            layers = layers if layers is not None else range(header.layout.num_layers)
+            direct = header.codec.name == "raw" and out.device.type == "cpu" and out.is_contiguous()
+            parts = {}
+            for name, (dtype, shape, lo, hi) in sorted(header.tensors.items()):
+                if not name.startswith("kv."):
+                    continue
+                want = (len(layers),) + shape[1:]
+                if direct:
+                    if tuple(out.shape) != want or out.dtype != dtype:
+                        raise BlobError(f"stored {name} {shape} {dtype} does not fit the buffer {tuple(out.shape)}")
+                    pieces.copy_to(header.data_start + lo + layers.start * ((hi - lo) // shape[0]), _byte_view(out))
+                    parts[name[3:]] = out
+                else:
+                    parts[name[3:]] = pieces.tensor(header, name, layers)
+            if layer_checksums(parts) != header.layer_xxh3[layers.start : layers.stop]:
+                raise BlobError("KV checksum mismatch")
+            header.codec.decode(parts, out)
+        except (BlobError, CodecError) as exc:
             self._corrupt(key, str(exc))
             self.stats.misses += 1
             return None
         self.stats.hits += 1
-        self.stats.bytes_read += sum(n for _, n in pieces)
-        return Chunk(key, chunk.parent, chunk.tokens.copy(), out, namespace=chunk.namespace)
+        self.stats.bytes_read += pieces.nbytes
+        return Chunk(key, header.parent, tokens.numpy(), out, namespace=header.namespace)
 
     @staticmethod
     def _token_bytes(meta: bytes, header: BlobHeader) -> bytes:
