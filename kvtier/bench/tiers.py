@@ -126,7 +126,7 @@ def _memory_rows(layout: KVLayout, chunks: list[Chunk], repeat: int, label: str)
     tokens = np.concatenate([c.tokens for c in chunks])
     kv = torch.cat([c.kv for c in chunks], dim=3)
     out = torch.empty_like(kv)
-    t_put, base_put = _best_pair((lambda: store.put(tokens, kv), lambda: store.delete(tokens)), (copy_in, None), repeat)
+    t_put, base_put = _best_pair((lambda: store.put(tokens, kv), lambda: store.delete(tokens[: layout.chunk_tokens])), (copy_in, None), repeat)
     t_get, base_get = _best_pair((lambda: store.get(tokens, out), None), (copy_out, None), repeat)
     if not torch.equal(out, kv):
         raise RuntimeError("store get returned other KV than was put")
@@ -137,9 +137,11 @@ def _memory_rows(layout: KVLayout, chunks: list[Chunk], repeat: int, label: str)
 
 
 def _drop_cache(paths: list[str]) -> None:
+    """Evict these files from the page cache (written back first: only clean pages can be dropped)."""
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
+            os.fdatasync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)

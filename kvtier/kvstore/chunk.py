@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -83,22 +84,30 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def layer_checksums(parts: dict[str, torch.Tensor]) -> list[str]:
-    """One XXH3-64 hex digest per layer over that layer's slice of every part (parts sorted by name).
-    Parts must be contiguous (layer-major), so layer ``l`` is the ``l``-th equal slice of each part's bytes."""
-    views = []
-    for name in sorted(parts):
-        t = parts[name]
-        view = _byte_view(t)
-        views.append((view, len(view) // t.shape[0]))
-    n_layers = parts[next(iter(parts))].shape[0]
+def part_views(parts: dict[str, torch.Tensor]) -> list[tuple[memoryview, int]]:
+    """For each part in name order: its bytes and the bytes one layer takes (parts are contiguous and
+    layer-major, so layer ``l`` is the ``l``-th equal slice)."""
     out = []
-    for layer in range(n_layers):
+    for name in sorted(parts):
+        view = _byte_view(parts[name])
+        out.append((view, len(view) // parts[name].shape[0]))
+    return out
+
+
+def layer_digests(views: list[tuple[memoryview, int]], layers: range) -> list[str]:
+    """XXH3-64 hex digest of each layer in ``layers`` (indices into ``views``) over all parts' slices."""
+    out = []
+    for layer in layers:
         h = xxhash.xxh3_64()
         for view, step in views:
             h.update(view[layer * step : (layer + 1) * step])
         out.append(h.hexdigest())
     return out
+
+
+def layer_checksums(parts: dict[str, torch.Tensor]) -> list[str]:
+    """One XXH3-64 hex digest per layer over that layer's slice of every part (parts sorted by name)."""
+    return layer_digests(part_views(parts), range(parts[next(iter(parts))].shape[0]))
 
 
 def checksum(t: torch.Tensor | None) -> str:
@@ -209,7 +218,7 @@ def parse_header(data: bytes | memoryview) -> BlobHeader:
             dtype = _NAME_DTYPES[spec["dtype"]]
             lo, hi = (int(x) for x in spec["data_offsets"])
             shape = tuple(int(s) for s in spec["shape"])
-            if lo < 0 or hi < lo or hi - lo != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            if lo < 0 or hi < lo or hi - lo != math.prod(shape) * dtype.itemsize:
                 raise BlobError(f"blob tensor {name!r} has inconsistent offsets {lo}..{hi} for shape {shape}")
             tensors[name] = (dtype, shape, lo, hi)
         header = BlobHeader(

@@ -22,7 +22,9 @@ import torch
 
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError
-from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, encode_blob, header_length, layer_checksums, parse_header
+from kvtier.kvstore.chunk import (
+    BlobHeader, Chunk, checksum, encode_blob, header_length, layer_digests, parse_header, part_views,
+)
 from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".kvt"
 _FIRST_READ = 16 * 1024  # the header and the tokens, in one read
+_HASH_GROUP_BYTES = 512 * 1024  # read this much KV, then hash it while it is in cache
 
 
 def _write_all(fd: int, buffers: list) -> int:
@@ -166,20 +169,7 @@ class DiskTier(Tier):
             if checksum(tokens) != header.tokens_xxh3:
                 raise BlobError("tokens checksum mismatch")
             layers = layers if layers is not None else range(header.layout.num_layers)
-            direct = self.codec.name == "raw" and out.device.type == "cpu" and out.is_contiguous()
-            parts = {}
-            for name, (dtype, shape, lo, hi) in header.tensors.items():
-                if not name.startswith("kv."):
-                    continue
-                layer_bytes = (hi - lo) // shape[0]
-                target = out if direct else torch.empty((len(layers),) + shape[1:], dtype=dtype)
-                if tuple(target.shape) != (len(layers),) + shape[1:] or target.dtype != dtype:
-                    raise BlobError(f"stored part {name} {shape} {dtype} does not fit the buffer {tuple(out.shape)}")
-                _pread_into(fd, memoryview(target.view(-1).view(torch.uint8).numpy()),
-                            header.data_start + lo + layers.start * layer_bytes)
-                parts[name[3:]] = target
-            if layer_checksums(parts) != header.layer_xxh3[layers.start : layers.stop]:
-                raise BlobError("KV checksum mismatch")
+            parts = self._read_kv(fd, header, out, layers)
             header.codec.decode(parts, out)
         except (BlobError, ValueError, OSError) as exc:
             self._corrupt(key, str(exc))
@@ -190,6 +180,32 @@ class DiskTier(Tier):
         self.stats.hits += 1
         self.stats.bytes_read += self._sizes.get(key, 0)
         return Chunk(header.key, header.parent, tokens.numpy(), out)
+
+    def _read_kv(self, fd: int, header: BlobHeader, out: torch.Tensor, layers: range) -> dict[str, torch.Tensor]:
+        """Read the codec parts of ``layers`` and verify their checksums as they arrive, a few layers at a time
+        so the bytes are hashed while still in cache. The raw codec's part is read straight into ``out``."""
+        direct = self.codec.name == "raw" and header.codec.name == "raw" and out.device.type == "cpu" and out.is_contiguous()
+        parts = {}
+        spans = []
+        for name in sorted(n for n in header.tensors if n.startswith("kv.")):
+            dtype, shape, lo, hi = header.tensors[name]
+            want = (len(layers),) + shape[1:]
+            target = out if direct else torch.empty(want, dtype=dtype)
+            if tuple(target.shape) != want or target.dtype != dtype:
+                raise BlobError(f"stored part {name} {shape} {dtype} does not fit the buffer {tuple(out.shape)}")
+            parts[name[3:]] = target
+            spans.append(header.data_start + lo + layers.start * ((hi - lo) // shape[0]))
+        views = part_views(parts)
+        group = max(1, _HASH_GROUP_BYTES // sum(step for _, step in views))
+        digests = []
+        for g0 in range(0, len(layers), group):
+            g1 = min(g0 + group, len(layers))
+            for (view, step), start in zip(views, spans):
+                _pread_into(fd, view[g0 * step : g1 * step], start + g0 * step)
+            digests += layer_digests(views, range(g0, g1))
+        if digests != header.layer_xxh3[layers.start : layers.stop]:
+            raise BlobError("KV checksum mismatch")
+        return parts
 
     def summary(self, key: bytes) -> torch.Tensor | None:
         if key not in self._sizes:

@@ -9,11 +9,14 @@ Keys, for chunk key ``k`` (hex ``h``) and ``prefix`` (default ``kvtier:``):
   blob's head (header and tokens, a few KiB). Start-up lists these entries alone to rebuild the tier's
   sizes and the store's index without reading any KV.
 
-A commit sends the parts, then the index entry, in one pipeline; a get reads exactly the byte ranges it needs
-(``GETRANGE``: the whole blob, or the head, the requested layers and the summary) and verifies them with
-:func:`~kvtier.kvstore.chunk.decode_blob`. A missing part reads as an empty range, so a chunk that lost a
-part, or holds a bad one, is a miss that is deleted and counted in ``stats.corrupt``; no torn or corrupt
-chunk is ever served, whatever happened to the server.
+A commit sends the parts, then the index entry, in one pipeline, straight from the tensors' memory: the
+pure-Python command packer passes memoryviews to the socket, where redis-py's hiredis packer would copy each
+value twice (hiredis still parses the replies). A get reads exactly the byte ranges it needs (``GETRANGE``:
+the whole blob, or the header, tokens and requested layers), verifies the tokens' and layers' checksums as
+:class:`~kvtier.kvstore.tiers.disk.DiskTier` does, and copies the raw codec's bytes straight into ``out``. A
+missing part reads as an empty range, so a chunk that lost a part, or holds a bad one, is a miss that is
+deleted and counted in ``stats.corrupt``: no torn or corrupt chunk is ever served, whatever happened to the
+server, and no write needs to be atomic.
 
 Failures: gets and summaries never raise. A Redis error during a get is a miss counted in ``stats.errors``,
 and the chunk is forgotten here (the store forgets a chunk a tier missed); its keys, like those of every
@@ -30,8 +33,9 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 import torch
@@ -40,7 +44,7 @@ from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from kvtier.compression.codec import Codec
-from kvtier.errors import BlobError, CodecError, KVTierError
+from kvtier.errors import BlobError, CodecError, KVTierError, LayoutError
 from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, encode_blob, header_length, layer_checksums, parse_header
 from kvtier.kvstore.tiers.base import Prepared, Tier, TierStats
 from kvtier.layout import KVLayout
@@ -52,6 +56,7 @@ _META = struct.Struct("<QQ")  # blob bytes, part bytes
 _BATCH_BYTES = 64 << 20  # a pipeline of get_many/commit_many moves at most about this much
 _SCAN_BATCH = 512
 _MAX_VALUE = 512 << 20  # Redis's limit on one string value
+T = TypeVar("T")
 
 
 class RedisTierError(KVTierError):
@@ -68,6 +73,8 @@ class _Entry:
     """Where one stored chunk's bytes are: its blob's layout in parts, and the byte spans of its tensors."""
 
     nbytes: int  # accounted: the blob plus the index entry
+    chunk_shape: tuple[int, ...]  # the layout's
+    dtype: torch.dtype
     blob_bytes: int
     part_bytes: int
     head_end: int  # header and tokens: blob[0:head_end]
@@ -77,6 +84,17 @@ class _Entry:
     @property
     def n_parts(self) -> int:
         return -(-self.blob_bytes // self.part_bytes)
+
+    def check(self, out: torch.Tensor, layers: range | None) -> None:
+        """Raise LayoutError unless ``layers`` of this chunk fit ``out`` (a caller's mistake deletes nothing)."""
+        n = self.chunk_shape[0]
+        if layers is not None and (not isinstance(layers, range) or layers.step != 1
+                                   or not 0 <= layers.start < layers.stop <= n):
+            raise LayoutError(f"layers must be a contiguous non-empty range within 0..{n}, got {layers!r}")
+        want = (n if layers is None else len(layers),) + self.chunk_shape[1:]
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != self.dtype:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise LayoutError(f"out buffer {shape} does not fit {want} of {self.dtype}")
 
     def ranges(self, layers: range | None) -> list[tuple[int, int]]:
         """The blob byte ranges a get of ``layers`` (None: all) reads: header, tokens and those layers."""
@@ -93,6 +111,14 @@ class _Entry:
         return merged
 
 
+def _check_parts(header: BlobHeader) -> BlobHeader:
+    """BlobError unless every KV tensor of ``header`` is layer-major over the layout's layers."""
+    for name, (_, shape, _, _) in header.tensors.items():
+        if name.startswith("kv.") and (not shape or shape[0] != header.layout.num_layers):
+            raise BlobError(f"blob KV part {name} of shape {shape} is not layer-major")
+    return header
+
+
 def _entry(header: BlobHeader, nbytes: int, blob_bytes: int, part_bytes: int) -> _Entry:
     start = header.data_start
     kv = tuple((start + lo, (hi - lo) // shape[0])
@@ -101,7 +127,9 @@ def _entry(header: BlobHeader, nbytes: int, blob_bytes: int, part_bytes: int) ->
     if "summary" in header.tensors:
         _, _, lo, hi = header.tensors["summary"]
         summary = (start + lo, start + hi)
-    return _Entry(nbytes, blob_bytes, part_bytes, start + header.tensors["tokens"][3], kv, summary)
+    layout = header.layout
+    return _Entry(nbytes, layout.chunk_shape, layout.torch_dtype, blob_bytes, part_bytes,
+                  start + header.tensors["tokens"][3], kv, summary)
 
 
 def _slices(buffers: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
@@ -173,10 +201,11 @@ class RedisTier(Tier):
     persistent = True
 
     def __init__(self, url: str, capacity_bytes: int, codec: Codec | str = "raw", name: str = "redis",
-                 prefix: str = "kvtier:", max_value_bytes: int = 4 << 20, timeout_s: float = 5.0) -> None:
+                 prefix: str = "kvtier:", max_value_bytes: int = 4 << 20, timeout_s: float = 2.0) -> None:
         super().__init__(name, capacity_bytes, codec)
         if not 4096 <= max_value_bytes <= _MAX_VALUE:
-            raise ValueError(f"tier {name!r}: max_value_bytes must be in [4096, {_MAX_VALUE}], got {max_value_bytes}")
+            raise ValueError(f"tier {name!r}: max_value_bytes must be in [4096, {_MAX_VALUE}], "
+                             f"got {max_value_bytes}")
         self.prefix = prefix
         self.part_bytes = int(max_value_bytes)
         self.stats = RedisTierStats()
@@ -193,9 +222,9 @@ class RedisTier(Tier):
         self._stale: set[bytes] = set()  # Redis keys to delete with the next write that reaches the server
         try:
             for key, meta, header in self._read_index(self._list_index()):
-                if header is None:  # its parts cannot be found without it: delete the entry alone, later
+                if header is None:
                     self.stats.corrupt += 1
-                    self._stale.add(self._meta(key))
+                    self._delete_all(key)
                     continue
                 blob_bytes, part_bytes = _META.unpack_from(meta, 4)
                 self._add(key, _entry(header, blob_bytes + len(meta), blob_bytes, part_bytes))
@@ -247,13 +276,19 @@ class RedisTier(Tier):
         if len(meta) < head or meta[:4] != _MAGIC:
             raise BlobError("not a kvtier index entry")
         blob_bytes, part_bytes = _META.unpack_from(meta, 4)
-        header = parse_header(memoryview(meta)[head:])
+        header = _check_parts(parse_header(memoryview(meta)[head:]))
         if header.key != key or header.total_bytes != blob_bytes or not 0 < part_bytes <= _MAX_VALUE:
             raise BlobError("index entry does not match its key or sizes")
         _, _, lo, hi = header.tensors["tokens"]
         if len(meta) - head < header.data_start + hi:
             raise BlobError("index entry lacks the tokens")
         return header
+
+    def _delete_all(self, key: bytes) -> None:
+        """Delete every Redis key of a chunk whose index entry is unreadable (its part count is unknown)."""
+        names = list(self._redis.scan_iter(match=_glob_escape(f"{self.prefix}{key.hex()}:") + "*", count=1000))
+        if names:
+            self._redis.delete(*names)
 
     def _add(self, key: bytes, entry: _Entry) -> None:
         self._entries[key] = entry
@@ -321,6 +356,8 @@ class RedisTier(Tier):
         """Fetch chunks in pipelines of up to about 64 MiB; misses (also corrupt chunks and failures) are None."""
         results: list[Chunk | None] = [None] * len(keys)
         wanted = [i for i, k in enumerate(keys) if k in self._entries]
+        for i in wanted:
+            self._entries[keys[i]].check(outs[i], layers)
         self.stats.misses += len(keys) - len(wanted)
         for batch in self._batches(wanted, lambda i: self._entries[keys[i]].blob_bytes):
             pipe = self._redis.pipeline(transaction=False)
@@ -328,7 +365,8 @@ class RedisTier(Tier):
             try:
                 replies = pipe.execute()
             except redis.RedisError as exc:
-                log.warning("redis tier %s: reading %d chunk(s) from %s failed: %s", self.name, len(batch), self.where, exc)
+                log.warning("redis tier %s: reading %d chunk(s) from %s failed: %s",
+                            self.name, len(batch), self.where, exc)
                 self.stats.errors += 1
                 self.stats.misses += len(batch)
                 for i in batch:  # the store forgets a chunk that missed: forget it here too
@@ -346,7 +384,7 @@ class RedisTier(Tier):
                     self._corrupt(keys[i], str(exc))
                     self.stats.misses += 1
                     continue
-                results[i] = self._decode(keys[i], outs[i], layers, pieces)
+                results[i] = self._decode(keys[i], self._entries[keys[i]], outs[i], layers, pieces)
         return results
 
     def summary(self, key: bytes) -> torch.Tensor | None:
@@ -385,7 +423,8 @@ class RedisTier(Tier):
                 yield Chunk(key, header.parent, tokens.numpy(), namespace=header.namespace), header.layout
         except redis.RedisError as exc:
             self.stats.errors += 1
-            raise RedisTierError(f"redis tier {self.name!r}: listing its chunks at {self.where} failed: {exc}") from None
+            raise RedisTierError(
+                f"redis tier {self.name!r}: listing its chunks at {self.where} failed: {exc}") from None
 
     def contains(self, key: bytes) -> bool:
         return key in self._entries
@@ -402,7 +441,8 @@ class RedisTier(Tier):
             pipe.execute()
             self._stale -= stale
         except redis.RedisError as exc:
-            log.warning("redis tier %s: deleting at %s failed (retried with the next write): %s", self.name, self.where, exc)
+            log.warning("redis tier %s: deleting at %s failed (retried with the next write): %s",
+                        self.name, self.where, exc)
             self.stats.errors += 1
         return entry.nbytes
 
@@ -433,11 +473,12 @@ class RedisTier(Tier):
         return stale
 
     @staticmethod
-    def _batches(items: Sequence, size, limit: int = _BATCH_BYTES) -> Iterator[list]:
-        batch: list = []
+    def _batches(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+        """``items`` in consecutive groups of at most ``_BATCH_BYTES`` (or one item)."""
+        batch: list[T] = []
         total = 0
         for item in items:
-            if batch and total + size(item) > limit:
+            if batch and total + size(item) > _BATCH_BYTES:
                 yield batch
                 batch, total = [], 0
             batch.append(item)
@@ -463,12 +504,13 @@ class RedisTier(Tier):
         pieces.copy_to(0, memoryview(first))
         head = bytearray(header_length(first))
         pieces.copy_to(0, memoryview(head))
-        header = parse_header(head)
+        header = _check_parts(parse_header(head))
         if header.key != key:
             raise BlobError(f"the value holds chunk {header.key.hex()}")
         return header
 
-    def _decode(self, key: bytes, out: torch.Tensor, layers: range | None, pieces: _Pieces) -> Chunk | None:
+    def _decode(self, key: bytes, entry: _Entry, out: torch.Tensor, layers: range | None,
+                pieces: _Pieces) -> Chunk | None:
         """Verify the chunk read into ``pieces`` and decode its KV into ``out``: like DiskTier, the raw codec's
         bytes go straight into a contiguous CPU ``out``; other codecs decode from a copy of their parts."""
         try:
@@ -477,14 +519,15 @@ class RedisTier(Tier):
             if checksum(tokens) != header.tokens_xxh3:
                 raise BlobError("tokens checksum mismatch")
             layers = layers if layers is not None else range(header.layout.num_layers)
+            if header.layout.chunk_shape != entry.chunk_shape or header.layout.torch_dtype != entry.dtype:
+                raise BlobError(f"the stored layout {header.layout.chunk_shape} differs from the index entry's")
             direct = header.codec.name == "raw" and out.device.type == "cpu" and out.is_contiguous()
             parts = {}
             for name, (dtype, shape, lo, hi) in sorted(header.tensors.items()):
                 if not name.startswith("kv."):
                     continue
-                want = (len(layers),) + shape[1:]
                 if direct:
-                    if tuple(out.shape) != want or out.dtype != dtype:
+                    if tuple(out.shape) != (len(layers),) + shape[1:] or out.dtype != dtype:
                         raise BlobError(f"stored {name} {shape} {dtype} does not fit the buffer {tuple(out.shape)}")
                     pieces.copy_to(header.data_start + lo + layers.start * ((hi - lo) // shape[0]), _byte_view(out))
                     parts[name[3:]] = out
