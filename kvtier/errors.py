@@ -27,3 +27,8 @@ class BlobError(KVTierError, ValueError):
 
 class ConfigError(KVTierError, ValueError):
     """A configuration that cannot work (unknown tier kind, negative capacity, ...)."""
+
+
+class TierError(KVTierError):
+    """A tier failed to store a chunk (disk full, Redis unreachable, ...). The store treats the chunk as
+    not taken by that tier and carries on; nothing already stored is affected."""

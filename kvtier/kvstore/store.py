@@ -22,6 +22,7 @@ tiers and no tensors: trace replays drive exactly the production logic.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtier.errors import CapacityError, LayoutError
+from kvtier.errors import CapacityError, LayoutError, TierError
 from kvtier.kvstore.chunk import Chunk, key_summary
 from kvtier.kvstore.index import Node, PrefixIndex
 from kvtier.kvstore.keys import TokenLike, as_tokens, chain_key, chunk_keys, root_key
@@ -38,6 +39,8 @@ from kvtier.kvstore.policies import EvictionPolicy, make_policy
 from kvtier.kvstore.tiers.base import Tier
 from kvtier.kvstore.tiers.meta import MetaTier
 from kvtier.layout import KVLayout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class _Counters:
     put_chunks: int = 0
     put_bytes: int = 0
     verify_failures: int = 0
+    commit_failures: int = 0
     promotions: int = 0
     demotions: int = 0
     drops: int = 0
@@ -347,6 +351,7 @@ class TieredStore:
                 "demotions": c.demotions,
                 "drops": c.drops,
                 "verify_failures": c.verify_failures,
+                "commit_failures": c.commit_failures,
                 "tiers": [
                     {
                         "name": t.name, "kind": type(t).__name__, "codec": t.codec.name,
@@ -463,9 +468,19 @@ class TieredStore:
             prepared = tier.prepare(chunk, layout)
             if prepared.nbytes > tier.capacity_bytes or not self._make_room(i, prepared.nbytes):
                 continue
-            tier.commit(prepared)
-            mask |= 1 << i
+            if self._commit(i, prepared):
+                mask |= 1 << i
         return mask
+
+    def _commit(self, t: int, prepared) -> bool:
+        """Commit to tier ``t``; a tier that fails (disk full, Redis down) just does not take the chunk."""
+        try:
+            self.tiers[t].commit(prepared)
+        except (TierError, OSError) as exc:
+            log.warning("tier %s failed to store a chunk: %s", self.tiers[t].name, exc)
+            self.counters.commit_failures += 1
+            return False
+        return True
 
     def _make_room(self, t: int, nbytes: int) -> bool:
         tier = self.tiers[t]
@@ -518,7 +533,8 @@ class TieredStore:
                 return False
         finally:
             node.pins -= 1
-        target.commit(prepared)
+        if not self._commit(t + 1, prepared):
+            return False
         node.tiers |= 1 << (t + 1)
         self.policies[t + 1].insert(node.key, layout.chunk_bytes, node.depth)
         self.counters.demotions += 1
@@ -626,7 +642,8 @@ class TieredStore:
         prepared = top.prepare(chunk, layout)
         if prepared.nbytes > top.capacity_bytes or not self._make_room(0, prepared.nbytes):
             return False
-        top.commit(prepared)
+        if not self._commit(0, prepared):
+            return False
         node.tiers |= 1
         self.policies[0].insert(node.key, layout.chunk_bytes, node.depth)
         self.counters.promotions += 1

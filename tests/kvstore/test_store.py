@@ -306,3 +306,27 @@ def test_device_tier_over_host_and_disk(tmp_path):
     assert got.tiers == ["disk", "disk"] and torch.equal(got.kv, kv_for_tokens(TINY, prompts[0]))
     assert store.get(prompts[0]).tiers == ["device", "device"]
     check_invariants(store)
+
+
+def test_a_failing_disk_write_is_a_chunk_not_taken(tmp_path):
+    """A real write failure (the file-size limit makes write() fail with EFBIG) leaves the store consistent."""
+    import resource
+    import signal
+
+    store = TieredStore([DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    a, b = prompt(0, 2), prompt(1, 2)
+    store.put(a, kv_for_tokens(TINY, a))
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, old_limit[1]))
+    try:
+        res = store.put(b, kv_for_tokens(TINY, b))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert res.stored == 0 and res.dropped == 2
+    assert store.stats()["commit_failures"] == 1
+    assert not list((tmp_path / "tmp").iterdir())
+    check_invariants(store)
+    assert torch.equal(store.get(a).kv, kv_for_tokens(TINY, a))
+    assert store.put(b, kv_for_tokens(TINY, b)).stored == 2

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kvtier.compression.codec import Codec
-from kvtier.errors import BlobError
+from kvtier.errors import BlobError, TierError
 from kvtier.kvstore.chunk import (
     BlobHeader, Chunk, checksum, encode_blob, header_length, layer_digests, parse_header, part_views,
 )
@@ -106,15 +106,19 @@ class DiskTier(Tier):
         with self._tmp_lock:
             self._tmp_seq += 1
             tmp = self._tmp / f"{os.path.basename(final)}.{os.getpid()}.{self._tmp_seq}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, prepared.payload)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.replace(tmp, final)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _write_all(fd, prepared.payload)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(tmp, final)
+        except OSError as exc:  # e.g. the disk is full: leave nothing behind, keep the accounting
+            tmp.unlink(missing_ok=True)
+            raise TierError(f"disk tier {self.name!r} could not write {final}: {exc}") from exc
         old = self._sizes.get(prepared.key, 0)
         self._sizes[prepared.key] = prepared.nbytes
         self._used += prepared.nbytes - old
