@@ -40,11 +40,11 @@ from typing import TypeVar
 import redis
 import torch
 from redis.backoff import NoBackoff
-from redis.connection import PythonRespSerializer
+from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from kvtier.compression.codec import Codec
-from kvtier.errors import BlobError, CodecError, KVTierError, LayoutError
+from kvtier.errors import BlobError, CodecError, LayoutError, TierError
 from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, encode_blob, header_length, layer_checksums, parse_header
 from kvtier.kvstore.tiers.base import Prepared, Tier, TierStats
 from kvtier.layout import KVLayout
@@ -59,7 +59,7 @@ _MAX_VALUE = 512 << 20  # Redis's limit on one string value
 T = TypeVar("T")
 
 
-class RedisTierError(KVTierError):
+class RedisTierError(TierError):
     """A Redis command failed (connection refused or lost, timeout, out of memory): nothing was stored."""
 
 
@@ -213,7 +213,7 @@ class RedisTier(Tier):
         # (redis-py's hiredis packer copies every value twice).
         self._pool = redis.ConnectionPool.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
-            command_packer=PythonRespSerializer(6000, redis.connection.Encoder("utf-8", "strict", False).encode))
+            command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode))
         self._redis = redis.Redis(connection_pool=self._pool)
         kwargs = self._pool.connection_kwargs
         self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"

@@ -1,0 +1,278 @@
+"""RedisTier against a real redis-server: round trips, partial reads, corruption, accounting, restart, failures."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+redis = pytest.importorskip("redis")
+
+from kvtier.compression.codec import get_codec  # noqa: E402
+from kvtier.errors import LayoutError  # noqa: E402
+from kvtier.kvstore.chunk import Chunk, blob_bytes, key_summary  # noqa: E402
+from kvtier.kvstore.keys import chain_key  # noqa: E402
+from kvtier.kvstore.store import TieredStore  # noqa: E402
+from kvtier.kvstore.tiers.memory import HostTier  # noqa: E402
+from kvtier.kvstore.tiers.redis import RedisTier, RedisTierError  # noqa: E402
+from kvtier.layout import KVLayout  # noqa: E402
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs a redis-server binary"),
+]
+
+LAYOUT = KVLayout("redis-test", num_layers=4, kv_heads=2, head_dim=16, chunk_tokens=32, page_tokens=8)
+PREFIX = "kvtier-test:"
+
+
+@pytest.fixture
+def raw(redis_proc) -> Iterator[redis.Redis]:
+    """A plain client of the same server, to inspect or damage what the tier wrote."""
+    client = redis.Redis(host=redis_proc.host, port=redis_proc.port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def url(redis_proc, raw) -> Iterator[str]:
+    """A URL of pytest-redis's server, emptied after the test."""
+    yield f"redis://{redis_proc.host}:{redis_proc.port}/0"
+    raw.flushdb()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server on port {port} did not start")
+
+
+@pytest.fixture
+def own_server() -> Iterator[tuple[int, list[subprocess.Popen]]]:
+    """A redis-server of this test's own, which the test may kill and restart: ``(port, processes)``."""
+    port = _free_port()
+    procs = [_start_server(port)]
+    yield port, procs
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def make_chunk(seed: int, parent: bytes = b"\0" * 16, namespace: str = "") -> Chunk:
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(LAYOUT.chunk_shape, generator=g).to(torch.float16)
+    tokens = np.random.default_rng(seed).integers(0, 50_000, LAYOUT.chunk_tokens, dtype=np.int32)
+    return Chunk(chain_key(parent, tokens.tobytes()), parent, tokens, kv, key_summary(kv, LAYOUT.page_tokens),
+                 namespace)
+
+
+def stored_bytes(raw: redis.Redis) -> int:
+    return sum(raw.strlen(k) for k in raw.scan_iter(match=PREFIX + "*"))
+
+
+def new_out(layers: int = LAYOUT.num_layers) -> torch.Tensor:
+    return torch.full((layers,) + LAYOUT.chunk_shape[1:], float("nan"), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("codec, max_value_bytes", [("raw", 4 << 20), ("raw", 4096), ("int8", 4096)])
+def test_round_trip(url, raw, codec, max_value_bytes):
+    tier = RedisTier(url, 1 << 30, codec, prefix=PREFIX, max_value_bytes=max_value_bytes)
+    chunk = make_chunk(1, namespace="tenant")
+    prepared = tier.prepare(chunk, LAYOUT)
+    tier.commit(prepared)
+    n_parts = -(-len(blob_bytes(chunk, LAYOUT, get_codec(codec))) // max_value_bytes)
+    assert max_value_bytes > 4096 or n_parts > 1
+    assert len(list(raw.scan_iter(match=PREFIX + "*"))) == n_parts + 1
+    assert tier.contains(chunk.key) and len(tier) == 1
+    assert tier.used_bytes == prepared.nbytes == stored_bytes(raw)
+
+    want = chunk.kv
+    if codec != "raw":
+        c = get_codec(codec)
+        want = torch.empty_like(chunk.kv)
+        c.decode(c.encode(chunk.kv), want)
+    out = new_out()
+    got = tier.get(chunk.key, out)
+    assert got is not None and got.kv is out and torch.equal(out, want)
+    assert (got.key, got.parent, got.namespace) == (chunk.key, chunk.parent, "tenant")
+    assert np.array_equal(got.tokens, chunk.tokens)
+    # a non-contiguous buffer (a slice of a wider one, as the store passes) takes the decode path
+    wide = torch.zeros(LAYOUT.chunk_shape[:3] + (3 * LAYOUT.chunk_tokens, LAYOUT.head_dim), dtype=torch.float16)
+    assert tier.get(chunk.key, wide[:, :, :, 32:64]) is not None
+    assert torch.equal(wide[:, :, :, 32:64], want) and not wide[:, :, :, :32].any()
+    assert torch.equal(tier.summary(chunk.key), chunk.summary)
+    assert (tier.stats.hits, tier.stats.misses, tier.stats.corrupt) == (2, 0, 0)
+    tier.close()
+
+
+def test_layer_subset_reads_only_those_layers(url):
+    tier = RedisTier(url, 1 << 30, prefix=PREFIX, max_value_bytes=4096)
+    chunk = make_chunk(2)
+    tier.commit(tier.prepare(chunk, LAYOUT))
+    out = new_out(2)
+    got = tier.get(chunk.key, out, range(1, 3))
+    assert got is not None and torch.equal(out, chunk.kv[1:3])
+    assert tier.stats.bytes_read < chunk.kv.nbytes * 2 / 3  # two of four layers, plus header and tokens
+    [last] = tier.get_many([chunk.key], [new_out(1)], range(3, 4))
+    assert last is not None and torch.equal(last.kv, chunk.kv[3:])
+    with pytest.raises(LayoutError, match="layers"):
+        tier.get(chunk.key, new_out(2), range(3, 5))
+    with pytest.raises(LayoutError, match="out buffer"):
+        tier.get(chunk.key, new_out(3), range(0, 2))
+    assert tier.contains(chunk.key) and tier.stats.corrupt == 0  # a caller's mistake deletes nothing
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing part"])
+def test_damaged_chunk_is_a_miss_deleted_and_counted(url, raw, damage):
+    tier = RedisTier(url, 1 << 30, prefix=PREFIX, max_value_bytes=4096)
+    chunk, other = make_chunk(3), make_chunk(4)
+    tier.commit_many([tier.prepare(chunk, LAYOUT), tier.prepare(other, LAYOUT)])
+    part = f"{PREFIX}{chunk.key.hex()}:1"
+    if damage == "garbage":  # same length: only the checksums can tell
+        raw.set(part, np.random.default_rng(0).bytes(raw.strlen(part)))
+    elif damage == "truncated":
+        raw.set(part, raw.getrange(part, 0, 99))
+    else:
+        raw.delete(part)
+    got = tier.get_many([chunk.key, other.key], [new_out(), new_out()])
+    assert got[0] is None and got[1] is not None and torch.equal(got[1].kv, other.kv)
+    assert (tier.stats.corrupt, tier.stats.misses, tier.stats.hits) == (1, 1, 1)
+    assert not tier.contains(chunk.key) and len(tier) == 1
+    assert not list(raw.scan_iter(match=f"{PREFIX}{chunk.key.hex()}:*"))
+    assert tier.used_bytes == stored_bytes(raw)
+
+
+def test_capacity_accounting_is_exact(url, raw):
+    chunks = [make_chunk(i) for i in range(3)]
+    tier = RedisTier(url, 1 << 20, prefix=PREFIX, max_value_bytes=8192)
+    prepared = [tier.prepare(c, LAYOUT) for c in chunks]
+    assert tier.can_fit(sum(p.nbytes for p in prepared))
+    assert not RedisTier(url, 1000, prefix=PREFIX).can_fit(prepared[0].nbytes)
+    tier.commit_many(prepared)
+    assert tier.used_bytes == sum(p.nbytes for p in prepared) == stored_bytes(raw)
+    tier.commit(tier.prepare(chunks[0], LAYOUT))  # storing a chunk again replaces it
+    assert tier.used_bytes == sum(p.nbytes for p in prepared) == stored_bytes(raw)
+    assert tier.delete(chunks[1].key) == prepared[1].nbytes and tier.delete(chunks[1].key) == 0
+    assert tier.used_bytes == prepared[0].nbytes + prepared[2].nbytes == stored_bytes(raw)
+    again = RedisTier(url, 1 << 20, prefix=PREFIX)  # a restart counts the same bytes
+    assert again.used_bytes == tier.used_bytes and len(again) == 2
+    assert {c.key for c, _ in again.scan()} == {chunks[0].key, chunks[2].key}
+
+
+def test_unreadable_index_entry_is_deleted_at_start_up(url, raw):
+    tier = RedisTier(url, 1 << 30, prefix=PREFIX, max_value_bytes=4096)
+    good, bad = make_chunk(5), make_chunk(6)
+    tier.commit_many([tier.prepare(good, LAYOUT), tier.prepare(bad, LAYOUT)])
+    raw.set(f"{PREFIX}{bad.key.hex()}:m", b"KVTM not an index entry")
+    again = RedisTier(url, 1 << 30, prefix=PREFIX)
+    assert [c.key for c, _ in again.scan()] == [good.key]
+    assert again.stats.corrupt == 1 and again.used_bytes == stored_bytes(raw)
+    assert not list(raw.scan_iter(match=f"{PREFIX}{bad.key.hex()}:*"))
+
+
+def prompt(seed: int, n_chunks: int) -> tuple[np.ndarray, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = n_chunks * LAYOUT.chunk_tokens
+    tokens = np.random.default_rng(seed).integers(0, 50_000, n, dtype=np.int32)
+    kv = torch.randn(LAYOUT.chunk_shape[:3] + (n, LAYOUT.head_dim), generator=g).to(torch.float16)
+    return tokens, kv
+
+
+def test_store_restart_recovers_chunks_from_redis(url):
+    tokens, kv = prompt(7, 3)
+    store = TieredStore([HostTier(1 << 20), RedisTier(url, 1 << 30, prefix=PREFIX)], LAYOUT,
+                        write_through=[False, True])
+    assert store.put(tokens, kv).stored == 3
+    assert all(ref.tiers == ["host", "redis"] for ref in store.lookup(tokens).chunks)
+    store.close()
+
+    store = TieredStore([HostTier(1 << 20), RedisTier(url, 1 << 30, prefix=PREFIX)], LAYOUT,
+                        write_through=[False, True])
+    found = store.lookup(tokens)
+    assert found.tokens == len(tokens) and all(ref.tiers == ["redis"] for ref in found.chunks)
+    got = store.get(tokens)
+    assert got.tokens == len(tokens) and got.tiers == ["redis"] * 3 and torch.equal(got.kv, kv)
+    assert all(ref.tiers == ["host", "redis"] for ref in store.lookup(tokens).chunks)  # promoted
+    store.close()
+
+
+def test_store_demotes_from_host_to_redis(url):
+    host_room = 2 * HostTier(1 << 20, prefault=False).prepare(make_chunk(0), LAYOUT).nbytes
+    store = TieredStore([HostTier(host_room), RedisTier(url, 1 << 30, prefix=PREFIX)], LAYOUT)
+    first, first_kv = prompt(8, 2)
+    second, second_kv = prompt(9, 2)
+    store.put(first, first_kv)
+    store.put(second, second_kv)  # the host holds two chunks: the first prompt's go down to Redis
+    assert all(ref.tiers == ["redis"] for ref in store.lookup(first).chunks)
+    assert store.stats()["demotions"] == 2
+    got = store.get(first)
+    assert got.tiers == ["redis", "redis"] and torch.equal(got.kv, first_kv)
+    assert torch.equal(store.get(second).kv, second_kv)
+    store.close()
+
+
+def test_server_failures_are_misses_or_errors_and_close_never_hangs(own_server):
+    port, procs = own_server
+    url = f"redis://127.0.0.1:{port}/0"
+    tier = RedisTier(url, 1 << 30, prefix=PREFIX, timeout_s=1.0)
+    kept, lost = make_chunk(10), make_chunk(11)
+    tier.commit_many([tier.prepare(kept, LAYOUT), tier.prepare(lost, LAYOUT)])
+    procs[0].kill()
+    procs[0].wait()
+
+    assert tier.summary(kept.key) is None and tier.contains(kept.key)  # a summary that failed keeps the chunk
+    assert tier.get(lost.key, new_out()) is None
+    assert tier.stats.errors == 2 and tier.stats.misses == 1 and tier.stats.corrupt == 0
+    assert not tier.contains(lost.key) and len(tier) == 1  # the store forgets a missed chunk: so does the tier
+    with pytest.raises(RedisTierError, match="storing 1 chunk"):
+        tier.commit(tier.prepare(make_chunk(12), LAYOUT))
+    assert len(tier) == 1 and tier.used_bytes == tier.prepare(kept, LAYOUT).nbytes
+    assert tier.delete(kept.key) > 0 and tier.used_bytes == 0  # never raises: retried with the next write
+
+    procs.append(_start_server(port))  # the server is back (empty): the tier reconnects
+    tier.commit(tier.prepare(kept, LAYOUT))
+    assert torch.equal(tier.get(kept.key, new_out()).kv, kept.kv)
+    procs[1].kill()
+    procs[1].wait()
+    start = time.monotonic()
+    tier.close()
+    with pytest.raises(RedisTierError, match="cannot read its chunks"):
+        RedisTier(url, 1 << 30, prefix=PREFIX, timeout_s=1.0)
+    assert time.monotonic() - start < 5
+
+
+def test_store_keeps_working_while_redis_is_down(own_server):
+    port, procs = own_server
+    host = HostTier(2 * HostTier(1 << 20, prefault=False).prepare(make_chunk(0), LAYOUT).nbytes)
+    store = TieredStore([host, RedisTier(f"redis://127.0.0.1:{port}/0", 1 << 30, prefix=PREFIX, timeout_s=1.0)],
+                        LAYOUT, write_through=[False, True])
+    procs[0].kill()
+    procs[0].wait()
+    first, first_kv = prompt(13, 2)
+    second, second_kv = prompt(14, 2)
+    assert store.put(first, first_kv).stored == 2  # the write-through copies fail: the host keeps the chunks
+    assert [ref.tiers for ref in store.lookup(first).chunks] == [["host"], ["host"]]
+    assert torch.equal(store.get(first).kv, first_kv)
+    assert store.put(second, second_kv).stored == 2  # no demotion possible: the first prompt is dropped
+    assert store.lookup(first).tokens == 0 and torch.equal(store.get(second).kv, second_kv)
+    assert len(host) == 2 and host.used_bytes == host.capacity_bytes
