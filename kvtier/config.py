@@ -54,8 +54,10 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(default=256 << 20, gt=0)
     max_tokens_per_request: int = Field(default=1 << 20, gt=0)
     max_chunks_per_batch: int = Field(default=64, gt=0)
-    buffer_pool_bytes: int = Field(default=256 << 20, ge=0,
-                                   description="idle chunk buffers kept for reuse by fetches (no page faults)")
+    torch_threads: int | None = Field(default=1, gt=0,
+                                      description="torch intra-op threads of `kvtier serve` (None: torch's default): "
+                                                  "requests already run in parallel, and spinning intra-op threads "
+                                                  "slow the copies of concurrent ones")
     bench_endpoints: bool = Field(default=False,
                                   description="serve the bare byte source/sink that `kvtier bench api` compares with")
 
@@ -78,6 +80,12 @@ class KVTierConfig(BaseSettings):
     tenants: list[TenantConfig] = Field(default_factory=list)
     admin_key_sha256: str | None = Field(default=None, pattern=_SHA256_HEX)
     open_access: bool = Field(default=False, description="no API keys: one anonymous tenant (for local use)")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        """``KVTIER_*`` environment variables override the values given (a config file's), field by field."""
+        return env_settings, init_settings, dotenv_settings, file_secret_settings
 
     @model_validator(mode="after")
     def _check(self) -> "KVTierConfig":

@@ -58,8 +58,6 @@ class KVLayout:
         if isinstance(self.chunk_tokens, int) and isinstance(self.page_tokens, int) and self.page_tokens > 0:
             if self.chunk_tokens % self.page_tokens:
                 problems.append(f"chunk_tokens {self.chunk_tokens} is not a multiple of page_tokens {self.page_tokens}")
-            if self.page_tokens & (self.page_tokens - 1):
-                problems.append(f"page_tokens must be a power of two, got {self.page_tokens}")
         if problems:
             raise LayoutError("invalid KVLayout: " + "; ".join(problems))
         digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:32]

@@ -7,7 +7,7 @@ tenant's namespace: any other key, cached or not, gets the same 409. Layouts are
 
 Chunk data travels in the blob format (:mod:`kvtier.kvstore.chunk`), framed by :mod:`kvtier.api.wire`. A put
 is decoded and verified entirely (framing, checksums, layout, key chain) before anything is stored; a fetch
-copies each chunk once, into a pooled buffer, and streams the blobs from there with a Content-Length.
+copies each chunk once, into its own buffer, and streams the blobs from there with a Content-Length.
 Store calls run in worker threads, never on the event loop.
 """
 
@@ -38,8 +38,8 @@ from kvtier.api.metrics import Metrics
 from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig, build_store
-from kvtier.errors import BlobError, CapacityError, KVTierError
-from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
+from kvtier.errors import BlobError, CapacityError, KVTierError, TierError
+from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
 from kvtier.kvstore.keys import root_key
 from kvtier.kvstore.store import TieredStore
 from kvtier.layout import KVLayout
@@ -49,7 +49,7 @@ _SMALL = 64 << 10  # buffers below this are joined with their frame's header int
 
 
 class Refusal(HTTPException):
-    """A refusal (an HTTP error the client caused): ``status`` (4xx), a short ``error`` kind and a ``detail`` saying what was wrong."""
+    """A request refused (4xx): ``status``, a short ``error`` kind and a ``detail`` saying what was wrong."""
 
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(status, detail)
@@ -58,33 +58,6 @@ class Refusal(HTTPException):
 
 def _error_response(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
-class BufferPool:
-    """Idle chunk tensors kept for reuse, up to ``max_bytes`` in all: a fresh large allocation page-faults
-    on first touch (several times slower than a copy), a reused one does not. Thread-safe."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        with self._lock:
-            free = self._free.get((shape, dtype))
-            if free:
-                t = free.pop()
-                self._bytes -= t.nbytes
-                return t
-        return torch.empty(shape, dtype=dtype)
-
-    def give(self, tensors: list[torch.Tensor]) -> None:
-        with self._lock:
-            for t in tensors:
-                if self._bytes + t.nbytes <= self.max_bytes:
-                    self._free.setdefault((tuple(t.shape), t.dtype), []).append(t)
-                    self._bytes += t.nbytes
 
 
 @dataclass
@@ -100,24 +73,21 @@ class _TenantCounters:
 
 @dataclass
 class Fetched:
-    """A fetch ready to stream: ``parts`` (frames in order) borrow ``buffers``, returned to the pool by
-    :meth:`Service.release` once sent."""
+    """A fetch ready to stream: ``chunks`` chunks (``tokens`` tokens, read from ``tiers``) framed in ``parts``."""
 
     parts: list[bytes | memoryview]
     tokens: int
     tiers: list[str]
-    buffers: list[torch.Tensor]
+    chunks: int
 
 
 class FramesResponse(Response):
-    """Streams a list of byte buffers with a Content-Length (no copy of the buffers here), then calls
-    ``on_close`` (also when the client goes away)."""
+    """Streams a list of byte buffers with a Content-Length (no copy of the buffers here)."""
 
     media_type = CONTENT_TYPE
 
-    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str], on_close: Callable[[], None]) -> None:
+    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str]) -> None:
         self.parts = parts
-        self.on_close = on_close
         self.status_code = 200
         self.background = None
         nbytes = sum(len(p) for p in parts)
@@ -125,13 +95,10 @@ class FramesResponse(Response):
         self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope, receive, send) -> None:
-        try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            for part in self.parts:
-                await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            self.on_close()
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for part in self.parts:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class Service:
@@ -143,12 +110,11 @@ class Service:
         self.store = store
         self.auth = Authenticator(config)
         self.metrics = Metrics(store)
-        self.pool = BufferPool(config.server.buffer_pool_bytes)
         self.codec = get_codec("raw")
         self._attached: dict[str, set[str]] = {}
         self._counters: dict[str, _TenantCounters] = {}
         self._lock = threading.Lock()
-        self._sources: dict[int, bytes] = {}
+        self._source = b""
         for tenant in config.tenants:
             if tenant.quota_bytes is not None:
                 store.set_quota(tenant_namespace(tenant.name), tenant.quota_bytes)
@@ -201,17 +167,17 @@ class Service:
         return schemas.LookupResponse(tokens=result.tokens, chunks=[
             schemas.ChunkInfo(index=c.index, key=c.key.hex(), tiers=c.tiers) for c in result.chunks])
 
-    def put(self, principal: Principal, layout: KVLayout, body: bytes) -> schemas.PutResponse:
+    def put(self, principal: Principal, layout: KVLayout, body: memoryview) -> schemas.PutResponse:
         """Verify every blob of ``body`` (a chain of chunks), then store them; nothing is stored on a refusal."""
-        blobs = list(split_frames(memoryview(body)))
+        blobs = list(split_frames(body))
         if len(blobs) > self.limits.max_chunks_per_batch:
             raise Refusal(413, "too_many_chunks",
                            f"{len(blobs)} chunks in one batch; the limit is {self.limits.max_chunks_per_batch}")
         self.check_tokens(len(blobs) * layout.chunk_tokens)
         chunks = []
         for i, blob in enumerate(blobs):
-            try:
-                header, chunk = decode_blob(blob)
+            try:  # in place when the body holds the KV as it is
+                header, chunk = decode_blob(blob, _raw_kv_view(blob, layout))
             except BlobError as exc:
                 raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
             if header.layout.fingerprint != layout.fingerprint:
@@ -226,13 +192,11 @@ class Service:
             raise _parent_missing(parent)
         try:
             result = self.store.put_chunks(chunks, root, principal.namespace, layout)
-        except CapacityError:
-            raise
-        except ValueError as exc:
+        except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
             if parent != root and not self._owns(principal, layout, parent):
                 raise _parent_missing(parent) from None  # evicted since the check above
             raise Refusal(400, "bad_chunk", str(exc)) from None
-        self.count(principal.tenant, put_chunks=result.stored, bytes_in=len(body))
+        self.count(principal.tenant, put_chunks=result.stored, bytes_in=body.nbytes)
         self.metrics.chunks_moved.labels("in").inc(result.stored)
         return schemas.PutResponse(stored=result.stored, present=result.present, dropped=result.dropped)
 
@@ -242,7 +206,7 @@ class Service:
 
     def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest) -> Fetched:
         """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on, each into its
-        own pooled buffer, and frame them as blobs of the (layer-sliced) layout."""
+        own buffer (the one copy), and frame them as blobs of the (layer-sliced) layout."""
         layers = _layers(layout, req.layer_start, req.layer_stop)
         sliced = layer_slice(layout, layers)
         ids = np.asarray(req.tokens, dtype=np.int64)
@@ -251,26 +215,33 @@ class Service:
         parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else root_key(
             layout.fingerprint, principal.namespace)
         stop = min(len(keys), req.start_chunk + self.limits.max_chunks_per_batch)
-        fetched = Fetched([], 0, [], [])
+        fetched = Fetched([], 0, [], 0)
         for i in range(req.start_chunk, stop):
-            buf = self.pool.take(sliced.chunk_shape, layout.torch_dtype)
+            buf = torch.empty(sliced.chunk_shape, dtype=layout.torch_dtype)
             got = self.store.get_keys([keys[i]], parent, buf, layers, layout)
             if not got.tokens:
-                self.pool.give([buf])
                 break
-            fetched.buffers.append(buf)
             fetched.tiers += got.tiers
             fetched.tokens += C
+            fetched.chunks += 1
             chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C].astype(np.int32), buf)
             fetched.parts += _frame(*encode_blob(chunk, sliced, self.codec))
             parent = keys[i]
-        n = len(fetched.buffers)
-        self.count(principal.tenant, fetched_chunks=n, bytes_out=sum(len(p) for p in fetched.parts))
-        self.metrics.chunks_moved.labels("out").inc(n)
+        self.count(principal.tenant, fetched_chunks=fetched.chunks, bytes_out=sum(len(p) for p in fetched.parts))
+        self.metrics.chunks_moved.labels("out").inc(fetched.chunks)
         return fetched
 
-    def release(self, fetched: Fetched) -> None:
-        self.pool.give(fetched.buffers)
+    async def receive(self, request: Request) -> memoryview:
+        """The request body, written into one buffer as it arrives (writable: a raw blob decodes in place)."""
+        declared = request.headers.get("content-length")
+        if declared is None:  # chunked transfer: the size is unknown up front
+            return memoryview(bytearray(await request.body()))
+        view = memoryview(torch.empty(int(declared), dtype=torch.uint8).numpy())  # the middleware checked it
+        pos = 0
+        async for piece in request.stream():
+            view[pos : pos + len(piece)] = piece  # h11 never passes more than Content-Length
+            pos += len(piece)
+        return view[:pos]
 
     def pin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
         return self.store.pin(tokens, principal.namespace, layout)
@@ -302,15 +273,34 @@ class Service:
     def flush(self, tenant: str | None) -> int:
         """Delete every unpinned chunk of ``tenant`` (None: of every namespace in the store)."""
         if tenant is None:
-            return sum(self.store.delete_namespace(ns) for ns in list(self.store.namespace_bytes))
+            return sum(self.store.delete_namespace(ns) for ns in self.store.stats()["namespaces"])
         if tenant not in self.tenants():
             raise Refusal(404, "unknown_tenant", f"no tenant named {tenant!r} is configured")
         return self.store.delete_namespace(tenant_namespace(tenant))
 
     def source(self, nbytes: int) -> bytes:
-        """Bench only: ``nbytes`` bytes, allocated once per size."""
+        """Bench only: ``nbytes`` bytes (the last size asked for is kept)."""
         with self._lock:
-            return self._sources.setdefault(nbytes, bytes(nbytes))
+            if len(self._source) != nbytes:
+                self._source = bytes(nbytes)
+            return self._source
+
+
+def _raw_kv_view(blob: memoryview, layout: KVLayout) -> torch.Tensor | None:
+    """The KV of a raw-codec blob of ``layout`` as a view of the blob's (writable) bytes, or None for any other
+    blob. Decoding into it verifies the checksums and skips the copy (source and target are the same memory)."""
+    if blob.readonly:
+        return None
+    try:
+        header = parse_header(blob)
+    except BlobError:
+        return None  # decode_blob says what is wrong
+    dtype, shape, lo, hi = header.tensors.get("kv.kv", (None, None, 0, 0))
+    if header.codec.name != "raw" or dtype != layout.torch_dtype or shape != layout.chunk_shape \
+            or header.data_start + hi > len(blob):
+        return None
+    raw = blob[header.data_start + lo : header.data_start + hi]
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _parent_missing(key: bytes) -> Refusal:
@@ -429,7 +419,7 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
     app.add_middleware(_Instrument, service=service)
     bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer KEY`")
 
-    def principal(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+    def principal(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         found = service.auth.identify(creds.credentials if creds else None)
         if found is None:
             raise Refusal(401, "unauthorized", "a valid API key is required: Authorization: Bearer KEY")
@@ -463,6 +453,10 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
     async def capacity_error(request: Request, exc: CapacityError) -> JSONResponse:
         return _error_response(413, "capacity", str(exc))
 
+    @app.exception_handler(TierError)
+    async def tier_error(request: Request, exc: TierError) -> JSONResponse:
+        return _error_response(503, "tier_unavailable", str(exc))  # the client retries idempotent calls
+
     @app.exception_handler(KVTierError)
     async def kvtier_error(request: Request, exc: KVTierError) -> JSONResponse:
         return _error_response(400, type(exc).__name__, str(exc))
@@ -493,8 +487,7 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
                          who: Principal = Depends(tenant)) -> schemas.PutResponse:
         """Store a batch of chunks (idempotent: chunks already cached are counted as present)."""
         kv_layout = service.layout(who, layout)
-        body = await request.body()
-        return await run(service.put, who, kv_layout, body)
+        return await run(service.put, who, kv_layout, await service.receive(request))
 
     @app.post("/v1/chunks/fetch", response_class=FramesResponse, status_code=200, tags=["chunks"],
               responses={200: {"content": {CONTENT_TYPE: _BINARY},
@@ -508,7 +501,7 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
         service.check_tokens(len(body.tokens))
         fetched = await run(service.fetch, who, layout, body)
         headers = {"x-kvtier-tokens": str(fetched.tokens), "x-kvtier-tiers": ",".join(fetched.tiers)}
-        return FramesResponse(fetched.parts, headers, partial(service.release, fetched))
+        return FramesResponse(fetched.parts, headers)
 
     def count_endpoint(path: str, method: Callable[[Principal, KVLayout, list[int]], int], doc: str) -> None:
         async def endpoint(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.CountResponse:
@@ -552,7 +545,7 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     if config.server.bench_endpoints:
-        @app.put("/v1/bench/sink", tags=["bench"], openapi_extra={
+        @app.put("/v1/bench/sink", tags=["bench"], responses=_ERRORS, openapi_extra={
             "requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
         async def sink(request: Request, who: Principal = Depends(tenant)) -> dict[str, int]:
             """Bench baseline: read the body and drop it."""
@@ -563,9 +556,10 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
 
         @app.get("/v1/bench/source", response_class=FramesResponse, status_code=200, tags=["bench"],
                  responses=_ERRORS_BESIDE_BINARY)
-        async def source(nbytes: int = Query(ge=0, le=1 << 30), who: Principal = Depends(tenant)) -> FramesResponse:
-            """Bench baseline: ``nbytes`` bytes from memory, sent like a fetch."""
-            return FramesResponse([service.source(nbytes)], {}, lambda: None)
+        async def source(nbytes: int = Query(ge=0, le=config.server.max_body_bytes),
+                         who: Principal = Depends(tenant)) -> FramesResponse:
+            """Bench baseline: ``nbytes`` bytes (at most max_body_bytes) from memory, sent like a fetch."""
+            return FramesResponse([service.source(nbytes)], {})
 
     return app
 

@@ -18,7 +18,11 @@ error thrown into it); the two clients only differ in how they send them.
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -85,29 +89,51 @@ _BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 401: Authenticati
                                          404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
                                          422: BadRequestError}
 _RETRY_STATUS = {502, 503, 504}
+_PIECE = 256 << 10
+_KNOWN_KEYS = 1 << 16
+_RX_KEEP, _RX_MAX = 4, 64 << 20  # response buffers kept for reuse: how many, and up to what size
+# Without TCP_NODELAY a small request body written after its headers waits for the delayed ACK (40 ms).
+SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
-def _error(resp: httpx.Response) -> APIError:
+def _error(reply: "_Reply") -> APIError:
     try:
-        body = resp.json()
+        body = reply.json()
     except ValueError:
-        body = {}
-    detail = body.get("detail", resp.text) if isinstance(body, dict) else resp.text
-    error = body.get("error", "validation_error" if resp.status_code == 422 else "http_error") if isinstance(body, dict) else "http_error"
-    cls = _BY_STATUS.get(resp.status_code, ServerError if resp.status_code >= 500 else APIError)
-    return cls(resp.status_code, error, detail if isinstance(detail, str) else str(detail))
+        body = None
+    if not isinstance(body, dict):
+        body = {"detail": bytes(reply.body).decode(errors="replace")}
+    detail = body.get("detail", "")
+    error = body.get("error", "validation_error" if reply.status == 422 else "http_error")
+    cls = _BY_STATUS.get(reply.status, ServerError if reply.status >= 500 else APIError)
+    return cls(reply.status, error, detail if isinstance(detail, str) else json.dumps(detail))
 
 
 @dataclass
 class _Call:
-    """One HTTP request of an operation."""
+    """One HTTP request of an operation: a JSON body, or ``parts`` sent one after the other as a binary body.
+    ``binary``: the response body is read into a pooled buffer (released by :meth:`_Reply.release`)."""
 
     method: str
     path: str
     json: Any = None
-    content: bytes | None = None
+    parts: list[bytes | memoryview] | None = None
     params: dict[str, str] | None = None
     idempotent: bool = True
+    binary: bool = False
+
+
+@dataclass
+class _Reply:
+    """A response: ``body`` is a view that is valid until ``release()``."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes | memoryview
+    release: Callable[[], None] = lambda: None
+
+    def json(self) -> Any:
+        return json.loads(bytes(self.body))
 
 
 @dataclass
@@ -118,7 +144,7 @@ class _Attached:
     max_body: int
 
 
-Op = Generator[_Call, httpx.Response, T]
+Op = Generator[_Call, _Reply, T]
 
 
 class _Operations:
@@ -134,6 +160,9 @@ class _Operations:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.codec = get_codec("raw")
         self._attached: dict[str, _Attached] = {}
+        self._rx: list[bytearray] = []  # response buffers for reuse (writing into a fresh one page-faults)
+        self._known = _KnownKeys(_KNOWN_KEYS)
+        self._rx_lock = threading.Lock()
 
     # ------------------------------------------------------------------ building blocks
 
@@ -161,7 +190,7 @@ class _Operations:
             att = yield from self._attach_op(layout)
         return att
 
-    def _layout_call(self, att: _Attached, make: Callable[[], _Call]) -> Op[httpx.Response]:
+    def _layout_call(self, att: _Attached, make: Callable[[], _Call]) -> Op[_Reply]:
         """Send ``make()``; when the service no longer knows the layout (it restarted), attach it and resend."""
         try:
             return (yield make())
@@ -188,12 +217,21 @@ class _Operations:
         return chunk_keys(att.root, as_tokens(tokens), att.layout.chunk_tokens)
 
     def lookup_op(self, tokens: TokenLike, layout: KVLayout | None) -> Op[LookupResult]:
-        body = yield from self._tokens_op("/v1/lookup", tokens, layout)
-        return LookupResult(body["tokens"], [ChunkRef(c["index"], bytes.fromhex(c["key"]), c["tiers"])
-                                             for c in body["chunks"]])
+        att = yield from self._ensure_op(layout)
+        ids = _full_chunks(tokens, att.layout)
+        body = yield from self._tokens_op("/v1/lookup", ids, att.layout)
+        chunks = [ChunkRef(c["index"], bytes.fromhex(c["key"]), c["tiers"]) for c in body["chunks"]]
+        self._known.update(chunk_keys(att.root, ids, att.layout.chunk_tokens), len(chunks))
+        return LookupResult(body["tokens"], chunks)
 
     def count_op(self, path: str, tokens: TokenLike, layout: KVLayout | None, idempotent: bool) -> Op[int]:
         return (yield from self._tokens_op(path, tokens, layout, idempotent))["chunks"]
+
+    def delete_op(self, tokens: TokenLike, layout: KVLayout | None) -> Op[int]:
+        """The service deletes the prompt's last chunk and what hangs below it: forget that it is cached."""
+        n = yield from self.count_op("/v1/delete", tokens, layout, idempotent=True)
+        self._known.forget((yield from self.keys_op(tokens, layout))[-1:])
+        return n
 
     def put_op(self, tokens: TokenLike, kv: torch.Tensor, layout: KVLayout | None) -> Op[PutResult]:
         att = yield from self._ensure_op(layout)
@@ -205,23 +243,25 @@ class _Operations:
         C = layout.chunk_tokens
         n_full = len(ids) // C
         keys = chunk_keys(att.root, ids, C)
-        cached = (yield from self.lookup_op(ids[: n_full * C], layout)).tokens // C
-        stored, present, start = 0, cached, cached
+        known = self._known.prefix(keys)  # no lookup: a stale guess costs a 409 and a put from the start
+        stored, present, start = 0, known, known
         per_batch = max(1, min(att.max_chunks, (att.max_body - 4096) // (layout.chunk_bytes + 4096)))
         while start < n_full:
             end = min(n_full, start + per_batch)
-            body = b"".join(self._frames(ids, kv, keys, att, start, end))
+            parts = self._frames(ids, kv, keys, att, start, end)
             params = {"layout": layout.fingerprint}
             try:
-                resp = yield from self._layout_call(att, lambda: _Call("PUT", "/v1/chunks", content=body, params=params))
+                resp = yield from self._layout_call(att, lambda: _Call("PUT", "/v1/chunks", parts=parts, params=params))
             except ConflictError:
-                if start != cached or cached == 0:
+                if start != known or known == 0:
                     break  # a chunk this put stored was evicted meanwhile: the rest is dropped
-                stored, present, start, cached = 0, 0, 0, 0  # the cached prefix was evicted: put it all
+                self._known.forget(keys[:known])
+                stored, present, start, known = 0, 0, 0, 0
                 continue
             result = resp.json()
             stored += result["stored"]
             present += result["present"]
+            self._known.update(keys[start:end], result["stored"] + result["present"])
             if result["dropped"]:
                 break
             start = end
@@ -240,21 +280,29 @@ class _Operations:
     def get_op(self, tokens: TokenLike, out: torch.Tensor | None, layers: range | None,
                layout: KVLayout | None) -> Op[GetResult]:
         att = yield from self._ensure_op(layout)
+        layers = _check_layers(layers, att.layout)
+        ids = _full_chunks(tokens, att.layout)
+        keys = chunk_keys(att.root, ids, att.layout.chunk_tokens)
+        replies: list[_Reply] = []
+        try:
+            return (yield from self._fetch_op(att, ids, keys, out, layers, replies))
+        finally:
+            for reply in replies:
+                reply.release()
+
+    def _fetch_op(self, att: _Attached, ids: np.ndarray, keys: list[bytes], out: torch.Tensor | None, layers: range,
+                  replies: list[_Reply]) -> Op[GetResult]:
         layout = att.layout
-        layers = _check_layers(layers, layout)
-        ids = _full_chunks(tokens, layout)
         C = layout.chunk_tokens
-        keys = chunk_keys(att.root, ids, C)
-        bodies: list[bytes] = []
         tiers: list[str] = []
         n = 0
         while n < len(keys):
             request = {"layout": layout.fingerprint, "tokens": ids.tolist(), "start_chunk": n,
                        "layer_start": layers.start, "layer_stop": layers.stop}
-            resp = yield from self._layout_call(att, lambda: _Call("POST", "/v1/chunks/fetch", json=request))
-            got = int(resp.headers["x-kvtier-tokens"]) // C
-            bodies.append(resp.content)
-            tiers += [t for t in resp.headers["x-kvtier-tiers"].split(",") if t]
+            reply = yield from self._layout_call(att, lambda: _Call("POST", "/v1/chunks/fetch", json=request, binary=True))
+            replies.append(reply)
+            got = int(reply.headers["x-kvtier-tokens"]) // C
+            tiers += [t for t in reply.headers["x-kvtier-tiers"].split(",") if t]
             n += got
             if got < att.max_chunks:
                 break
@@ -267,8 +315,8 @@ class _Operations:
                               f"{shape[2]}, >={n * C}, {shape[4]}] of {layout.torch_dtype}")
         sliced = layer_slice(layout, layers)
         i = 0
-        for body in bodies:
-            for blob in split_frames(memoryview(body)):
+        for reply in replies:
+            for blob in split_frames(memoryview(reply.body)):
                 if i >= n:
                     raise BlobError(f"the service sent more chunks than the {n} it announced")
                 header, chunk = decode_blob(blob, out[:, :, :, i * C : (i + 1) * C])
@@ -278,6 +326,7 @@ class _Operations:
                 i += 1
         if i != n:
             raise BlobError(f"the service announced {n} chunks and sent {i}")
+        self._known.update(keys, n)
         return GetResult(n * C, out, tiers)
 
     def json_op(self, method: str, path: str, body: Any = None, idempotent: bool = True) -> Op[Any]:
@@ -285,24 +334,110 @@ class _Operations:
 
     # ------------------------------------------------------------------ transport helpers
 
-    def _request_args(self, call: _Call) -> dict[str, Any]:
-        args: dict[str, Any] = {"params": call.params}
-        if call.content is not None:
-            args["content"] = call.content
-            args["headers"] = {"Content-Type": CONTENT_TYPE}
-        elif call.json is not None:
-            args["json"] = call.json
-        return args
+    def _request(self, http: httpx.Client | httpx.AsyncClient, call: _Call, body_iter) -> httpx.Request:
+        """The httpx request of ``call``; a binary body goes out in pieces of at most ``_PIECE`` bytes with its
+        Content-Length (so no piece needs a fresh large allocation on the way)."""
+        if call.parts is None:
+            return http.build_request(call.method, call.path, params=call.params, json=call.json)
+        pieces = [p[i : i + _PIECE] for p in map(memoryview, call.parts) for i in range(0, len(p), _PIECE)]
+        headers = {"Content-Type": CONTENT_TYPE, "Content-Length": str(sum(len(p) for p in pieces))}
+        return http.build_request(call.method, call.path, params=call.params, headers=headers,
+                                  content=body_iter(pieces))
 
-    def _retryable(self, call: _Call, attempt: int, exc: Exception | None, resp: httpx.Response | None) -> bool:
+    def _take_rx(self, n: int) -> bytearray:
+        with self._rx_lock:
+            for i, buf in enumerate(self._rx):
+                if len(buf) >= n:
+                    return self._rx.pop(i)
+        return bytearray(n)
+
+    def _give_rx(self, buf: bytearray) -> None:
+        with self._rx_lock:
+            if len(self._rx) < _RX_KEEP and len(buf) <= _RX_MAX:
+                self._rx.append(buf)
+
+    def _retryable(self, call: _Call, attempt: int, exc: Exception | None) -> bool:
+        """Whether to try ``call`` again after ``exc`` (None: a 502/503/504)."""
         if attempt >= self.retries:
             return False
-        if isinstance(exc, httpx.ConnectError):
-            return True  # nothing was sent
-        return call.idempotent and (exc is not None or resp.status_code in _RETRY_STATUS)
+        return call.idempotent or isinstance(exc, httpx.ConnectError)  # a failed connect sent nothing
+
+    def _reply(self, call: _Call, resp: httpx.Response) -> "_Receiver | None":
+        """A receiver for a binary response body, or None to read it whole."""
+        if call.binary and resp.status_code == 200 and "content-length" in resp.headers:
+            return _Receiver(self, int(resp.headers["content-length"]))
+        return None
 
     def _unreachable(self, call: _Call, exc: Exception) -> ServiceUnavailableError:
         return ServiceUnavailableError(0, type(exc).__name__, f"{call.method} {self.url}{call.path}: {exc}")
+
+
+class _KnownKeys:
+    """Chunk keys this client last saw cached (by lookups, gets and puts; a lookup or get that finds less
+    forgets the rest), at most ``capacity``, least recent dropped first. A put sends only what follows the
+    known prefix, without asking first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def update(self, keys: list[bytes], cached: int) -> None:
+        """The service says the first ``cached`` of ``keys`` are cached and the rest are not."""
+        with self._lock:
+            for key in keys[:cached]:
+                self._keys[key] = None
+                self._keys.move_to_end(key)
+            for key in keys[cached:]:
+                self._keys.pop(key, None)
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+    def forget(self, keys: list[bytes]) -> None:
+        with self._lock:
+            for key in keys:
+                self._keys.pop(key, None)
+
+    def prefix(self, keys: list[bytes]) -> int:
+        """How many leading ``keys`` are known."""
+        with self._lock:
+            n = 0
+            while n < len(keys) and keys[n] in self._keys:
+                n += 1
+            return n
+
+
+class _Receiver:
+    """Collects a response body of known length into a pooled buffer; as a context manager, gives the buffer
+    back if the transfer fails."""
+
+    def __init__(self, ops: _Operations, nbytes: int) -> None:
+        self.ops = ops
+        self.buf = ops._take_rx(nbytes)
+        self.view = memoryview(self.buf)[:nbytes]
+        self.pos = 0
+
+    def add(self, piece: bytes) -> None:
+        end = self.pos + len(piece)
+        if end > len(self.view):
+            raise BlobError(f"response body longer than its Content-Length {len(self.view)}")
+        self.view[self.pos : end] = piece
+        self.pos = end
+
+    def reply(self, resp: httpx.Response) -> _Reply:
+        return _Reply(resp.status_code, resp.headers, self.view[: self.pos], lambda: self.ops._give_rx(self.buf))
+
+    def __enter__(self) -> "_Receiver":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is not None:
+            self.ops._give_rx(self.buf)
+
+
+async def _aiter(pieces: list[memoryview]):
+    for piece in pieces:
+        yield piece
 
 
 def _full_chunks(tokens: TokenLike, layout: KVLayout) -> np.ndarray:
@@ -325,25 +460,36 @@ class Client(_Operations):
     def __init__(self, url: str, layout: KVLayout | None = None, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 2, backoff: float = 0.05) -> None:
         super().__init__(url, layout, api_key, timeout, retries, backoff)
-        self._http = httpx.Client(base_url=url, headers=self.headers, timeout=self.timeout)
+        self._http = httpx.Client(base_url=url, headers=self.headers, timeout=self.timeout,
+                                  transport=httpx.HTTPTransport(socket_options=SOCKET_OPTIONS))
 
-    def _send(self, call: _Call) -> httpx.Response:
-        attempt = 0
-        while True:
-            exc, resp = None, None
+    def _send(self, call: _Call) -> _Reply:
+        for attempt in range(self.retries + 1):
             try:
-                resp = self._http.request(call.method, call.path, **self._request_args(call))
-            except httpx.TransportError as e:
-                exc = e
-            if not self._retryable(call, attempt, exc, resp):
-                break
-            attempt += 1
-            time.sleep(self.backoff * 2 ** attempt)
-        if exc is not None:
-            raise self._unreachable(call, exc) from exc
-        if resp.status_code >= 400:
-            raise _error(resp)
-        return resp
+                reply = self._exchange(call)
+            except httpx.TransportError as exc:
+                if not self._retryable(call, attempt, exc):
+                    raise self._unreachable(call, exc) from exc
+            else:
+                if reply.status < 400:
+                    return reply
+                if reply.status not in _RETRY_STATUS or not self._retryable(call, attempt, None):
+                    raise _error(reply)
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _exchange(self, call: _Call) -> _Reply:
+        resp = self._http.send(self._request(self._http, call, iter), stream=True)
+        try:
+            rx = self._reply(call, resp)
+            if rx is None:
+                return _Reply(resp.status_code, resp.headers, resp.read())
+            with rx:
+                for piece in resp.iter_bytes():
+                    rx.add(piece)
+            return rx.reply(resp)
+        finally:
+            resp.close()
 
     def _run(self, op: Op[T]) -> T:
         try:
@@ -370,8 +516,8 @@ class Client(_Operations):
         return self._run(self.lookup_op(tokens, layout))
 
     def put(self, tokens: TokenLike, kv: torch.Tensor, layout: KVLayout | None = None) -> PutResult:
-        """Store the full chunks of ``tokens`` (``kv``: ``[L, T, H, len(tokens), D]``); only chunks not cached
-        yet are sent."""
+        """Store the full chunks of ``tokens`` (``kv``: ``[L, T, H, len(tokens), D]``). Chunks this client knows
+        to be cached (from its lookups, gets and puts) are not sent again."""
         return self._run(self.put_op(tokens, kv, layout))
 
     def get(self, tokens: TokenLike, out: torch.Tensor | None = None, layers: range | None = None,
@@ -386,7 +532,7 @@ class Client(_Operations):
         return self._run(self.count_op("/v1/unpin", tokens, layout, idempotent=False))
 
     def delete(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
-        return self._run(self.count_op("/v1/delete", tokens, layout, idempotent=True))
+        return self._run(self.delete_op(tokens, layout))
 
     def prefetch(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
         return self._run(self.count_op("/v1/prefetch", tokens, layout, idempotent=True))
@@ -422,25 +568,36 @@ class AsyncClient(_Operations):
     def __init__(self, url: str, layout: KVLayout | None = None, api_key: str | None = None, timeout: float = 30.0,
                  retries: int = 2, backoff: float = 0.05) -> None:
         super().__init__(url, layout, api_key, timeout, retries, backoff)
-        self._http = httpx.AsyncClient(base_url=url, headers=self.headers, timeout=self.timeout)
+        self._http = httpx.AsyncClient(base_url=url, headers=self.headers, timeout=self.timeout,
+                                       transport=httpx.AsyncHTTPTransport(socket_options=SOCKET_OPTIONS))
 
-    async def _send(self, call: _Call) -> httpx.Response:
-        attempt = 0
-        while True:
-            exc, resp = None, None
+    async def _send(self, call: _Call) -> _Reply:
+        for attempt in range(self.retries + 1):
             try:
-                resp = await self._http.request(call.method, call.path, **self._request_args(call))
-            except httpx.TransportError as e:
-                exc = e
-            if not self._retryable(call, attempt, exc, resp):
-                break
-            attempt += 1
-            await asyncio.sleep(self.backoff * 2 ** attempt)
-        if exc is not None:
-            raise self._unreachable(call, exc) from exc
-        if resp.status_code >= 400:
-            raise _error(resp)
-        return resp
+                reply = await self._exchange(call)
+            except httpx.TransportError as exc:
+                if not self._retryable(call, attempt, exc):
+                    raise self._unreachable(call, exc) from exc
+            else:
+                if reply.status < 400:
+                    return reply
+                if reply.status not in _RETRY_STATUS or not self._retryable(call, attempt, None):
+                    raise _error(reply)
+            await asyncio.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _exchange(self, call: _Call) -> _Reply:
+        resp = await self._http.send(self._request(self._http, call, _aiter), stream=True)
+        try:
+            rx = self._reply(call, resp)
+            if rx is None:
+                return _Reply(resp.status_code, resp.headers, await resp.aread())
+            with rx:
+                async for piece in resp.aiter_bytes():
+                    rx.add(piece)
+            return rx.reply(resp)
+        finally:
+            await resp.aclose()
 
     async def _run(self, op: Op[T]) -> T:
         try:
@@ -478,7 +635,7 @@ class AsyncClient(_Operations):
         return await self._run(self.count_op("/v1/unpin", tokens, layout, idempotent=False))
 
     async def delete(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
-        return await self._run(self.count_op("/v1/delete", tokens, layout, idempotent=True))
+        return await self._run(self.delete_op(tokens, layout))
 
     async def prefetch(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
         return await self._run(self.count_op("/v1/prefetch", tokens, layout, idempotent=True))

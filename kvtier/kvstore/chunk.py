@@ -64,18 +64,12 @@ def key_summary(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
 
     ``kv``: ``[L, T, H, C, D]`` (tensor 0 is the key, or the latent for MLA) -> ``[L, H, C // page, 3, D]``
     in ``kv``'s dtype. Decode-time retrieval scores pages with it (Quest: ``sum_d max(q_d min_d, q_d max_d)``).
-    Pairwise halving over the page keeps every step an elementwise op (CPU reductions over a strided middle
-    dimension are several times slower); ``page_tokens`` must be a power of two.
+    Reduced in fp32 over ``[pages, page_tokens, D]`` (CPU reductions on fp16, or over a middle dimension of
+    a 5-D view, are several times slower).
     """
     L, _, H, C, D = kv.shape
-    lo = hi = total = kv[:, 0].reshape(L * H * (C // page_tokens), page_tokens, D).float()
-    n = page_tokens
-    while n > 1:
-        n //= 2
-        lo = torch.minimum(lo[:, :n], lo[:, n : 2 * n])
-        hi = torch.maximum(hi[:, :n], hi[:, n : 2 * n])
-        total = total[:, :n] + total[:, n : 2 * n]
-    out = torch.stack((lo[:, 0], hi[:, 0], total[:, 0] / page_tokens), dim=1)
+    keys = kv[:, 0].reshape(L * H * (C // page_tokens), page_tokens, D).float()
+    out = torch.stack((keys.amin(dim=1), keys.amax(dim=1), keys.mean(dim=1)), dim=1)
     return out.view(L, H, C // page_tokens, 3, D).to(kv.dtype)
 
 

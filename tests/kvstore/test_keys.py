@@ -76,6 +76,6 @@ def test_invalid_layout_is_a_clear_error():
     with pytest.raises(LayoutError, match="dtype"):
         KVLayout("m", num_layers=1, kv_heads=1, head_dim=8, dtype="int8")
     with pytest.raises(LayoutError, match="page_tokens"):
-        KVLayout("m", num_layers=1, kv_heads=1, head_dim=8, chunk_tokens=48, page_tokens=24)
+        KVLayout("m", num_layers=1, kv_heads=1, head_dim=8, chunk_tokens=48, page_tokens=20)
     with pytest.raises(LayoutError, match="unknown"):
         KVLayout.from_dict({**TINY.to_dict(), "colour": "red"})

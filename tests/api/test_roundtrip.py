@@ -1,0 +1,131 @@
+"""Every endpoint through the client, sync and async, against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from kvtier.api import AsyncClient, Client
+from kvtier.api.client import AuthenticationError, NotFoundError, PermissionDeniedError
+from kvtier.errors import LayoutError
+
+from .helpers import KEYS, LAYOUT, kv_for, prompt
+
+
+
+class Awaitable:
+    """The sync client behind the async client's interface, so one scenario drives both."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def __getattr__(self, name):
+        method = getattr(self.client, name)
+
+        async def call(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        return call
+
+
+def open_client(kind: str, url: str, api_key: str):
+    if kind == "sync":
+        return Awaitable(Client(url, LAYOUT, api_key=api_key))
+    return AsyncClient(url, LAYOUT, api_key=api_key)
+
+
+async def close(client) -> None:
+    await (client.close() if isinstance(client, Awaitable) else client.aclose())
+
+
+async def scenario(kind: str, url: str) -> None:
+    c = open_client(kind, url, KEYS["alice"])
+    admin = open_client(kind, url, KEYS["admin"])
+    try:
+        C = LAYOUT.chunk_tokens
+        tokens = prompt(3 * C + 5)
+        kv = kv_for(len(tokens))
+        assert (await c.health())["status"] == "ok"
+        assert await c.attach(LAYOUT) == LAYOUT.fingerprint
+
+        put = await c.put(tokens, kv)
+        assert (put.stored, put.present, put.dropped) == (3, 0, 0)
+        again = await c.put(tokens, kv)
+        assert (again.stored, again.present) == (0, 3)
+
+        found = await c.lookup(tokens)
+        assert found.tokens == 3 * C
+        assert [ref.key for ref in found.chunks] == await c.keys(tokens)
+        assert all(ref.tiers for ref in found.chunks)
+
+        got = await c.get(tokens)
+        assert got.tokens == 3 * C and len(got.tiers) == 3
+        assert torch.equal(got.kv, kv[:, :, :, : 3 * C])
+        out = torch.zeros(1, 2, 2, 4 * C, 8, dtype=torch.float16)
+        part = await c.get(tokens, out=out, layers=range(1, 2))
+        assert part.kv is out and torch.equal(out[:, :, :, : 3 * C], kv[1:2, :, :, : 3 * C])
+        with pytest.raises(LayoutError):
+            await c.get(tokens, layers=range(0, 3))
+
+        assert await c.prefetch(tokens) == 3
+        assert await c.pin(tokens) == 3
+        assert await c.unpin(tokens) == 3
+        assert await c.delete(tokens) == 1  # the last chunk and what hangs below it
+        assert (await c.lookup(tokens)).tokens == 2 * C
+
+        stats = await c.stats()
+        assert stats["tenant"] == "alice" and stats["used_bytes"] == 2 * LAYOUT.chunk_bytes
+        assert stats["put_chunks"] == 3
+        assert stats["requests"]["/v1/chunks"] == 1  # the second put knew its chunks were cached: no request
+
+        everything = await admin.admin_stats()
+        assert everything["store"]["chunks"] == 2
+        assert {t["tenant"] for t in everything["tenants"]} == {"alice", "bob"}
+        assert await admin.flush("alice") == 2
+        put = await c.put(tokens, kv)  # what the client saw cached is gone: a 409, then it sends it all
+        assert (put.stored, put.present) == (3, 0)
+        assert await admin.flush("alice") == 3
+        assert (await c.lookup(tokens)).tokens == 0  # the client learns they are gone ...
+        assert (await c.put(tokens, kv)).stored == 3  # ... and sends everything at once
+        assert (await c.stats())["requests"]["/v1/chunks"] == 4
+        assert await admin.flush() == 3
+        with pytest.raises(PermissionDeniedError):
+            await c.admin_stats()
+        with pytest.raises(PermissionDeniedError):
+            await admin.lookup(tokens)
+        with pytest.raises(NotFoundError):
+            await admin.flush("carol")
+    finally:
+        await close(c)
+        await close(admin)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_every_endpoint_round_trips(url, kind):
+    asyncio.run(scenario(kind, url))
+
+
+def test_metrics_count_hits_bytes_and_requests(url):
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        tokens = prompt(2 * LAYOUT.chunk_tokens)
+        c.put(tokens, kv_for(len(tokens)))
+        c.get(tokens)
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}).text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert float(lines['kvtier_tier_hits_total{tier="host"}']) == 2
+    assert float(lines['kvtier_requests_total{endpoint="/v1/chunks/fetch",status="200"}']) == 1
+    assert float(lines['kvtier_bytes_received_total{endpoint="/v1/chunks"}']) > 2 * LAYOUT.chunk_bytes
+    assert float(lines['kvtier_bytes_sent_total{endpoint="/v1/chunks/fetch"}']) > 2 * LAYOUT.chunk_bytes
+    assert 'kvtier_request_seconds_bucket{endpoint="/v1/chunks",le="0.01"}' in lines
+    assert "kvtier_store_queue_depth" in lines and "kvtier_requests_in_flight" in lines
+    assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 403
+
+
+def test_keys_are_checked(url):
+    for key in (None, "wrong", KEYS["alice"] + "x"):
+        with Client(url, LAYOUT, api_key=key) as c, pytest.raises(AuthenticationError) as err:
+            c.lookup(prompt(16))
+        assert err.value.status == 401 and "API key" in err.value.detail

@@ -1,0 +1,80 @@
+"""Tenants: identical prompts never share chunks; no tenant can see, match, read, evict or learn of another's
+chunks; quotas hold per tenant."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import torch
+
+from kvtier.api import Client
+from kvtier.api.wire import frame_prefix
+from kvtier.compression.codec import get_codec
+from kvtier.kvstore.chunk import Chunk, blob_bytes
+from kvtier.kvstore.keys import chunk_keys
+
+from .helpers import KEYS, LAYOUT, kv_for, prompt
+
+
+def test_identical_prompts_never_share_and_stay_apart(url):
+    C = LAYOUT.chunk_tokens
+    tokens = prompt(4 * C)
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as alice, Client(url, LAYOUT, api_key=KEYS["bob"]) as bob:
+        alice_kv, bob_kv = kv_for(len(tokens), seed=1), kv_for(len(tokens), seed=2)
+        assert alice.put(tokens, alice_kv).stored == 4
+        assert set(alice.keys(tokens)).isdisjoint(bob.keys(tokens))
+
+        # bob sees nothing of alice's: no match, no data, nothing to pin, prefetch or delete
+        assert bob.lookup(tokens).tokens == 0
+        assert bob.get(tokens).tokens == 0
+        assert (bob.pin(tokens), bob.prefetch(tokens), bob.delete(tokens), bob.unpin(tokens)) == (0, 0, 0, 0)
+        assert bob.stats()["used_bytes"] == 0
+
+        # his own copy of the same prompt is stored apart, and each reads back its own KV
+        assert bob.put(tokens, bob_kv).stored == 4
+        assert torch.equal(alice.get(tokens).kv, alice_kv)
+        assert torch.equal(bob.get(tokens).kv, bob_kv)
+        assert bob.delete(tokens[:C]) == 4
+        assert alice.lookup(tokens).tokens == 4 * C
+
+        # a put chained under alice's chunk is refused exactly like one under a key that does not exist
+        alice_keys = alice.keys(tokens)
+        replies = [_put_under(url, KEYS["bob"], parent, tokens[C : 2 * C]) for parent in (alice_keys[0], bytes(16))]
+        assert replies[0].status_code == replies[1].status_code == 409
+        assert replies[0].json()["detail"].replace(alice_keys[0].hex(), "") == \
+            replies[1].json()["detail"].replace(bytes(16).hex(), "")
+        assert alice.lookup(tokens).tokens == 4 * C
+
+        # a layout attached by alice is unknown to bob until he attaches it himself
+        other = LAYOUT.__class__(**{**LAYOUT.to_dict(), "model_id": "other", "tensors": ("k", "v")})
+        alice.attach(other)
+        reply = httpx.post(url + "/v1/lookup", json={"layout": other.fingerprint, "tokens": tokens},
+                           headers={"Authorization": f"Bearer {KEYS['bob']}"})
+        assert reply.status_code == 404 and reply.json()["error"] == "layout_not_attached"
+
+
+def _put_under(url: str, api_key: str, parent: bytes, tokens: list[int]) -> httpx.Response:
+    """A raw put of one chunk whose parent is ``parent``."""
+    ids = np.asarray(tokens, dtype=np.int32)
+    key = chunk_keys(parent, ids, LAYOUT.chunk_tokens)[0]
+    blob = blob_bytes(Chunk(key, parent, ids, kv_for(len(tokens))), LAYOUT, get_codec("raw"))
+    return httpx.put(url + "/v1/chunks", params={"layout": LAYOUT.fingerprint}, content=frame_prefix(len(blob)) + blob,
+                     headers={"Authorization": f"Bearer {api_key}"})
+
+
+def test_quota_is_enforced_per_tenant(url):
+    C = LAYOUT.chunk_tokens  # bob's quota: 4 chunks
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as alice, Client(url, LAYOUT, api_key=KEYS["bob"]) as bob:
+        assert alice.put(prompt(6 * C, seed=5), kv_for(6 * C)).stored == 6
+        first = bob.put(prompt(3 * C, seed=6), kv_for(3 * C))
+        assert first.stored == 3
+        second = bob.put(prompt(3 * C, seed=7), kv_for(3 * C))  # room for one: his own old chunks make way
+        assert second.stored + second.dropped == 3 and second.stored >= 1
+        stats = bob.stats()
+        assert stats["quota_bytes"] == 4 * LAYOUT.chunk_bytes
+        assert stats["used_bytes"] <= stats["quota_bytes"]
+        too_long = bob.put(prompt(6 * C, seed=8), kv_for(6 * C))  # a chain longer than the quota
+        assert too_long.dropped >= 2 and bob.stats()["used_bytes"] <= 4 * LAYOUT.chunk_bytes
+        assert alice.lookup(prompt(6 * C, seed=5)).tokens == 6 * C  # alice lost nothing
+        assert alice.stats()["quota_bytes"] is None
+
