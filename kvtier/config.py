@@ -42,10 +42,12 @@ _SHA256_HEX = r"^[0-9a-fA-F]{64}$"
 
 
 class TenantConfig(BaseModel):
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="letters, digits, '_', '.', '-'")
     key_sha256: str = Field(pattern=_SHA256_HEX,
                             description="sha256 hex digest of the tenant's API key (never the key itself)")
-    quota_bytes: int | None = Field(default=None, gt=0)
+    quota_bytes: int | None = Field(default=None, gt=0, description=(
+        "the tenant's partition: this many bytes of the largest tier, and the same share of every other tier, "
+        "reserved for it alone (see kvtier/api/partitions.py)"))
 
 
 class ServerConfig(BaseModel):
@@ -97,6 +99,14 @@ class KVTierConfig(BaseSettings):
         tenants = [t.name for t in self.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError(f"tenant names must be distinct, got {tenants}")
+        total = max(t.capacity_bytes for t in self.tiers)
+        reserved = sum(t.quota_bytes or 0 for t in self.tenants)
+        if reserved > total:
+            raise ValueError(f"tenant quotas add up to {reserved} bytes, more than the {total} bytes of the largest tier")
+        sharing = self.open_access or any(t.quota_bytes is None for t in self.tenants)
+        if sharing and reserved >= total:
+            raise ValueError("tenant quotas take every byte, but tenants without a quota (or open access) need "
+                             "capacity left over")
         digests = [t.key_sha256.lower() for t in self.tenants] + [(self.admin_key_sha256 or "").lower()]
         if len(set(digests) - {""}) != len([d for d in digests if d]):
             raise ValueError("every tenant and the admin need a distinct API key")
@@ -117,31 +127,35 @@ class KVTierConfig(BaseSettings):
             raise ConfigError(f"invalid configuration: {exc}") from None
 
 
-def build_tiers(config: KVTierConfig) -> list:
-    """The tiers a config describes, fastest first."""
+def build_tiers(config: KVTierConfig, share: float = 1.0, partition: str | None = None) -> list:
+    """The tiers a config describes, fastest first; with ``share`` < 1, that fraction of every tier's capacity,
+    in a place of its own for ``partition`` (a disk subfolder, a Redis key prefix)."""
     from kvtier.kvstore.tiers import DeviceTier, DiskTier, HostTier
 
     tiers = []
     for tc in config.tiers:
         name = tc.name or tc.kind
+        capacity = int(tc.capacity_bytes * share)
         if tc.kind == "device":
-            tiers.append(DeviceTier(tc.capacity_bytes, tc.codec, name=name))
+            tiers.append(DeviceTier(capacity, tc.codec, name=name))
         elif tc.kind == "host":
-            tiers.append(HostTier(tc.capacity_bytes, tc.codec, name=name))
+            tiers.append(HostTier(capacity, tc.codec, name=name))
         elif tc.kind == "disk":
-            tiers.append(DiskTier(tc.path, tc.capacity_bytes, tc.codec, name=name, fsync=tc.fsync))
+            path = Path(tc.path) / "partitions" / partition if partition else Path(tc.path)
+            tiers.append(DiskTier(path, capacity, tc.codec, name=name, fsync=tc.fsync))
         else:
             from kvtier.kvstore.tiers.redis import RedisTier
 
-            tiers.append(RedisTier(tc.url, tc.capacity_bytes, tc.codec, name=name))
+            prefix = f"kvtier:{partition}:" if partition else "kvtier:"
+            tiers.append(RedisTier(tc.url, capacity, tc.codec, name=name, prefix=prefix))
     return tiers
 
 
-def build_store(config: KVTierConfig, layout=None):
-    """A TieredStore for ``config``."""
+def build_store(config: KVTierConfig, layout=None, share: float = 1.0, partition: str | None = None):
+    """A TieredStore for ``config`` (or for one partition of it: see :func:`build_tiers`)."""
     from kvtier.kvstore.store import TieredStore
 
     return TieredStore(
-        build_tiers(config), layout=layout,
+        build_tiers(config, share, partition), layout=layout,
         policy=[t.policy for t in config.tiers], write_through=[t.write_through for t in config.tiers],
     )

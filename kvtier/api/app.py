@@ -1,4 +1,5 @@
-"""The kvtier service: a FastAPI app over one :class:`~kvtier.kvstore.store.TieredStore`.
+"""The kvtier service: a FastAPI app over the store's partitions (:mod:`kvtier.api.partitions`): one
+:class:`~kvtier.kvstore.store.TieredStore` per tenant with a quota, one shared by the others.
 
 Every tenant endpoint takes token ids and a layout fingerprint; the server derives the chunk keys from the
 tenant's own namespace, so a request can only ever name its own tenant's chunks. The one place a client
@@ -35,9 +36,10 @@ from starlette.responses import Response
 from kvtier.api import schemas
 from kvtier.api.auth import ANONYMOUS, Authenticator, Principal, tenant_namespace
 from kvtier.api.metrics import Metrics
+from kvtier.api.partitions import Partitions, merged_stats
 from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
-from kvtier.config import KVTierConfig, build_store
+from kvtier.config import KVTierConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, TierError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
 from kvtier.kvstore.keys import root_key
@@ -104,20 +106,21 @@ class FramesResponse(Response):
 class Service:
     """What the endpoints do, on plain Python values; every method may block (run it in a thread)."""
 
-    def __init__(self, config: KVTierConfig, store: TieredStore) -> None:
+    def __init__(self, config: KVTierConfig, partitions: Partitions) -> None:
         self.config = config
         self.limits = config.server
-        self.store = store
+        self.partitions = partitions
         self.auth = Authenticator(config)
-        self.metrics = Metrics(store)
+        self.metrics = Metrics(partitions.stores)
         self.codec = get_codec("raw")
         self._attached: dict[str, set[str]] = {}
         self._counters: dict[str, _TenantCounters] = {}
         self._lock = threading.Lock()
         self._source = b""
-        for tenant in config.tenants:
-            if tenant.quota_bytes is not None:
-                store.set_quota(tenant_namespace(tenant.name), tenant.quota_bytes)
+
+    def store(self, principal: Principal) -> TieredStore:
+        """The store holding ``principal``'s tenant."""
+        return self.partitions.for_namespace(principal.namespace)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -142,7 +145,7 @@ class Service:
         if not known:
             raise Refusal(404, "layout_not_attached",
                            f"layout {fingerprint} is not attached for this tenant: POST /v1/layouts first")
-        return self.store.layouts[fingerprint]
+        return self.store(principal).layouts[fingerprint]
 
     def check_tokens(self, n: int) -> None:
         if n > self.limits.max_tokens_per_request:
@@ -152,7 +155,7 @@ class Service:
     # ------------------------------------------------------------------ tenant operations
 
     def attach(self, principal: Principal, layout: KVLayout) -> schemas.AttachResponse:
-        fingerprint = self.store.attach(layout)
+        fingerprint = self.store(principal).attach(layout)
         with self._lock:
             self._attached.setdefault(principal.tenant, set()).add(fingerprint)
         return schemas.AttachResponse(
@@ -162,7 +165,7 @@ class Service:
         )
 
     def lookup(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> schemas.LookupResponse:
-        result = self.store.lookup(tokens, principal.namespace, layout)
+        result = self.store(principal).lookup(tokens, principal.namespace, layout)
         self.count(principal.tenant, lookup_tokens=len(tokens), hit_tokens=result.tokens)
         return schemas.LookupResponse(tokens=result.tokens, chunks=[
             schemas.ChunkInfo(index=c.index, key=c.key.hex(), tiers=c.tiers) for c in result.chunks])
@@ -191,7 +194,7 @@ class Service:
         if parent != root and not self._owns(principal, layout, parent):
             raise _parent_missing(parent)
         try:
-            result = self.store.put_chunks(chunks, root, principal.namespace, layout)
+            result = self.store(principal).put_chunks(chunks, root, principal.namespace, layout)
         except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
             if parent != root and not self._owns(principal, layout, parent):
                 raise _parent_missing(parent) from None  # evicted since the check above
@@ -201,7 +204,7 @@ class Service:
         return schemas.PutResponse(stored=result.stored, present=result.present, dropped=result.dropped)
 
     def _owns(self, principal: Principal, layout: KVLayout, key: bytes) -> bool:
-        node = self.store.index.get(key)
+        node = self.store(principal).index.get(key)
         return node is not None and node.namespace == principal.namespace and node.layout == layout.fingerprint
 
     def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest) -> Fetched:
@@ -210,7 +213,8 @@ class Service:
         layers = _layers(layout, req.layer_start, req.layer_stop)
         sliced = layer_slice(layout, layers)
         ids = np.asarray(req.tokens, dtype=np.int64)
-        keys = self.store.keys(ids, principal.namespace, layout)
+        store = self.store(principal)
+        keys = store.keys(ids, principal.namespace, layout)
         C = layout.chunk_tokens
         parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else root_key(
             layout.fingerprint, principal.namespace)
@@ -218,7 +222,7 @@ class Service:
         fetched = Fetched([], 0, [], 0)
         for i in range(req.start_chunk, stop):
             buf = torch.empty(sliced.chunk_shape, dtype=layout.torch_dtype)
-            got = self.store.get_keys([keys[i]], parent, buf, layers, layout)
+            got = store.get_keys([keys[i]], parent, buf, layers, layout)
             if not got.tokens:
                 break
             fetched.tiers += got.tiers
@@ -244,16 +248,16 @@ class Service:
         return view[:pos]
 
     def pin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
-        return self.store.pin(tokens, principal.namespace, layout)
+        return self.store(principal).pin(tokens, principal.namespace, layout)
 
     def unpin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
-        return self.store.unpin(tokens, principal.namespace, layout)
+        return self.store(principal).unpin(tokens, principal.namespace, layout)
 
     def delete(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
-        return self.store.delete(tokens, principal.namespace, layout)
+        return self.store(principal).delete(tokens, principal.namespace, layout)
 
     def prefetch(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
-        return self.store.prefetch(tokens, principal.namespace, layout)
+        return self.store(principal).prefetch(tokens, principal.namespace, layout)
 
     def tenant_stats(self, tenant: str) -> schemas.TenantStats:
         quota = next((t.quota_bytes for t in self.config.tenants if t.name == tenant), None)
@@ -262,21 +266,25 @@ class Service:
             counters = dict(requests=dict(c.requests), lookup_tokens=c.lookup_tokens, hit_tokens=c.hit_tokens,
                             put_chunks=c.put_chunks, fetched_chunks=c.fetched_chunks, bytes_in=c.bytes_in,
                             bytes_out=c.bytes_out)
-        used = self.store.namespace_bytes.get(tenant_namespace(tenant), 0)
+        namespace = tenant_namespace(tenant)
+        used = self.partitions.for_namespace(namespace).namespace_bytes.get(namespace, 0)
         return schemas.TenantStats(tenant=tenant, used_bytes=used, quota_bytes=quota, **counters)
 
     # ------------------------------------------------------------------ admin
 
     def admin_stats(self) -> schemas.AdminStats:
-        return schemas.AdminStats(store=self.store.stats(), tenants=[self.tenant_stats(t) for t in self.tenants()])
+        return schemas.AdminStats(store=merged_stats(self.partitions.stores),
+                                  tenants=[self.tenant_stats(t) for t in self.tenants()])
 
     def flush(self, tenant: str | None) -> int:
         """Delete every unpinned chunk of ``tenant`` (None: of every namespace in the store)."""
         if tenant is None:
-            return sum(self.store.delete_namespace(ns) for ns in self.store.stats()["namespaces"])
+            return sum(store.delete_namespace(ns) for store in self.partitions.stores.values()
+                       for ns in store.stats()["namespaces"])
         if tenant not in self.tenants():
             raise Refusal(404, "unknown_tenant", f"no tenant named {tenant!r} is configured")
-        return self.store.delete_namespace(tenant_namespace(tenant))
+        namespace = tenant_namespace(tenant)
+        return self.partitions.for_namespace(namespace).delete_namespace(namespace)
 
     def source(self, nbytes: int) -> bytes:
         """Bench only: ``nbytes`` bytes (the last size asked for is kept)."""
@@ -401,17 +409,15 @@ _ERRORS_BESIDE_BINARY = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAPI:
-    """The service for ``config``, over ``store`` (built from the config when None; then closed on shutdown)."""
-    owned = store is None
-    store = build_store(config) if owned else store
-    service = Service(config, store)
+def create_app(config: KVTierConfig) -> FastAPI:
+    """The service for ``config``; its stores are built now and closed on shutdown."""
+    partitions = Partitions(config)
+    service = Service(config, partitions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        if owned:
-            store.close()
+        partitions.close()
 
     app = FastAPI(title="kvtier", version="1", lifespan=lifespan,
                   description="A tiered KV-cache store: chunks of KV keyed by token prefix, per tenant.")
@@ -464,7 +470,7 @@ def create_app(config: KVTierConfig, store: TieredStore | None = None) -> FastAP
     @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
     async def health() -> schemas.Health:
         """Liveness: answers without a key."""
-        return schemas.Health(status="ok", tiers=[t.name for t in store.tiers])
+        return schemas.Health(status="ok", tiers=[t.name for t in next(iter(partitions.stores.values())).tiers])
 
     @app.post("/v1/layouts", response_model=schemas.AttachResponse, responses=_ERRORS, tags=["chunks"])
     async def attach(body: schemas.Layout, who: Principal = Depends(tenant)) -> schemas.AttachResponse:

@@ -19,7 +19,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     """The service's metrics; ``registry`` is what ``/metrics`` exposes."""
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, stores: dict[str, TieredStore]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvtier_requests", "requests served", ["endpoint", "status"], registry=r)
@@ -31,20 +31,20 @@ class Metrics:
         self.store_queue = Gauge("kvtier_store_queue_depth",
                                  "store operations waiting for or holding the store's lock", registry=r)
         self.chunks_moved = Counter("kvtier_chunks", "chunks moved through the API", ["direction"], registry=r)
-        r.register(_StoreCollector(store))
+        r.register(_StoreCollector(stores))
 
 
 class _StoreCollector:
-    """The store's counters and occupancy, read when scraped."""
+    """The stores' counters and occupancy, read when scraped; labelled by partition (see partitions.py)."""
 
-    def __init__(self, store: TieredStore) -> None:
-        self.store = store
+    def __init__(self, stores: dict[str, TieredStore]) -> None:
+        self.stores = stores
 
     def describe(self) -> list[Metric]:
         return []  # collected lazily; nothing to check for name clashes up front
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.store.stats()
+        stats = {name: store.stats() for name, store in self.stores.items()}
         per_tier = {
             "tier_hits": ("chunks served from the tier", lambda t, s: s["hits"]),
             "tier_misses": ("reads of a chunk the tier did not hold", lambda t, s: t.stats.misses),
@@ -54,21 +54,29 @@ class _StoreCollector:
             "tier_written_bytes": ("bytes written to the tier", lambda t, s: s["bytes_written"]),
         }
         for name, (doc, value) in per_tier.items():
-            family = CounterMetricFamily(f"kvtier_{name}", doc, labels=["tier"])
-            for tier, s in zip(self.store.tiers, stats["tiers"]):
-                family.add_metric([s["name"]], value(tier, s))
+            family = CounterMetricFamily(f"kvtier_{name}", doc, labels=["partition", "tier"])
+            for part, store in self.stores.items():
+                for tier, s in zip(store.tiers, stats[part]["tiers"]):
+                    family.add_metric([part, s["name"]], value(tier, s))
             yield family
         for name, key, doc in (("tier_used_bytes", "used_bytes", "bytes held"),
                                ("tier_capacity_bytes", "capacity_bytes", "capacity"),
                                ("tier_chunks", "chunks", "chunks held")):
-            family = GaugeMetricFamily(f"kvtier_{name}", doc, labels=["tier"])
-            for s in stats["tiers"]:
-                family.add_metric([s["name"]], s[key])
+            family = GaugeMetricFamily(f"kvtier_{name}", doc, labels=["partition", "tier"])
+            for part in self.stores:
+                for s in stats[part]["tiers"]:
+                    family.add_metric([part, s["name"]], s[key])
             yield family
         for key, doc in (("lookup_tokens", "tokens looked up"), ("hit_tokens", "tokens found cached"),
                          ("promotions", "chunks copied up to the first tier"),
                          ("demotions", "chunks moved down a tier on eviction"),
                          ("drops", "chunks that left the store"),
                          ("verify_failures", "fetched chunks that failed verification")):
-            yield CounterMetricFamily(f"kvtier_store_{key}", doc, value=stats[key])
-        yield GaugeMetricFamily("kvtier_store_chunks", "chunks indexed", value=stats["chunks"])
+            family = CounterMetricFamily(f"kvtier_store_{key}", doc, labels=["partition"])
+            for part in self.stores:
+                family.add_metric([part], stats[part][key])
+            yield family
+        family = GaugeMetricFamily("kvtier_store_chunks", "chunks indexed", labels=["partition"])
+        for part in self.stores:
+            family.add_metric([part], stats[part]["chunks"])
+        yield family

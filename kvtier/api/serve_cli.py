@@ -35,9 +35,9 @@ def serve(args: argparse.Namespace) -> int:
     if not config.tenants and not config.open_access:
         log.warning("no tenants are configured and open_access is off: every tenant request will get 401 "
                     "(configure tenants, or set KVTIER_OPEN_ACCESS=true for local use)")
-    quotas = [t.quota_bytes for t in config.tenants]
-    if len(quotas) > 1 and (None in quotas or sum(quotas) > max(t.capacity_bytes for t in config.tiers)):
-        log.warning("tenant quotas do not partition the store: one tenant's puts can evict another's chunks")
+    if sum(t.quota_bytes is None for t in config.tenants) + config.open_access > 1:
+        log.warning("tenants without a quota share one partition: their puts can evict each other's chunks "
+                    "(give each a quota_bytes to isolate it)")
     _keep_freed_memory()
     if config.server.torch_threads is not None:
         torch.set_num_threads(config.server.torch_threads)

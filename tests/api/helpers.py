@@ -8,16 +8,29 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import uvicorn
 
 from kvtier.api import create_app
 from kvtier.api.auth import hash_key
+from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig
+from kvtier.kvstore.chunk import Chunk, blob_bytes, key_summary
 from kvtier.layout import KVLayout
 
 KEYS = {"alice": "alice-key", "bob": "bob-key", "admin": "admin-key"}
 LAYOUT = KVLayout("tiny", num_layers=2, kv_heads=2, head_dim=8, dtype="float16", chunk_tokens=16, page_tokens=8)
+# One chunk of LAYOUT as a disk blob (KV, key summary, tokens, header): what a partition's capacity counts.
+def _blob_bytes() -> int:
+    kv = torch.zeros(LAYOUT.chunk_shape, dtype=LAYOUT.torch_dtype)
+    chunk = Chunk(b"k" * 16, b"p" * 16, np.zeros(LAYOUT.chunk_tokens, dtype=np.int32), kv,
+                  key_summary(kv, LAYOUT.page_tokens), "tenant/bob")
+    return len(blob_bytes(chunk, LAYOUT, get_codec("raw")))
+
+
+BLOB_BYTES = _blob_bytes()
+BOB_QUOTA = 4 * BLOB_BYTES + BLOB_BYTES // 2  # bob's partition of the disk tier: 4 chunks
 
 
 def make_config(tmp_path, **overrides) -> KVTierConfig:
@@ -25,7 +38,7 @@ def make_config(tmp_path, **overrides) -> KVTierConfig:
         "tiers": [{"kind": "host", "capacity_bytes": 64 << 10},
                   {"kind": "disk", "capacity_bytes": 4 << 20, "path": str(tmp_path / "disk"), "write_through": True}],
         "tenants": [{"name": "alice", "key_sha256": hash_key(KEYS["alice"])},
-                    {"name": "bob", "key_sha256": hash_key(KEYS["bob"]), "quota_bytes": 4 * LAYOUT.chunk_bytes}],
+                    {"name": "bob", "key_sha256": hash_key(KEYS["bob"]), "quota_bytes": BOB_QUOTA}],
         "admin_key_sha256": hash_key(KEYS["admin"]),
         "server": {"max_body_bytes": 64 << 10, "max_tokens_per_request": 4096, "max_chunks_per_batch": 8},
     }

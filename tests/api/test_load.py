@@ -89,6 +89,7 @@ def test_concurrent_clients_under_eviction(tmp_path):
         assert rss[2] - rss[1] < 16 << 20, [r >> 20 for r in rss]  # MiB: flat once warm
         with Client(server.url, api_key=KEYS["admin"]) as admin:
             store = admin.admin_stats()["store"]
-        assert store["drops"] > 0 and store["tiers"][0]["evictions"] > 0  # it ran under eviction
+        assert store["drops"] > 0  # it ran under eviction
+        assert all(p["tiers"][0]["evictions"] > 0 for p in store["partitions"].values())
     finally:
         server.stop()

@@ -115,7 +115,7 @@ def test_metrics_count_hits_bytes_and_requests(url):
         c.get(tokens)
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}).text
     lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert float(lines['kvtier_tier_hits_total{tier="host"}']) == 2
+    assert float(lines['kvtier_tier_hits_total{partition="shared",tier="host"}']) == 2  # alice: no quota
     assert float(lines['kvtier_requests_total{endpoint="/v1/chunks/fetch",status="200"}']) == 1
     assert float(lines['kvtier_bytes_received_total{endpoint="/v1/chunks"}']) > 2 * LAYOUT.chunk_bytes
     assert float(lines['kvtier_bytes_sent_total{endpoint="/v1/chunks/fetch"}']) > 2 * LAYOUT.chunk_bytes

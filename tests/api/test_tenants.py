@@ -13,7 +13,7 @@ from kvtier.compression.codec import get_codec
 from kvtier.kvstore.chunk import Chunk, blob_bytes
 from kvtier.kvstore.keys import chunk_keys
 
-from .helpers import KEYS, LAYOUT, kv_for, prompt
+from .helpers import BLOB_BYTES, BOB_QUOTA, KEYS, LAYOUT, kv_for, make_config, prompt, serve
 
 
 def test_identical_prompts_never_share_and_stay_apart(url):
@@ -63,7 +63,7 @@ def _put_under(url: str, api_key: str, parent: bytes, tokens: list[int]) -> http
 
 
 def test_quota_is_enforced_per_tenant(url):
-    C = LAYOUT.chunk_tokens  # bob's quota: 4 chunks
+    C = LAYOUT.chunk_tokens  # bob's partition: 4 chunks
     with Client(url, LAYOUT, api_key=KEYS["alice"]) as alice, Client(url, LAYOUT, api_key=KEYS["bob"]) as bob:
         assert alice.put(prompt(6 * C, seed=5), kv_for(6 * C)).stored == 6
         first = bob.put(prompt(3 * C, seed=6), kv_for(3 * C))
@@ -71,10 +71,27 @@ def test_quota_is_enforced_per_tenant(url):
         second = bob.put(prompt(3 * C, seed=7), kv_for(3 * C))  # room for one: his own old chunks make way
         assert second.stored + second.dropped == 3 and second.stored >= 1
         stats = bob.stats()
-        assert stats["quota_bytes"] == 4 * LAYOUT.chunk_bytes
+        assert stats["quota_bytes"] == BOB_QUOTA
         assert stats["used_bytes"] <= stats["quota_bytes"]
-        too_long = bob.put(prompt(6 * C, seed=8), kv_for(6 * C))  # a chain longer than the quota
-        assert too_long.dropped >= 2 and bob.stats()["used_bytes"] <= 4 * LAYOUT.chunk_bytes
+        too_long = bob.put(prompt(6 * C, seed=8), kv_for(6 * C))  # a chain longer than the partition
+        assert (too_long.stored, too_long.dropped) == (4, 2) and bob.stats()["used_bytes"] <= BOB_QUOTA
         assert alice.lookup(prompt(6 * C, seed=5)).tokens == 6 * C  # alice lost nothing
         assert alice.stats()["quota_bytes"] is None
 
+
+
+def test_another_tenants_traffic_never_evicts_a_partition(tmp_path):
+    """bob (a quota: his own partition) keeps every chunk while alice floods the shared partition."""
+    C = LAYOUT.chunk_tokens
+    config = make_config(tmp_path, tiers=[
+        {"kind": "host", "capacity_bytes": 8 * BLOB_BYTES},
+        {"kind": "disk", "capacity_bytes": 24 * BLOB_BYTES, "path": str(tmp_path / "disk"), "write_through": True}])
+    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as alice, \
+            Client(url, LAYOUT, api_key=KEYS["bob"]) as bob:
+        mine = prompt(3 * C, seed=11)
+        assert bob.put(mine, kv_for(3 * C)).stored == 3
+        for seed in range(20, 30):  # far more than the shared partition holds: alice evicts her own chunks
+            alice.put(prompt(8 * C, seed=seed), kv_for(8 * C))
+        assert alice.lookup(prompt(8 * C, seed=20)).tokens < 8 * C
+        got = bob.get(mine)
+        assert got.tokens == 3 * C and torch.equal(got.kv, kv_for(3 * C))
