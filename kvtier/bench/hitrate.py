@@ -10,6 +10,7 @@ and the hit rate with infinite capacity.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ def trace_layout(block_tokens: int) -> KVLayout:
     """The KV layout the replay accounts bytes for: Llama-3-8B in fp16 (32 layers, 8 KV heads, head_dim
     128: 128 KiB a token), chunks of the trace's block size."""
     return KVLayout("trace/llama-3-8b", num_layers=32, kv_heads=8, head_dim=128, dtype="float16",
-                    chunk_tokens=block_tokens)
+                    chunk_tokens=block_tokens, page_tokens=math.gcd(32, block_tokens))
 
 
 def trace_keys(trace: Trace, layout: KVLayout) -> list[list[bytes]]:
@@ -47,11 +48,27 @@ def chunk_nbytes(layout: KVLayout, codec: str = "raw") -> int:
     return MetaTier("probe", 0, codec).prepare(Chunk(b"", b"", None), layout).nbytes
 
 
+def drive(store: TieredStore, trace: Trace, keys: list[list[bytes]], belady: BeladyPolicy | None = None) -> None:
+    """Serve every request of ``trace`` from a metadata-only ``store`` as an engine would: lookup, get the
+    cached prefix, put the whole prompt. ``belady``: the store's Belady policy, told each request's index."""
+    root = root_key(store.layout.fingerprint)
+    for i, (request, request_keys) in enumerate(zip(trace.requests, keys)):
+        if belady is not None:
+            belady.at(i)
+        store.lookup_keys(request_keys, n_tokens=request.tokens)
+        store.get_keys(request_keys, root)
+        try:
+            store.put_keys(request_keys, root)
+        except CapacityError:
+            pass  # the prompt alone is larger than the cache: nothing of it is stored
+
+
 @dataclass
 class ReplayResult:
     """One replay. ``tier_hits``: chunks fetched from each tier; bytes as the tiers accounted them."""
 
     trace: str
+    requests: int
     policy: str
     codec: str
     capacity_bytes: int
@@ -95,21 +112,12 @@ def replay(trace: Trace, policy: str, capacity_tokens: int | None = None, capaci
     belady = None
     if policy == BELADY:
         belady = store.policies[0] = BeladyPolicy(keys)  # before anything is inserted
-    root = root_key(layout.fingerprint)
     start = time.perf_counter()
-    for i, (request, request_keys) in enumerate(zip(trace.requests, keys)):
-        if belady is not None:
-            belady.at(i)
-        store.lookup_keys(request_keys, n_tokens=request.tokens)
-        store.get_keys(request_keys, root)
-        try:
-            store.put_keys(request_keys, root)
-        except CapacityError:
-            pass  # the prompt alone is larger than the cache: nothing of it is stored
+    drive(store, trace, keys, belady)
     seconds = time.perf_counter() - start
     stats = store.stats()
     return ReplayResult(
-        trace=trace.name, policy=policy, codec=codec, capacity_bytes=capacity_bytes,
+        trace=trace.name, requests=len(trace.requests), policy=policy, codec=codec, capacity_bytes=capacity_bytes,
         capacity_tokens=capacity_bytes // per_chunk * trace.block_tokens,
         input_tokens=stats["lookup_tokens"], hit_tokens=stats["hit_tokens"],
         tier_hits={t["name"]: t["hits"] for t in stats["tiers"]},
@@ -117,3 +125,136 @@ def replay(trace: Trace, policy: str, capacity_tokens: int | None = None, capaci
         bytes_evicted=sum(t.stats.evictions * chunk_nbytes(layout, t.codec.name) for t in store.tiers),
         seconds=seconds,
     )
+
+
+# ---------------------------------------------------------------------------------------------- the benchmark
+
+DEFAULT_POLICIES = "lru,lfu,s3fifo"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A trace, the capacities (tokens) to replay it at, and the one whose details the report lists."""
+
+    trace: Trace
+    capacities: list[int]
+    headline: int
+
+
+def _tokens(text: str) -> int:
+    """``3M``, ``500k``, ``3000000`` -> tokens."""
+    text = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", default=str(DEFAULT_MOONCAKE), help="a Mooncake-format trace (JSON lines)")
+    parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests of --trace")
+    parser.add_argument("--capacities", default="1M,2M,3M,6M,12M", help="capacities in tokens for --trace")
+    parser.add_argument("--headline", default="3M", help="the capacity whose per-tier details are reported")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES,
+                        help=f"comma-separated, from {sorted(POLICIES)} (cost is slow here: see docs/hitrate.md)")
+    parser.add_argument("--disk-tokens", default="0", help="add a raw disk tier of this many tokens (not Belady)")
+    parser.add_argument("--codecs", default="all", help="codecs for the fixed-byte-budget run ('all', 'none' or a list)")
+    parser.add_argument("--no-generated", action="store_true", help="skip the generated LMCache-style workloads")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated workloads")
+    parser.add_argument("--plot", default=None, help="write a PNG of hit rate against capacity here")
+
+
+def generated_workloads(seed: int = 0) -> list[Workload]:
+    """LMCache-style workloads (256-token blocks) with capacities around their working sets."""
+    mrq = multi_round_qa(seed=seed)
+    out = [Workload(mrq, [150_000, 300_000, 600_000], 300_000)]
+    for mode in ("tile", "interleave", "random"):
+        out.append(Workload(long_doc_qa(mode=mode, seed=seed), [100_000, 200_000, 300_000], 200_000))
+    return out
+
+
+def run(args: argparse.Namespace) -> Report:
+    from kvtier.compression import available_codecs
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; known: {sorted(POLICIES)}")
+    disk_tokens = _tokens(args.disk_tokens)
+    trace = load_mooncake(args.trace, limit=args.limit)
+    workloads = [Workload(trace, sorted(_tokens(c) for c in args.capacities.split(",")), _tokens(args.headline))]
+    if not args.no_generated:
+        workloads += generated_workloads(args.seed)
+    report = Report("hitrate")
+    report.notes.append(f"token hit rate = matched prefix tokens / input tokens; ratio = policy / Belady at the "
+                        f"same capacity; {trace_layout(512).model_id} fp16 KV for bytes")
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for w in workloads:
+        keys = trace_keys(w.trace, trace_layout(w.trace.block_tokens))
+        infinite = replay(w.trace, INFINITE, keys=keys)
+        report.add(f"{w.trace.name} infinite capacity hit rate", infinite.hit_rate, "fraction")
+        curve = curves[w.trace.name] = {INFINITE: [(c, infinite.hit_rate) for c in w.capacities]}
+        for capacity in progress(w.capacities, desc=w.trace.name):
+            belady = replay(w.trace, BELADY, capacity, keys=keys)
+            curve.setdefault(BELADY, []).append((capacity, belady.hit_rate))
+            report.add(f"{w.trace.name} @{capacity} belady hit rate", belady.hit_rate, "fraction",
+                       INFINITE, infinite.hit_rate)
+            for policy in policies:
+                r = replay(w.trace, policy, capacity, disk_tokens=disk_tokens, keys=keys)
+                curve.setdefault(policy, []).append((capacity, r.hit_rate))
+                prefix = f"{w.trace.name} @{capacity} {policy}"
+                report.add(f"{prefix} hit rate", r.hit_rate, "fraction", BELADY, belady.hit_rate)
+                if capacity == w.headline:
+                    _details(report, prefix, r)
+    _codec_rows(report, trace, _tokens(args.headline), args.codecs, available_codecs())
+    if args.plot:
+        plot(curves, args.plot)
+        report.notes.append(f"plot written to {args.plot}")
+    return report
+
+
+def _details(report: Report, prefix: str, r: ReplayResult) -> None:
+    for tier, hits in r.tier_hits.items():
+        report.add(f"{prefix} chunk hits in {tier}", hits, "chunks")
+    report.add(f"{prefix} written", r.bytes_written / 1e9, "GB")
+    report.add(f"{prefix} evicted", r.bytes_evicted / 1e9, "GB")
+    report.add(f"{prefix} replay time ({r.requests} requests)", r.seconds, "s", "1 minute", 60.0,
+               higher_is_better=False)
+
+
+def _codec_rows(report: Report, trace: Trace, budget_tokens: int, codecs: str, available: list[str]) -> None:
+    """LRU at a fixed byte budget (``budget_tokens`` of raw KV) for each codec: a smaller codec holds more."""
+    names = available if codecs == "all" else [] if codecs == "none" else [c.strip() for c in codecs.split(",")]
+    if not names:
+        return
+    layout = trace_layout(trace.block_tokens)
+    budget = chunk_nbytes(layout) * (budget_tokens // trace.block_tokens)
+    keys = trace_keys(trace, layout)
+    raw = replay(trace, "lru", capacity_bytes=budget, keys=keys)
+    for name in names:
+        r = raw if name == "raw" else replay(trace, "lru", capacity_bytes=budget, codec=name, keys=keys)
+        report.add(f"{trace.name} {budget / 1e9:.0f} GB lru codec {name} hit rate ({r.capacity_tokens} tokens)",
+                   r.hit_rate, "fraction", "raw", raw.hit_rate)
+
+
+def plot(curves: dict[str, dict[str, list[tuple[int, float]]]], path: str | Path) -> None:
+    """One panel per trace: hit rate against capacity (tokens) per policy, Belady and infinite dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+    for ax, (name, curve) in zip(axes[0], curves.items()):
+        for policy, points in curve.items():
+            xs, ys = zip(*points)
+            style = {"linestyle": "--", "color": "black"} if policy == BELADY else \
+                {"linestyle": ":", "color": "gray"} if policy == INFINITE else {"marker": "o"}
+            ax.plot(xs, ys, label=policy, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("capacity (tokens)")
+        ax.set_ylabel("token hit rate")
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -73,7 +73,7 @@ class LosslessCodec(Codec):
         if kv.dim() < 1 or kv.device.type != "cpu":
             raise CodecError(f"codec {self.name!r}: kv must be a CPU tensor [L, ...], got {tuple(kv.shape)} on {kv.device}")
         frames = list(_pool().map(self._encode_layer, kv.contiguous()))
-        width = max(len(f) for f in frames)
+        width = max((len(f) for f in frames), default=0)
         data = torch.zeros((len(frames), width), dtype=torch.uint8)
         for row, frame in zip(data.numpy(), frames):
             row[: len(frame)] = np.frombuffer(frame, dtype=np.uint8)
@@ -86,6 +86,8 @@ class LosslessCodec(Codec):
     def decode(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         expect_parts(parts, ("data", "nbytes"), self.name)
         data, nbytes = parts["data"], parts["nbytes"]
+        if out.device.type != "cpu" or data.device.type != "cpu":
+            raise CodecError(f"codec {self.name!r}: decodes on the CPU only, got data on {data.device}, out on {out.device}")
         if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[0] != out.shape[0]:
             raise CodecError(f"codec {self.name!r}: data must be uint8 [{out.shape[0]}, n], got {data.dtype} {tuple(data.shape)}")
         if nbytes.dtype != torch.int64 or tuple(nbytes.shape) != (out.shape[0],):

@@ -18,7 +18,8 @@ that layer's own length, avoiding transformers#35168. Rows of a batch must be un
 Presses:
 
 - :class:`StreamingLLMPress`: ``sinks`` first tokens + the most recent ones (Xiao et al., 2023);
-- :class:`H2OPress`: attention accumulated over all prefill queries + a recent ``window`` (Zhang et al., 2023);
+- :class:`H2OPress`: attention accumulated over all prefill queries (averaged per token) + a recent ``window``
+  (Zhang et al., 2023);
 - :class:`SnapKVPress`: attention of the last ``window`` queries, pooled over ``kernel`` tokens; the window
   is kept (Li et al., 2024);
 - :class:`PyramidKVPress`: SnapKV scores with budgets decreasing linearly from the first to the last layer,
@@ -132,29 +133,35 @@ class LayerInputs:
         return q * cos + rotated * sin
 
     def attention_weights(self, start: int, stop: int) -> torch.Tensor:
-        """Causal softmax attention of queries ``start..stop-1`` over all ``N`` keys, grouped by the KV head
-        each query head reads: ``[B, H_kv, groups, stop - start, N]`` (rows sum to 1)."""
+        """Causal softmax attention of queries ``start..stop-1`` over keys ``0..stop-1`` (the later ones are
+        masked anyway), grouped by the KV head each query head reads: ``[B, H_kv, groups, stop - start, stop]``."""
         q = self.queries(start, stop)
         B, Hq, n, D = q.shape
         Hkv = self.keys.shape[1]
-        logits = torch.einsum("bkgqd,bknd->bkgqn", q.view(B, Hkv, Hq // Hkv, n, D), self.keys) * self.attention.scaling
-        future = torch.arange(self.tokens, device=q.device)[None, :] > torch.arange(start, stop, device=q.device)[:, None]
+        keys = self.keys[:, :, :stop]
+        logits = torch.einsum("bkgqd,bknd->bkgqn", q.view(B, Hkv, Hq // Hkv, n, D), keys) * self.attention.scaling
+        future = torch.arange(stop, device=q.device)[None, :] > torch.arange(start, stop, device=q.device)[:, None]
         return logits.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
 
 @dataclass
 class Press(ABC):
     """Token eviction by score. ``compression_ratio``: fraction of the ``N`` prefill tokens dropped per layer
-    and KV head (kept: ``round(N * (1 - ratio))``); ``budget``: tokens kept instead, when given."""
+    and KV head (kept: ``round(N * (1 - ratio))``); ``budget``: tokens kept instead, when given. The first
+    ``sinks`` and the last ``window`` tokens are always kept (as far as the budget allows, sinks first)."""
 
     compression_ratio: float = 0.5
     budget: int | None = None
+    sinks: int = 0
+    window: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.compression_ratio < 1.0:
             raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
         if self.budget is not None and self.budget < 1:
             raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
+        if self.sinks < 0 or self.window < 0:
+            raise ValueError(f"sinks and window must be >= 0, got {self.sinks!r} and {self.window!r}")
 
     def kept(self, tokens: int) -> int:
         """Tokens kept per layer and KV head out of ``tokens`` (on average over layers for PyramidKV)."""
@@ -166,35 +173,45 @@ class Press(ABC):
         return [self.kept(tokens)] * layers
 
     @abstractmethod
-    def score(self, inputs: LayerInputs, keep: int) -> torch.Tensor:
-        """``[B, H_kv, N]`` scores, higher kept first; ``inf`` marks tokens that must stay (at most ``keep``)."""
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
+        """``[B, H_kv, N]`` float scores of one layer's tokens, the highest kept."""
 
     @torch.no_grad()
-    def compress(self, model, cache: DynamicCache, hidden_states: tuple[torch.Tensor, ...]) -> None:
-        """Drop tokens from every layer of ``cache`` in place. ``hidden_states``: as in :class:`Prefill`, for the
-        ``N`` tokens the cache holds (``[B, N, hidden]`` each)."""
-        layers = model.model.layers
+    def layer_scores(self, model, cache: DynamicCache, hidden_states: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """:meth:`score` of every layer of ``cache`` (``N`` tokens in each). ``hidden_states``: as in
+        :class:`Prefill`, at least ``N`` tokens long."""
         tokens = cache.layers[0].keys.shape[2]
-        positions = torch.arange(tokens, device=hidden_states[0].device)[None].expand(hidden_states[0].shape[0], -1)
-        cos, sin = model.model.rotary_emb(hidden_states[0], positions)
-        for index, (layer, keep) in enumerate(zip(layers, self.layer_budgets(tokens, len(layers)))):
+        first = hidden_states[0][:, :tokens]
+        positions = torch.arange(tokens, device=first.device)[None].expand(first.shape[0], -1)
+        cos, sin = model.model.rotary_emb(first, positions)
+        scores = []
+        for index, layer in enumerate(model.model.layers):
             cached = cache.layers[index]
             if cached.keys.shape[2] != tokens:
                 raise ValueError(f"layer {index} holds {cached.keys.shape[2]} tokens, layer 0 {tokens}: compress once")
-            inputs = LayerInputs(index, layer.self_attn, layer.input_layernorm(hidden_states[index][:, :tokens]),
-                                 cached.keys, cached.values, cos, sin)
-            scores = self.score(inputs, keep)
-            index_kept = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, H_kv, keep], in token order
-            gather = index_kept[..., None].expand(-1, -1, -1, cached.keys.shape[-1])
+            hidden = layer.input_layernorm(hidden_states[index][:, :tokens])
+            scores.append(self.score(LayerInputs(index, layer.self_attn, hidden, cached.keys, cached.values, cos, sin)))
+        return scores
+
+    @torch.no_grad()
+    def evict(self, cache: DynamicCache, scores: list[torch.Tensor]) -> None:
+        """Keep, in every layer and KV head of ``cache``, its budget of highest-scoring tokens (sinks and window
+        first), in token order. ``scores``: from :meth:`layer_scores`, which a caller may reuse across ratios."""
+        tokens = cache.layers[0].keys.shape[2]
+        for cached, layer_scores, keep in zip(cache.layers, scores, self.layer_budgets(tokens, len(scores))):
+            ranked = layer_scores.clone()
+            sinks = min(self.sinks, keep)
+            window = min(self.window, keep - sinks)
+            ranked[..., :sinks] = float("inf")
+            ranked[..., tokens - window :] = float("inf")
+            kept = ranked.topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, H_kv, keep]
+            gather = kept[..., None].expand(-1, -1, -1, cached.keys.shape[-1])
             cached.keys = cached.keys.gather(2, gather)
             cached.values = cached.values.gather(2, gather)
 
-
-def _protect_last(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """``scores`` ``[B, H, N]`` with the last ``count`` tokens set to ``inf`` (always kept)."""
-    if count > 0:
-        scores[..., -count:] = float("inf")
-    return scores
+    def compress(self, model, cache: DynamicCache, hidden_states: tuple[torch.Tensor, ...]) -> None:
+        """Score and evict: ``cache`` keeps :meth:`layer_budgets` tokens per layer and KV head, in place."""
+        self.evict(cache, self.layer_scores(model, cache, hidden_states))
 
 
 @dataclass
@@ -203,28 +220,29 @@ class StreamingLLMPress(Press):
 
     sinks: int = 4
 
-    def score(self, inputs: LayerInputs, keep: int) -> torch.Tensor:
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
         B, H, N, _ = inputs.keys.shape
-        scores = torch.arange(N, dtype=torch.float32, device=inputs.keys.device).expand(B, H, N).clone()
-        scores[..., : min(self.sinks, keep)] = float("inf")
-        return scores
+        return torch.arange(N, dtype=torch.float32, device=inputs.keys.device).expand(B, H, N)
 
 
 @dataclass
 class H2OPress(Press):
-    """Heavy hitters: attention each token received, summed over every prefill query and the query heads of
-    its KV head; the last ``window`` tokens are kept too (H2O's recent tokens). ``block``: queries per step."""
+    """Heavy hitters: the attention each token received from every prefill query, summed over the query heads
+    of its KV head and averaged over the queries that see the token (as kvpress's ObservedAttention: a plain
+    sum favours early tokens for being seen by more queries; measured here, the average keeps the
+    continuation closer to the uncompressed model). The last ``window`` tokens are kept too (H2O's recent
+    tokens). ``block``: queries per step, bounding memory to ``block x N`` weights per head."""
 
     window: int = 64
     block: int = 512
 
-    def score(self, inputs: LayerInputs, keep: int) -> torch.Tensor:
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
         N = inputs.tokens
-        total = None
+        total = torch.zeros(inputs.keys.shape[:3], dtype=torch.float32, device=inputs.keys.device)
         for start in range(0, N, self.block):
-            part = inputs.attention_weights(start, min(N, start + self.block)).sum(dim=(2, 3))
-            total = part if total is None else total + part
-        return _protect_last(total, min(self.window, keep))
+            stop = min(N, start + self.block)
+            total[..., :stop] += inputs.attention_weights(start, stop).sum(dim=(2, 3))
+        return total / torch.arange(N, 0, -1, dtype=torch.float32, device=total.device)  # queries seeing each token
 
 
 @dataclass
@@ -235,14 +253,12 @@ class SnapKVPress(Press):
     window: int = 64
     kernel: int = 5
 
-    def score(self, inputs: LayerInputs, keep: int) -> torch.Tensor:
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
         N = inputs.tokens
-        window = min(self.window, N)
-        scores = inputs.attention_weights(N - window, N).mean(dim=(2, 3))  # [B, H_kv, N]
+        scores = inputs.attention_weights(N - min(self.window, N), N).mean(dim=(2, 3))  # [B, H_kv, N]
         B, H, _ = scores.shape
-        pooled = F.avg_pool1d(scores.view(B * H, 1, N), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False).view(B, H, N)
-        return _protect_last(pooled, min(window, keep))
+        return F.avg_pool1d(scores.view(B * H, 1, N), self.kernel, stride=1, padding=self.kernel // 2,
+                            count_include_pad=False).view(B, H, N)
 
 
 @dataclass
@@ -256,8 +272,7 @@ class PyramidKVPress(SnapKVPress):
         mean = self.kept(tokens)
         window = min(self.window, mean)
         spare = mean - window  # tokens per layer beyond the window, on average
-        top = 2 * spare / (1 + 1 / self.beta)  # first layer's share; the last gets top / beta
-        top = min(top, tokens - window)  # no layer keeps more than it has
+        top = min(2 * spare / (1 + 1 / self.beta), tokens - window)  # the first layer's share, at most all it has
         bottom = 2 * spare - top
         shares = torch.linspace(top, bottom, layers, dtype=torch.float64) if layers > 1 else torch.tensor([float(spare)])
         budgets = shares.floor().long()

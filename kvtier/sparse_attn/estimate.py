@@ -8,7 +8,9 @@
 - A-shape: nothing to estimate.
 
 Budgets are fixed counts, or adaptive: the fewest items (highest score first) whose scores add up to ``mass``
-of the total, optionally capped by the count (FlexPrefill / XAttention style).
+of the total, optionally capped by the count (FlexPrefill / XAttention style). For vertical-slash, columns and
+diagonals are ranked together (each column score and each diagonal score is a share of the same attention), so
+a head whose attention is one strong column does not also pay for the many diagonals that column crosses.
 """
 
 from __future__ import annotations
@@ -94,10 +96,18 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern
     vertical = probs.sum(-2)
     offsets = (pos[:, None] - keys).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
     slash = torch.zeros_like(vertical).scatter_add_(-1, offsets, probs.flatten(-2))
-    count, mass = _budgets(patterns, "vertical", k_len, q.device)
-    keep_cols = select(vertical, keys < SINK_COLUMNS, count, mass)
-    count, mass = _budgets(patterns, "slash", k_len, q.device)
-    keep_slash = select(slash, keys < LOCAL_DIAGONALS, count, mass)
+    forced_cols, forced_slash = keys < SINK_COLUMNS, keys < LOCAL_DIAGONALS
+    cap_cols, mass = _budgets(patterns, "vertical", k_len, q.device)
+    cap_slash, _ = _budgets(patterns, "slash", k_len, q.device)
+    no_mass = torch.full_like(mass, math.inf)
+    keep_cols = select(vertical, forced_cols, cap_cols, no_mass)
+    keep_slash = select(slash, forced_slash, cap_slash, no_mass)
+    # adaptive heads: one ranking of columns and diagonals together, until they cover `mass` (within the caps)
+    joint = select(torch.cat([vertical, slash], -1), torch.cat([forced_cols, forced_slash]),
+                   torch.full_like(cap_cols, 2 * k_len), mass.nan_to_num(posinf=1.0))
+    fixed = torch.isinf(mass)[:, None]
+    keep_cols &= joint[..., :k_len] | fixed
+    keep_slash &= joint[..., k_len:] | fixed
     cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
     diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
     return cols, diags

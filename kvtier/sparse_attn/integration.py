@@ -6,8 +6,8 @@ attention module and switches the model to it. A prefill of at least ``min_token
 padding runs sparse (estimation + kernel, cached prefix included); shorter inputs, decode steps and padded
 batches run dense SDPA. ``disable_sparse_prefill`` switches back to ``"sdpa"``.
 
-``observe_attention(model, fn)`` runs the model densely while calling ``fn(layer, query, key, scaling)`` in
-every layer: the head search and the benchmark read queries and keys this way.
+``observe_attention(model, fn)`` runs the model densely while calling ``fn(layer, query, key, value, scaling)``
+in every layer: the head search and the benchmark read queries, keys and values this way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from kvtier.kernels import sparse_attention
-from kvtier.sparse_attn.config import HeadPattern, SparseConfig, load_config
+from kvtier.sparse_attn.config import HeadPattern, SparseConfig, SparseConfigError, load_config
 from kvtier.sparse_attn.estimate import estimate_index
 
 NAME = "kvtier_sparse"
@@ -41,7 +41,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     returns ``([B, q, H, D], None)``. ``attention_mask`` None means causal with no padding (see ``_mask``)."""
     state: LayerSparse | None = getattr(module, "_kvtier_sparse", None)
     if state is not None and state.observer is not None:
-        state.observer(module.layer_idx, query, key, scaling)
+        state.observer(module.layer_idx, query, key, value, scaling)
     sparse = (state is not None and state.patterns is not None and attention_mask is None
               and query.shape[2] >= state.min_tokens)
     if not sparse:
@@ -97,9 +97,12 @@ def enable_sparse_prefill(model, config: SparseConfig | str | None = None, min_t
     """Switch ``model`` to sparse prefill with ``config`` (a SparseConfig, a shipped name or a JSON path;
     None = the shipped config of this model). Raises SparseConfigError for a config of another shape."""
     if config is None:
-        name = getattr(model.config, "_name_or_path", "")
-        shipped = SHIPPED.get(name) or next((v for k, v in SHIPPED.items() if k.split("/")[-1] in name), None)
-        config = load_config(shipped or "smollm2-135m")
+        name = str(getattr(model.config, "_name_or_path", "")).lower()
+        shipped = [v for k, v in SHIPPED.items() if k.split("/")[-1].lower() in name]
+        if not shipped:
+            raise SparseConfigError(f"no shipped sparse config for model {name!r}; pass one "
+                                    "(python -m kvtier.sparse_attn.search writes one)")
+        config = load_config(shipped[0])
     elif not isinstance(config, SparseConfig):
         config = load_config(config)
     config.check_model(model.config.num_hidden_layers, model.config.num_attention_heads,
@@ -115,8 +118,8 @@ def disable_sparse_prefill(model) -> None:
 
 
 @contextmanager
-def observe_attention(model, fn: Callable[[int, torch.Tensor, torch.Tensor, float], None]) -> Iterator[None]:
-    """Within the block, every layer calls ``fn(layer_idx, query [B, H, q, D], key [B, Hkv, k, D], scaling)``
+def observe_attention(model, fn: Callable[..., None]) -> Iterator[None]:
+    """Within the block, every layer calls ``fn(layer_idx, query [B, H, q, D], key [B, Hkv, k, D], value, scaling)``
     and then attends densely. Restores the previous attention setup afterwards."""
     register()
     modules = _attention_modules(model)

@@ -1,0 +1,204 @@
+"""KV compression on SmolLM2-135M: codec ratio, speed and error; press quality; a needle test (issue 3).
+
+Real KV comes from the real model over held-out English text (``pydoc_data``). Per codec: compression
+ratio (fp16 bytes over stored bytes, metadata and padding included), encode and decode throughput of
+fp16 chunks against a plain copy of the same bytes in the same run, key/value reconstruction error and
+attention-output error. Per codec and per press at each ratio: perplexity, greedy next-token agreement
+and KL of a held-out continuation fed after the compressed context (teacher forcing), against the
+uncompressed model. Needle: a fact planted at several depths of a long context, asked for after
+compression (``agnostic``: the context is compressed before the question is seen, as a stored prefix
+would be; ``aware``: compressed with the question at its end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from kvtier.bench.report import Report, progress
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--context", type=int, default=2048, help="context tokens compressed (default 2048)")
+    parser.add_argument("--continuation", type=int, default=256, help="held-out tokens scored after it (default 256)")
+    parser.add_argument("--ratios", default="0.25,0.5,0.75", help="press compression ratios: fractions of tokens dropped")
+    parser.add_argument("--codecs", default="raw,fp8,int8,int4,int2,zstd,lz4", help="codecs to measure")
+    parser.add_argument("--presses", default="streaming_llm,h2o,snapkv,pyramidkv", help="presses to measure")
+    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per stored chunk (default 256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timing repetitions, best kept (default 5)")
+    parser.add_argument("--needle-context", type=int, default=4096, help="needle context tokens, 0 to skip (default 4096)")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions of the context")
+    parser.add_argument("--needle-ratio", type=float, default=0.5, help="press ratio in the needle test (default 0.5)")
+    parser.add_argument("--needle-modes", default="agnostic", help="agnostic and/or aware (comma-separated)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes for a smoke run: context 512, continuation 128, needle 1024 at 2 depths, ratio 0.5")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> Report:
+    from kvtier.bench.text import english_text
+    from kvtier.compression.evaluate import cache_to_kv, reference, reference_perplexity
+    from kvtier.integrations.smollm2 import load_smollm2
+
+    if args.quick:
+        args.context, args.continuation, args.needle_context = 512, 128, 1024
+        args.depths, args.ratios, args.repeats = "0.1,0.9", "0.5", 3
+    report = Report("compression")
+    torch.manual_seed(0)
+    model, tokenizer = load_smollm2(dtype=torch.float32)
+    text = english_text("heldout")
+    ids = tokenizer(text[: 12 * (args.context + args.continuation) + 4000], return_tensors="pt").input_ids
+    need = args.context + args.continuation + 1
+    if ids.shape[1] < need:
+        raise SystemExit(f"held-out text has {ids.shape[1]} tokens, {need} needed")
+    start = time.perf_counter()
+    ref = reference(model, ids[:, : args.context], ids[:, args.context : need])
+    report.notes.append(
+        f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads); context {args.context} tokens of held-out "
+        f"pydoc_data text, continuation {args.continuation} tokens scored; reference run {time.perf_counter() - start:.1f} s"
+    )
+    base_ppl = reference_perplexity(ref)
+    report.add("uncompressed perplexity", base_ppl, "ppl")
+    kv = cache_to_kv(ref.prefill.cache)
+    for name in progress(_names(args.codecs), desc="codecs"):
+        _codec_rows(report, model, ref, kv, name, args, base_ppl)
+    for name in progress(_names(args.presses), desc="presses"):
+        _press_rows(report, model, ref, name, _floats(args.ratios), base_ppl)
+    if args.needle_context > 0:
+        _needle_rows(report, model, tokenizer, text, args)
+    return report
+
+
+def _quality_rows(report: Report, label: str, quality, base_ppl: float) -> None:
+    report.add(f"{label} next-token agreement", quality.agreement, "fraction", "uncompressed", 1.0)
+    report.add(f"{label} perplexity", quality.perplexity, "ppl", "uncompressed", base_ppl, higher_is_better=False)
+    report.add(f"{label} KL divergence", quality.kl, "nats/token", higher_is_better=False)
+
+
+def _best_times(fns: list, repeats: int) -> list[float]:
+    """Shortest of ``repeats`` timed calls of each of ``fns`` (after one warm-up call each), in seconds. The
+    calls are interleaved, so that a baseline and what it is compared with see the same machine load."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def _codec_rows(report: Report, model, ref, kv: torch.Tensor, name: str, args, base_ppl: float) -> None:
+    """Ratio, throughput against a copy, reconstruction and model-level errors of one codec."""
+    from kvtier.compression import get_codec
+    from kvtier.compression.evaluate import attention_output_error, codec_roundtrip, continuation_quality, kv_to_cache
+
+    codec = get_codec(name)
+    step = args.chunk_tokens
+    chunks = [kv[:, :, :, s : s + step].to(torch.float16).contiguous() for s in range(0, kv.shape[3], step)]
+    nbytes = sum(c.nbytes for c in chunks)
+    copies = [torch.empty_like(c) for c in chunks]
+    encoded = [codec.encode(c) for c in chunks]
+
+    def copy_all() -> None:
+        for src, dst in zip(chunks, copies):
+            dst.copy_(src)
+
+    def encode_all() -> None:
+        for chunk in chunks:
+            codec.encode(chunk)
+
+    def decode_all() -> None:
+        for parts, dst in zip(encoded, copies):
+            codec.decode(parts, dst)
+
+    copy_gbps, encode_gbps, decode_gbps = (nbytes / t / 1e9 for t in _best_times([copy_all, encode_all, decode_all], args.repeats))
+    decoded, stored = codec_roundtrip(codec, kv, step, torch.float16)
+    exact = bool(torch.equal(decoded, kv.to(torch.float16)))
+    report.add(f"{name} compression ratio", nbytes / stored, "x fp16", "fp16 bytes", 1.0)
+    report.add(f"{name} encode", encode_gbps, "GB/s", "copy", copy_gbps)
+    report.add(f"{name} decode", decode_gbps, "GB/s", "copy", copy_gbps)
+    report.add(f"{name} round trip bit-exact (vs fp16)", float(exact), "bool")
+    for index, tensor in ((0, "key"), (1, "value")):
+        err = (decoded[:, index].float() - kv[:, index]).norm() / kv[:, index].norm()
+        report.add(f"{name} {tensor} error", float(err), "relative L2", higher_is_better=False)
+    cache = kv_to_cache(model, decoded)
+    report.add(f"{name} attention output error", attention_output_error(model, ref, cache), "relative L2",
+               higher_is_better=False)
+    _quality_rows(report, name, continuation_quality(model, ref, cache), base_ppl)
+
+
+def _press_rows(report: Report, model, ref, name: str, ratios: list[float], base_ppl: float) -> None:
+    """Quality of one press at each ratio; its scores are computed once and evicted at every ratio."""
+    from kvtier.compression.evaluate import attention_output_error, continuation_quality
+    from kvtier.compression.presses import PRESSES
+
+    press = PRESSES[name]()
+    start = time.perf_counter()
+    scores = press.layer_scores(model, ref.prefill.cache, ref.prefill.hidden_states)
+    report.add(f"{name} scoring time", time.perf_counter() - start, "s", higher_is_better=False)
+    tokens = ref.position
+    for ratio in ratios:
+        cache = ref.fresh_cache()
+        dataclasses.replace(press, compression_ratio=ratio).evict(cache, scores)
+        kept = sum(layer.keys.shape[2] for layer in cache.layers)
+        label = f"{name}@{ratio:g}"
+        report.add(f"{label} compression ratio", tokens * len(cache.layers) / kept, "x tokens", "all tokens", 1.0)
+        report.add(f"{label} attention output error", attention_output_error(model, ref, cache), "relative L2",
+                   higher_is_better=False)
+        _quality_rows(report, label, continuation_quality(model, ref, cache), base_ppl)
+
+
+def _needle_rows(report: Report, model, tokenizer, text: str, args) -> None:
+    """Whether the planted fact survives each codec and press, at each depth."""
+    import copy
+
+    from kvtier.compression import get_codec
+    from kvtier.compression.evaluate import cache_to_kv, codec_roundtrip, kv_to_cache, needle_answer, needle_task
+    from kvtier.compression.presses import PRESSES, prefill
+
+    modes = _names(args.needle_modes)
+    haystack = text[len(text) // 2 :]  # away from the text scored above
+    for depth in progress(_floats(args.depths), desc="needle"):
+        task = needle_task(tokenizer, haystack, args.needle_context, depth)
+        n = task.context.shape[1]
+        prompt = torch.cat([task.context, task.question[:, :-1]], dim=1)
+        pre = prefill(model, prompt)
+        asked = prompt.shape[1] - n  # question tokens in the prefill
+
+        def context_cache():
+            cache = copy.deepcopy(pre.cache)
+            cache.crop(-asked)
+            return cache
+
+        answers = {"uncompressed": needle_answer(model, tokenizer, context_cache(), task, n)}
+        for name in _names(args.codecs):
+            decoded, _ = codec_roundtrip(get_codec(name), cache_to_kv(context_cache()), args.chunk_tokens, torch.float16)
+            answers[name] = needle_answer(model, tokenizer, kv_to_cache(model, decoded), task, n)
+        for name in _names(args.presses):
+            press = PRESSES[name](compression_ratio=args.needle_ratio)
+            if "agnostic" in modes:
+                cache = context_cache()
+                press.compress(model, cache, pre.hidden_states)
+                answers[f"{name}@{args.needle_ratio:g} agnostic"] = needle_answer(model, tokenizer, cache, task, n)
+            if "aware" in modes:
+                cache = copy.deepcopy(pre.cache)
+                press.compress(model, cache, pre.hidden_states)
+                answers[f"{name}@{args.needle_ratio:g} aware"] = needle_answer(
+                    model, tokenizer, cache, task, prompt.shape[1], ask=False)
+        found = {method: float(task.answer in answer) for method, answer in answers.items()}
+        for method, value in found.items():
+            report.add(f"needle {method} @{depth:.0%}", value, "found", "uncompressed", found["uncompressed"])
+        report.notes.append(f"needle at {depth:.0%} of {n} tokens, answers: "
+                            + "; ".join(f"{m}={a.strip()!r}" for m, a in answers.items()))

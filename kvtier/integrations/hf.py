@@ -1,0 +1,221 @@
+"""Hugging Face transformers adapter: reuse cached prefixes from a TieredStore, prefill only the rest.
+
+For a batch of prompts the adapter
+
+1. looks up each prompt's longest cached prefix (whole chunks, at most ``n - 1`` tokens: the last token is
+   always computed, so the model yields its logits);
+2. chooses one suffix length ``S`` for the batch: the longest uncached suffix. Every row computes its last
+   ``S`` tokens and takes the ``n_i - S`` tokens before them from the store (``n_i - S`` is at most what is
+   cached for it). Rows are left-padded to a common length ``T``, so the batch is an ordinary left-padded
+   batch whose first ``T - S`` positions are already in the cache: the same padding, masks and position ids
+   as ``generate`` uses, and no more compute than padding the suffixes would cost (every row computes ``S``
+   tokens either way);
+3. fetches the prefixes with one ``get`` per prompt into a reused buffer and rebuilds a ``DynamicCache``
+   with ``cache.update(k, v, layer)`` (pad positions hold zeros and are masked out);
+4. runs the suffix (``prefill``: one forward, for a plain decode loop; ``generate``: ``model.generate``,
+   which skips the cached positions by itself);
+5. stores each prompt's new full chunks (``put_chunks``, starting after the fetched ones).
+
+Exactness: the cached KV is the KV the model computed for the same tokens at the same positions, so the
+result equals a run without the store up to floating-point summation order (fp32 logits within 1e-4 on
+SmolLM2, greedy tokens identical: ``tests/integrations``).
+
+Keys: the layout fingerprint (:func:`model_layout`) names the model id, a digest of its weights, dtype,
+shapes and chunk size, so chunks made by another model or another chunk size are never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvtier.kvstore.chunk import Chunk
+from kvtier.kvstore.keys import as_tokens, root_key
+from kvtier.kvstore.store import TieredStore
+from kvtier.layout import DTYPES, KVLayout
+
+Prompt = Sequence[int] | torch.Tensor
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """16 hex characters of BLAKE2b over every parameter's name, shape, dtype and bytes: two checkpoints
+    of one architecture never share a digest (about 0.5 s for 135M fp32 parameters)."""
+    h = hashlib.blake2b(digest_size=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def model_layout(model: torch.nn.Module, chunk_tokens: int = 256, model_id: str | None = None) -> KVLayout:
+    """The KVLayout of a decoder-only transformers model: ``model_id`` (default: the last part of the
+    config's name or path) plus a digest of the weights, layers, KV heads, head_dim, the model's dtype and ``chunk_tokens``."""
+    cfg = model.config.get_text_config(decoder=True)
+    dtype = next(name for name, d in DTYPES.items() if d == model.dtype)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    name = model_id or Path(getattr(model.config, "_name_or_path", "")).name or cfg.model_type
+    page = min(32, chunk_tokens & -chunk_tokens)  # a power of two that divides chunk_tokens
+    return KVLayout(f"{name}@{weights_digest(model)}", num_layers=cfg.num_hidden_layers, kv_heads=kv_heads,
+                    head_dim=head_dim, dtype=dtype, chunk_tokens=chunk_tokens, page_tokens=page)
+
+
+@dataclass
+class Loaded:
+    """A batch ready for its suffix: ``input_ids``/``attention_mask`` ``[B, T]`` (left-padded), ``cache``
+    holding positions ``[0, T - suffix)``, ``reused[i]`` tokens of prompt ``i`` taken from the store."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    cache: object
+    reused: list[int]
+    suffix: int
+    fetched: list[int]
+    tiers: list[list[str]] = field(default_factory=list)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """``[B, T]``: 0.. along each prompt's real tokens (1 on padding), as ``generate`` computes them."""
+        return (self.attention_mask.long().cumsum(-1) - 1).masked_fill(self.attention_mask == 0, 1)
+
+
+@dataclass
+class Prefilled:
+    """``logits``: ``[B, suffix, vocab]`` for the last ``suffix`` positions of the padded batch."""
+
+    loaded: Loaded
+    logits: torch.Tensor
+    cache: object
+
+
+class HFKVCache:
+    """Serve a transformers causal LM's prompts from a TieredStore (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, store: TieredStore, chunk_tokens: int = 256, namespace: str = "",
+                 model_id: str | None = None, pad_token_id: int = 0) -> None:
+        self.model = model
+        self.store = store
+        self.namespace = namespace
+        self.layout = model_layout(model, chunk_tokens, model_id)
+        store.attach(self.layout)
+        self.pad_token_id = pad_token_id
+        self._buffer: torch.Tensor | None = None
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ load
+
+    def load(self, prompts: Sequence[Prompt]) -> Loaded:
+        """Look up and fetch the cached prefixes of ``prompts`` and build the batch and its cache."""
+        from transformers import DynamicCache
+
+        start = time.perf_counter()
+        ids = [as_tokens(p) for p in prompts]
+        if not ids or any(len(p) == 0 for p in ids):
+            raise ValueError("give at least one prompt, each of at least one token")
+        C = self.layout.chunk_tokens
+        cached = [min(self.store.lookup(p, self.namespace, self.layout).tokens, len(p) - 1) for p in ids]
+        suffix = max(len(p) - c for p, c in zip(ids, cached))
+        wanted = [max(0, len(p) - suffix) for p in ids]
+        fetched, tiers, buffers = [], [], []
+        for p, w in zip(ids, wanted):
+            n = -(-w // C) * C
+            out = self._scratch(n) if len(ids) == 1 else None
+            got = self.store.get(p[:n], out=out, namespace=self.namespace, layout=self.layout) if n else None
+            fetched.append(got.tokens if got else 0)
+            tiers.append(got.tiers if got else [])
+            buffers.append(got.kv if got else None)
+        if any(f < w for f, w in zip(fetched, wanted)):  # a chunk vanished or failed verification meanwhile
+            suffix = max(len(p) - min(f, len(p) - 1) for p, f in zip(ids, fetched))
+            wanted = [max(0, len(p) - suffix) for p in ids]
+        total = max(len(p) for p in ids)
+        prefix = total - suffix
+        batch = len(ids)
+        input_ids = torch.full((batch, total), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, total), dtype=torch.long)
+        for i, p in enumerate(ids):
+            input_ids[i, total - len(p):] = torch.from_numpy(p.astype(np.int64))
+            mask[i, total - len(p):] = 1
+        cache = DynamicCache(config=self.model.config)
+        if prefix:
+            L, _, H, _, D = self.layout.chunk_shape
+            for layer in range(L):
+                kv = torch.zeros((2, batch, H, prefix, D), dtype=self.layout.torch_dtype)
+                for i, (buf, w) in enumerate(zip(buffers, wanted)):
+                    if w:
+                        kv[:, i, :, prefix - w:] = buf[layer, :, :, :w]
+                cache.update(kv[0], kv[1], layer)
+        self.timings["load_s"] = time.perf_counter() - start
+        return Loaded(input_ids, mask, cache, wanted, suffix, fetched, tiers)
+
+    def _scratch(self, tokens: int) -> torch.Tensor:
+        """A reused fetch buffer ``[L, T, H, >= tokens, D]`` (no page faults on every request)."""
+        L, T, H, _, D = self.layout.chunk_shape
+        if self._buffer is None or self._buffer.shape[3] < tokens:
+            self._buffer = torch.empty((L, T, H, tokens, D), dtype=self.layout.torch_dtype)
+        return self._buffer
+
+    # ------------------------------------------------------------------ run
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Prompt], store: bool = True) -> Prefilled:
+        """Load, then one forward over the suffix; the returned cache continues a plain decode loop (feed the
+        next tokens with ``attention_mask`` extended by ones and ``position_ids`` continuing each row)."""
+        loaded = self.load(prompts)
+        start = time.perf_counter()
+        s = loaded.suffix
+        out = self.model(input_ids=loaded.input_ids[:, -s:], attention_mask=loaded.attention_mask,
+                         position_ids=loaded.position_ids[:, -s:], cache=loaded.cache, use_cache=True)
+        self.timings["prefill_s"] = time.perf_counter() - start
+        if store:
+            self.store_prompts(prompts, out.cache, loaded)
+        return Prefilled(loaded, out.logits, out.cache)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Prompt], store: bool = True, **kwargs):
+        """``model.generate`` on the left-padded batch with the rebuilt cache; returns its output (pass
+        ``return_dict_in_generate=True`` for scores) and the :class:`Loaded` batch. The prompts' new chunks
+        are stored afterwards."""
+        loaded = self.load(prompts)
+        out = self.model.generate(input_ids=loaded.input_ids, attention_mask=loaded.attention_mask,
+                                  cache=loaded.cache, pad_token_id=self.pad_token_id, **kwargs)
+        if store:
+            self.store_prompts(prompts, loaded.cache, loaded)
+        return out, loaded
+
+    # ------------------------------------------------------------------ store
+
+    def store_prompts(self, prompts: Sequence[Prompt], cache, loaded: Loaded | None = None) -> int:
+        """Put the new full chunks of every prompt, read from ``cache``: laid out as in ``loaded``, or (None)
+        row ``i`` holding prompt ``i`` from position 0. Returns the number of chunks stored."""
+        start = time.perf_counter()
+        C = self.layout.chunk_tokens
+        root = root_key(self.layout.fingerprint, self.namespace)
+        stored = 0
+        for i, p in enumerate(prompts):
+            ids = as_tokens(p)
+            keys = self.store.keys(ids, self.namespace, self.layout)
+            first = 0 if loaded is None else min(loaded.fetched[i] // C, len(keys))
+            pad = 0 if loaded is None else loaded.input_ids.shape[1] - len(ids)
+            chunks = [self._chunk(cache, i, pad, ids, keys, j, root) for j in range(first, len(keys))]
+            if chunks:
+                try:
+                    stored += self.store.put_chunks(chunks, root, self.namespace, self.layout).stored
+                except ValueError:  # the fetched prefix was evicted meanwhile: store the prompt from its start
+                    chunks = [self._chunk(cache, i, pad, ids, keys, j, root) for j in range(len(keys))]
+                    stored += self.store.put_chunks(chunks, root, self.namespace, self.layout).stored
+        self.timings["store_s"] = time.perf_counter() - start
+        return stored
+
+    def _chunk(self, cache, row: int, pad: int, ids: np.ndarray, keys: list[bytes], j: int, root: bytes) -> Chunk:
+        """Chunk ``j`` of prompt ``row`` (left-padded by ``pad``): its KV ``[L, 2, H, C, D]`` copied from ``cache``."""
+        C = self.layout.chunk_tokens
+        a, b = pad + j * C, pad + (j + 1) * C
+        kv = torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in cache.layers])
+        return Chunk(keys[j], keys[j - 1] if j else root, ids[j * C : (j + 1) * C], kv.to(self.layout.torch_dtype))

@@ -1,0 +1,117 @@
+"""Offline per-head search: for every layer and query head of a model, the pattern and budget that keep the
+most attention mass within a cost budget.
+
+One dense forward pass over a sample text; in every layer each candidate pattern is estimated for all heads
+and scored by recall (share of dense attention mass kept, ``metrics.attention_recall``) and density (share of
+causal pairs computed). Then per head the candidate maximizing ``recall - lam * density`` is chosen, with
+``lam`` the smallest multiplier (found by bisection) for which the mean density over all heads is within
+``max_density``: the most recall for that total cost.
+
+Run ``python -m kvtier.sparse_attn.search`` to rebuild the shipped SmolLM2-135M config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kvtier.sparse_attn.config import CONFIG_DIR, HeadPattern, SparseConfig
+from kvtier.sparse_attn.estimate import estimate_index
+from kvtier.sparse_attn.integration import observe_attention
+from kvtier.sparse_attn.metrics import attention_recall
+
+CANDIDATES = (
+    HeadPattern("a_shape", sink=64, local=256),
+    HeadPattern("a_shape", sink=64, local=1024),
+    HeadPattern("vertical_slash", mass=0.8),
+    HeadPattern("vertical_slash", mass=0.9),
+    HeadPattern("vertical_slash", mass=0.95),
+    HeadPattern("vertical_slash", mass=0.98),
+    HeadPattern("block_sparse", mass=0.9),
+    HeadPattern("block_sparse", mass=0.95),
+    HeadPattern("block_sparse", mass=0.98),
+)
+
+
+def measure_candidates(model, input_ids: torch.Tensor, candidates=CANDIDATES,
+                       block_step: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recall and density of every candidate for every head: two float64 ``[layers, candidates, heads]``."""
+    layers = model.config.num_hidden_layers
+    recall = torch.zeros(layers, len(candidates), model.config.num_attention_heads, dtype=torch.float64)
+    density = torch.zeros_like(recall)
+
+    def measure(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        heads = query.shape[1]
+        indices = [estimate_index(query, key, [c] * heads, scaling) for c in candidates]
+        recall[layer] = attention_recall(query, key, indices, scaling, block_step)[:, 0]
+        density[layer] = torch.stack([index.head_density()[0] for index in indices])
+
+    with torch.no_grad(), observe_attention(model, measure):
+        model.model(input_ids)
+    return recall, density
+
+
+def choose(recall: torch.Tensor, density: torch.Tensor, max_density: float) -> torch.Tensor:
+    """Per (layer, head) the candidate to use: int64 ``[layers, heads]`` (see the module docstring)."""
+    def pick(lam: float) -> torch.Tensor:
+        return (recall - lam * density).argmax(1)
+
+    def mean_density(choice: torch.Tensor) -> float:
+        return float(density.gather(1, choice[:, None]).mean())
+
+    lo, hi = 0.0, 1.0
+    while mean_density(pick(hi)) > max_density and hi < 1e6:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if mean_density(pick(mid)) <= max_density else (mid, hi)
+    return pick(hi)
+
+
+def search_config(model, input_ids: torch.Tensor, model_name: str, max_density: float = 0.2,
+                  candidates=CANDIDATES, measured: tuple[torch.Tensor, torch.Tensor] | None = None) -> SparseConfig:
+    """The searched SparseConfig of ``model`` on ``input_ids`` ``[1, tokens]`` (``measured``: the output of
+    ``measure_candidates`` for these inputs, to choose again under another budget without measuring)."""
+    recall, density = measured or measure_candidates(model, input_ids, candidates)
+    choice = choose(recall, density, max_density)
+    layers = [[candidates[c] for c in row.tolist()] for row in choice]
+    picked_recall = recall.gather(1, choice[:, None])
+    picked_density = density.gather(1, choice[:, None])
+    info = {"tokens": int(input_ids.shape[1]), "max_density": max_density,
+            "candidates": [c.label() for c in candidates],
+            "mean_recall": round(float(picked_recall.mean()), 4), "min_recall": round(float(picked_recall.min()), 4),
+            "mean_density": round(float(picked_density.mean()), 4)}
+    return SparseConfig(model_name, model.config.num_attention_heads, layers, info)
+
+
+def main() -> None:
+    from kvtier.bench.text import english_text
+    from kvtier.integrations.smollm2 import MODEL_ID, load_smollm2
+
+    parser = argparse.ArgumentParser(description="search the per-head sparse config of SmolLM2-135M")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--max-density", type=float, default=0.2)
+    parser.add_argument("--out", default=str(CONFIG_DIR / "smollm2-135m.json"))
+    parser.add_argument("--measured", help="a .pt file: reuse its measurements if it exists, else save them there")
+    args = parser.parse_args()
+    model, tokenizer = load_smollm2()
+    ids = tokenizer(english_text("tune"), return_tensors="pt").input_ids[:, : args.tokens]
+    start = time.time()
+    measured = None
+    if args.measured:
+        try:
+            measured = torch.load(args.measured)
+        except FileNotFoundError:
+            measured = measure_candidates(model, ids)
+            torch.save(measured, args.measured)
+    config = search_config(model, ids, MODEL_ID, args.max_density, measured=measured)
+    config.info["text"] = "kvtier.bench.text.english_text('tune')"
+    config.info["seconds"] = round(time.time() - start, 1)
+    config.save(args.out)
+    print(config.info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The hit-rate replay: hand-made traces per policy, and equality with a real tensor store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.bench.hitrate import BELADY, INFINITE, drive, replay, trace_keys
+from kvtier.bench.traces import Request, Trace, load_mooncake, long_doc_qa, multi_round_qa
+from kvtier.kvstore.policies import POLICIES
+from kvtier.kvstore.store import TieredStore
+from kvtier.kvstore.tiers.memory import HostTier
+from kvtier.kvstore.tiers.meta import MetaTier
+from kvtier.layout import KVLayout
+
+B = 4  # tokens per block in the hand-made traces
+
+
+def trace(*requests: list[int], tails: int = 0) -> Trace:
+    return Trace("hand", B, [Request(tuple(r), len(r) * B + tails) for r in requests])
+
+
+def hit_rate(t: Trace, policy: str, blocks: int) -> float:
+    return replay(t, policy, capacity_tokens=blocks * B).hit_rate
+
+
+# Capacity 2: block 1 is used three times, then 2 and 3 arrive once each, then 1 again. LRU has forgotten 1
+# (2 and 3 are newer); the frequency-aware policies keep it, and so does Belady.
+FREQUENCY = trace([1], [1], [1], [2], [3], [1])
+FREQUENCY_HITS = {"lru": 2, "lfu": 3, "s3fifo": 3, "cost": 3, BELADY: 3, INFINITE: 3}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES) + [BELADY, INFINITE])
+def test_frequency_trace(policy: str) -> None:
+    assert policy in FREQUENCY_HITS, f"add the expected hits of the new policy {policy!r}"
+    assert hit_rate(FREQUENCY, policy, 2) == pytest.approx(FREQUENCY_HITS[policy] / 6)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES) + [BELADY])
+def test_prefix_trace_evicts_leaves_only(policy: str) -> None:
+    # Capacity 3: [a b c], [a d], [a b c], [a d]. Each put must evict, and the only evictable chunk is the
+    # other branch's leaf (a and b have a child or are in use), so every policy hits a, a b, a: 4 blocks.
+    t = trace([0, 1, 2], [0, 3], [0, 1, 2], [0, 3], tails=2)
+    assert hit_rate(t, policy, 3) == pytest.approx(4 * B / (10 * B + 4 * 2))
+
+
+def test_loop_defeats_lru_but_not_belady() -> None:
+    t = trace([1], [2], [3], [1], [2], [3])
+    assert hit_rate(t, "lru", 2) == 0
+    assert hit_rate(t, BELADY, 2) == pytest.approx(2 / 6)
+    assert hit_rate(t, INFINITE, 2) == pytest.approx(3 / 6)
+
+
+def test_partial_tails_count_as_input_but_never_hit() -> None:
+    t = trace([7, 8], [7, 8], tails=3)
+    r = replay(t, "lru", capacity_tokens=10 * B)
+    assert (r.hit_tokens, r.input_tokens) == (2 * B, 2 * (2 * B + 3))
+
+
+def test_generators_are_seeded_and_shaped() -> None:
+    a, b = multi_round_qa(users=6, rounds=3, concurrent=2, seed=1), multi_round_qa(users=6, rounds=3, concurrent=2, seed=1)
+    assert a.requests == b.requests and len(a.requests) == 18
+    assert a.requests != multi_round_qa(users=6, rounds=3, concurrent=2, seed=2).requests
+    # every round after a user's first extends an earlier prompt; all share the system prompt's blocks
+    extending = sum(any(r.blocks[: len(e.blocks)] == e.blocks for e in a.requests[:i]) for i, r in enumerate(a.requests))
+    assert extending == 6 * 2
+    shared = 1000 // 256
+    assert all(r.blocks[:shared] == a.requests[0].blocks[:shared] for r in a.requests)
+    tile = long_doc_qa(documents=3, repeats=2, mode="tile")
+    inter = long_doc_qa(documents=3, repeats=2, mode="interleave")
+    first = [r.blocks[0] for r in tile.requests]
+    assert first[:3] == first[3:] and len(set(first)) == 3
+    assert [r.blocks[0] for r in inter.requests][::2] == [r.blocks[0] for r in inter.requests][1::2]
+    assert replay(inter, INFINITE).hit_rate == pytest.approx(replay(inter, "lru", capacity_tokens=20_000).hit_rate)
+
+
+def test_mooncake_loader(tmp_path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [0, 1, 2]}\n'
+                    '{"timestamp": 1, "input_length": 1024, "output_length": 5, "hash_ids": [0, 1]}\n')
+    t = load_mooncake(path)
+    assert [r.blocks for r in t.requests] == [(0, 1), (0, 1)] and t.input_tokens == 2124
+    assert replay(t, "lru", capacity_tokens=4096).hit_tokens == 1024
+
+
+def _token_blocks(t: Trace) -> list[np.ndarray]:
+    """Token ids for each request: block id b becomes B copies of b; the tail gets fresh ids."""
+    out = []
+    fresh = 10**6
+    for r in t.requests:
+        ids = [np.full(B, b, dtype=np.int32) for b in r.blocks]
+        tail = r.tokens - len(r.blocks) * B
+        ids.append(np.arange(fresh, fresh + tail, dtype=np.int32))
+        fresh += tail
+        out.append(np.concatenate(ids))
+    return out
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_replay_matches_a_tensor_store(policy: str) -> None:
+    layout = KVLayout("tiny", num_layers=2, kv_heads=1, head_dim=4, dtype="float32", chunk_tokens=B, page_tokens=B)
+    t = multi_round_qa(users=12, rounds=4, concurrent=5, system_tokens=8, history_tokens=10, question_tokens=3,
+                       answer_tokens=5, block_tokens=B, seed=3)
+    chunks = 9
+    meta = TieredStore([MetaTier("host", chunks * (layout.chunk_bytes + 4 * B))], layout=layout, metadata_only=True,
+                       policy=policy)
+    drive(meta, t, trace_keys(t, layout))
+    real = TieredStore([HostTier(chunks * layout.chunk_bytes)], layout=layout, policy=policy, summaries=False)
+    gen = torch.Generator().manual_seed(0)
+    for tokens in _token_blocks(t):
+        real.lookup(tokens)
+        real.get(tokens)
+        real.put(tokens, torch.randn(2, 2, 1, len(tokens), 4, generator=gen))
+    m, r = meta.stats(), real.stats()
+    assert m["hit_tokens"] > 0 and r["tiers"][0]["evictions"] > 0
+    for field in ("lookup_tokens", "hit_tokens", "get_tokens", "put_chunks", "chunks"):
+        assert m[field] == r[field], field
+    assert [(x["hits"], x["evictions"], x["chunks"]) for x in m["tiers"]] == \
+        [(x["hits"], x["evictions"], x["chunks"]) for x in r["tiers"]]

@@ -1,0 +1,119 @@
+"""The transformers adapter on the real SmolLM2-135M (fp32, CPU): outputs with the store equal those without."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kvtier.bench.text import english_text
+from kvtier.integrations.hf import HFKVCache, model_layout
+from kvtier.kvstore.store import TieredStore
+from kvtier.kvstore.tiers.disk import DiskTier
+from kvtier.kvstore.tiers.memory import HostTier
+
+pytestmark = pytest.mark.model
+C = 64  # small chunks keep the prompts (and the model's prefill) short
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tokens(smollm2) -> list[int]:
+    _, tokenizer = smollm2
+    return tokenizer(english_text("heldout")[:4000]).input_ids[:320]
+
+
+@pytest.fixture(scope="module")
+def other_tokens(smollm2) -> list[int]:
+    _, tokenizer = smollm2
+    return tokenizer(english_text("tune")[:2000]).input_ids[:100]
+
+
+def adapter(model, store: TieredStore | None = None, chunk_tokens: int = C) -> HFKVCache:
+    return HFKVCache(model, store or TieredStore([HostTier(256 << 20)]), chunk_tokens)
+
+
+@torch.no_grad()
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_prefill_reuses_the_cached_prefix_and_matches(smollm2, tokens) -> None:
+    model, _ = smollm2
+    a = adapter(model)
+    first = a.prefill([tokens[:200]])
+    assert first.loaded.reused == [0] and a.store.stats()["chunks"] == 3
+    again = a.prefill([tokens])
+    assert again.loaded.reused == [192] and again.loaded.suffix == len(tokens) - 192
+    torch.testing.assert_close(again.logits[0], full_logits(model, tokens)[192:], atol=ATOL, rtol=0)
+    assert a.store.stats()["chunks"] == len(tokens) // C
+
+
+def test_generate_gives_the_same_greedy_tokens(smollm2, tokens) -> None:
+    model, _ = smollm2
+    a = adapter(model)
+    a.prefill([tokens[:150]])
+    out, loaded = a.generate([tokens[:250]], max_new_tokens=12, do_sample=False)
+    ref = model.generate(torch.tensor([tokens[:250]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert loaded.reused == [128]
+    assert torch.equal(out, ref)
+
+
+def test_a_plain_forward_loop_continues_from_the_cache(smollm2, tokens) -> None:
+    model, _ = smollm2
+    a = adapter(model)
+    a.prefill([tokens[:140]])
+    pre = a.prefill([tokens[:200]])
+    assert pre.loaded.reused == [128]
+    cache, logits, generated = pre.cache, pre.logits, []
+    with torch.no_grad():
+        for _ in range(8):
+            generated.append(int(logits[0, -1].argmax()))
+            step = model(input_ids=torch.tensor([generated[-1:]]), cache=cache, use_cache=True)
+            cache, logits = step.cache, step.logits
+    ref = model.generate(torch.tensor([tokens[:200]]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert generated == ref[0, 200:].tolist()
+
+
+def test_a_batch_with_different_cached_lengths(smollm2, tokens, other_tokens) -> None:
+    model, _ = smollm2
+    a = adapter(model)
+    a.prefill([tokens[:270]])  # caches 4 chunks of `tokens`
+    prompts = [tokens[:150], other_tokens[:90], tokens[:300]]
+    pre = a.prefill(prompts, store=False)
+    # the longest uncached suffix is other_tokens' 90: the others take everything before their last 90
+    # tokens from the store (at most what is cached for them)
+    assert pre.loaded.suffix == 90 and pre.loaded.reused == [60, 0, 210]
+    for row, ids in enumerate(prompts):
+        s = min(90, len(ids))
+        torch.testing.assert_close(pre.logits[row, -s:], full_logits(model, ids)[-s:], atol=ATOL, rtol=0)
+    out, loaded = a.generate(prompts, max_new_tokens=8, do_sample=False)
+    ref = model.generate(input_ids=loaded.input_ids, attention_mask=loaded.attention_mask, max_new_tokens=8,
+                         do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert a.store.stats()["chunks"] == 4 + 1  # other_tokens[:90] adds one chunk; the rest was cached
+
+
+def test_chunks_of_another_model_or_chunk_size_are_never_served(smollm2, tokens) -> None:
+    model, _ = smollm2
+    store = TieredStore([HostTier(256 << 20)])
+    adapter(model, store).prefill([tokens[:200]])
+    assert adapter(model, store).load([tokens]).reused == [192]  # control: same model, same chunks
+    assert adapter(model, store, chunk_tokens=2 * C).load([tokens]).reused == [0]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[3].mlp.down_proj.weight[0, 0] += 1e-3
+    assert model_layout(other, C).fingerprint != model_layout(model, C).fingerprint
+    assert adapter(other, store).load([tokens]).reused == [0]
+
+
+def test_prefixes_fetched_from_the_disk_tier_are_exact(smollm2, tokens, tmp_path) -> None:
+    model, _ = smollm2
+    layout = model_layout(model, C)
+    store = TieredStore([HostTier(2 * layout.chunk_bytes + (1 << 20)), DiskTier(tmp_path, 64 << 20)])
+    a = adapter(model, store)
+    a.prefill([tokens[:260]])  # 4 chunks: the host tier holds 2, the rest is demoted to disk
+    pre = a.prefill([tokens], store=False)
+    assert pre.loaded.reused == [256] and "disk" in pre.loaded.tiers[0]
+    torch.testing.assert_close(pre.logits[0], full_logits(model, tokens)[256:], atol=ATOL, rtol=0)

@@ -1,0 +1,70 @@
+"""SparseIndex construction against a brute-force reading of its definition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.kernels import BLOCK, SparseAttentionError, build_index, dense_index
+
+
+def brute_mask(block_mask, columns, q_len, k_len):
+    """[B, H, q_len, k_len]: key j is read by local row i iff its block is selected or it is a column, j <= P + i."""
+    batch, heads = block_mask.shape[:2]
+    prefix = k_len - q_len
+    mask = torch.zeros(batch, heads, q_len, k_len, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(q_len):
+                m = i // BLOCK
+                cols = columns[b, h] if columns.dim() == 3 else columns[b, h, m]
+                keys = torch.arange(min(k_len, prefix + i + 1))  # the causal keys of row i
+                mask[b, h, i, : len(keys)] = block_mask[b, h, m, keys // BLOCK] | torch.isin(keys, cols)
+    return mask
+
+
+@pytest.mark.parametrize("q_len,k_len,per_block", [(70, 70, False), (100, 230, True), (1, 65, False), (129, 129, True)])
+def test_build_index_matches_brute_force(q_len, k_len, per_block):
+    g = torch.Generator().manual_seed(q_len + k_len)
+    nqb, nkb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    block_mask = torch.rand(2, 3, nqb, nkb, generator=g) < 0.3
+    shape = (2, 3, nqb, 9) if per_block else (2, 3, 9)
+    columns = torch.randint(-1, k_len, shape, generator=g)
+    index = build_index(block_mask, columns, q_len, k_len)
+    expected = brute_mask(block_mask, columns, q_len, k_len)
+    assert torch.equal(index.to_mask(), expected)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    torch.testing.assert_close(index.head_density(), expected.sum((-1, -2)).double() / causal.sum())
+    # invariants of the compact form: ascending, -1 padded, columns never inside a listed block, all causal
+    for b in range(2):
+        for h in range(3):
+            for m in range(nqb):
+                blocks = index.block_idx[b, h, m, : index.block_count[b, h, m]].tolist()
+                cols = index.col_idx[b, h, m, : index.col_count[b, h, m]].tolist()
+                assert blocks == sorted(set(blocks)) and cols == sorted(set(cols))
+                assert all(c // BLOCK not in blocks for c in cols)
+                last = k_len - q_len + min(q_len - 1, m * BLOCK + BLOCK - 1)
+                assert all(x * BLOCK <= last for x in blocks) and all(c <= last for c in cols)
+                assert (index.block_idx[b, h, m, index.block_count[b, h, m]:] == -1).all()
+                assert (index.col_idx[b, h, m, index.col_count[b, h, m]:] == -1).all()
+
+
+def test_dense_index_covers_every_causal_pair():
+    index = dense_index(1, 2, 100, 300)
+    assert torch.equal(index.to_mask()[0, 0], torch.ones(100, 300, dtype=torch.bool).tril(200))
+    assert index.density() == pytest.approx(1.0)
+    assert index.col_count.sum() == 0
+
+
+def test_partial_masks_equal_slices_of_the_full_mask():
+    g = torch.Generator().manual_seed(1)
+    index = build_index(torch.rand(1, 2, 4, 5, generator=g) < 0.5, torch.randint(0, 300, (1, 2, 7), generator=g), 200, 300)
+    assert torch.equal(index.to_mask(1, 3), index.to_mask()[:, :, 64:192])
+    assert torch.equal(index.to_mask(3, 4), index.to_mask()[:, :, 192:])
+
+
+def test_build_index_rejects_bad_shapes():
+    with pytest.raises(SparseAttentionError, match="block_mask must be"):
+        build_index(torch.ones(1, 1, 2, 2, dtype=torch.bool), None, 200, 200)
+    with pytest.raises(SparseAttentionError, match="q_len <= k_len"):
+        build_index(torch.ones(1, 1, 1, 1, dtype=torch.bool), None, 60, 50)

@@ -1,0 +1,111 @@
+"""The CPU path and the Triton kernel (under TRITON_INTERPRET=1) against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvtier.kernels import SparseAttentionError, build_index, dense_index, sparse_attention
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def make_inputs(batch, heads, kv_heads, q_len, k_len, dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=g).to(dtype)
+    k = torch.randn(batch, kv_heads, k_len, dim, generator=g).to(dtype)
+    v = torch.randn(batch, kv_heads, k_len, dim, generator=g).to(dtype)
+    return q, k, v
+
+
+def random_index(batch, heads, q_len, k_len, seed=0, density=0.35, columns=24):
+    g = torch.Generator().manual_seed(seed)
+    block_mask = torch.rand(batch, heads, -(-q_len // 64), -(-k_len // 64), generator=g) < density
+    cols = torch.randint(-1, k_len, (batch, heads, columns), generator=g)
+    return build_index(block_mask, cols, q_len, k_len)
+
+
+CASES = [  # batch, heads, kv_heads, q_len, k_len, dim, dtype
+    (1, 2, 2, 333, 333, 64, torch.float32),
+    (2, 3, 1, 150, 150, 32, torch.float32),  # GQA 3:1, batch 2
+    (1, 4, 2, 200, 517, 64, torch.float32),  # cached prefix of 317 keys
+    (1, 4, 2, 300, 300, 64, torch.float16),
+    (1, 2, 1, 190, 400, 64, torch.float16),  # fp16 + GQA + prefix
+    (1, 2, 2, 130, 200, 32, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}q{c[3]}k{c[4]}d{c[5]}{str(c[6])[6:]}")
+def test_backend_matches_reference(backend, case):
+    batch, heads, kv_heads, q_len, k_len, dim, dtype = case
+    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, dim, dtype)
+    index = random_index(batch, heads, q_len, k_len)
+    expected = sparse_attention(q.float(), k.float(), v.float(), index, backend="reference")
+    got = sparse_attention(q, k, v, index, backend=backend)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_dense_index_equals_sdpa(backend):
+    q, k, v = make_inputs(1, 4, 2, 300, 700, 64, torch.float32, seed=3)
+    out = sparse_attention(q, k, v, dense_index(1, 4, 300, 700), scale=0.1, backend=backend)
+    causal = torch.ones(300, 700, dtype=torch.bool).tril(400)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=causal, scale=0.1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+def test_rows_without_keys_are_zero(backend):
+    q, k, v = make_inputs(1, 1, 1, 128, 128, 32, torch.float32)
+    block_mask = torch.tensor([[[[False, False], [True, True]]]])  # query block 0 reads nothing
+    out = sparse_attention(q, k, v, build_index(block_mask, None, 128, 128), backend=backend)
+    assert torch.equal(out[0, 0, :64], torch.zeros(64, 32))
+    assert out[0, 0, 64:].abs().sum() > 0
+
+
+def test_bad_inputs_are_clear_errors():
+    q, k, v = make_inputs(1, 4, 2, 100, 100, 64, torch.float32)
+    index = random_index(1, 4, 100, 100)
+    with pytest.raises(SparseAttentionError, match="one shape"):
+        sparse_attention(q, k, v[:, :, :50], index)
+    with pytest.raises(SparseAttentionError, match="multiple of KV heads"):
+        sparse_attention(q[:, :3], k, v, random_index(1, 3, 100, 100))
+    with pytest.raises(SparseAttentionError, match="q_len <= k_len"):
+        sparse_attention(torch.cat([q, q], 2), k, v, index)
+    with pytest.raises(SparseAttentionError, match="one device"):
+        sparse_attention(q, k.to("meta"), v, index)
+    with pytest.raises(SparseAttentionError, match="dtype"):
+        sparse_attention(q, k.half(), v.half(), index)
+    with pytest.raises(SparseAttentionError, match="the sparse index is for"):
+        sparse_attention(q, k, v, random_index(1, 4, 90, 100))
+    with pytest.raises(SparseAttentionError, match="4-D"):
+        sparse_attention(q[0], k, v, index)
+    with pytest.raises(SparseAttentionError, match="unknown backend"):
+        sparse_attention(q, k, v, index, backend="cuda-magic")
+    q48, k48, v48 = make_inputs(1, 4, 2, 100, 100, 48, torch.float32)
+    with pytest.raises(SparseAttentionError, match="power of two"):
+        sparse_attention(q48, k48, v48, index, backend="triton")
+
+
+def test_default_scale_is_inverse_sqrt_dim():
+    q, k, v = make_inputs(1, 2, 2, 70, 70, 16, torch.float32)
+    index = random_index(1, 2, 70, 70)
+    torch.testing.assert_close(sparse_attention(q, k, v, index), sparse_attention(q, k, v, index, scale=1 / math.sqrt(16)))
+
+
+def test_cpu_path_with_many_small_runs(monkeypatch):
+    """Runs of query blocks whose widest block list and widest column list come from different members."""
+    import kvtier.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "CHUNK_SCORES", 64 * 64 * 3)
+    q, k, v = make_inputs(1, 2, 1, 700, 900, 32, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    index = build_index(torch.rand(1, 2, 11, 15, generator=g) < 0.5, torch.randint(-1, 900, (1, 2, 11, 40), generator=g),
+                        700, 900)
+    expected = sparse_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,65 @@
+"""Head patterns, per-model configs and the head search's choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.sparse_attn.config import HeadPattern, SparseConfig, SparseConfigError, load_config
+from kvtier.sparse_attn.search import choose
+
+
+def test_unknown_pattern_name_is_a_clear_error():
+    with pytest.raises(SparseConfigError, match="unknown sparse pattern 'diagonal'.*a_shape, vertical_slash, block_sparse"):
+        HeadPattern("diagonal")
+    with pytest.raises(SparseConfigError, match="unknown sparse pattern"):
+        SparseConfig.from_json('{"model": "m", "num_heads": 1, "layers": [[{"kind": "tri_shape"}]]}')
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"kind": "a_shape", "sink": 64}, "needs"),
+    ({"kind": "a_shape", "sink": 64, "local": 10, "mass": 0.9}, "takes"),
+    ({"kind": "vertical_slash", "vertical": -1, "slash": 10}, "non-negative"),
+    ({"kind": "block_sparse", "mass": 1.5}, "mass must be in"),
+    ({"kind": "block_sparse", "blocks": 2.5}, "non-negative integer"),
+])
+def test_bad_pattern_fields(kwargs, message):
+    with pytest.raises(SparseConfigError, match=message):
+        HeadPattern(**kwargs)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = SparseConfig("m", 2, [[HeadPattern("a_shape", sink=64, local=128), HeadPattern("vertical_slash", mass=0.9)],
+                                   [HeadPattern("block_sparse", blocks=4), HeadPattern("vertical_slash", vertical=10, slash=20)]],
+                          {"note": "x"})
+    config.save(tmp_path / "c.json")
+    again = load_config(tmp_path / "c.json")
+    assert again.layers == config.layers and again.info == config.info and again.num_layers == 2
+
+
+def test_config_shape_errors():
+    with pytest.raises(SparseConfigError, match="every layer needs 2 head patterns"):
+        SparseConfig("m", 2, [[HeadPattern("block_sparse", blocks=1)]])
+    config = SparseConfig("m", 1, [[HeadPattern("block_sparse", blocks=1)]])
+    with pytest.raises(SparseConfigError, match=r"is for 'm' \(1 layers x 1 heads\); the model has 30 layers x 9 heads"):
+        config.check_model(30, 9)
+    with pytest.raises(SparseConfigError, match="no sparse config 'llama-70b'; shipped configs: .*smollm2-135m"):
+        load_config("llama-70b")
+    with pytest.raises(SparseConfigError, match="not a kvtier sparse config"):
+        SparseConfig.from_json("[1, 2]")
+
+
+def test_shipped_smollm2_config():
+    config = load_config("smollm2-135m")
+    assert config.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (config.num_layers, config.num_heads) == (30, 9)
+    config.check_model(30, 9)
+
+
+def test_choose_keeps_mean_density_within_budget_and_prefers_recall():
+    recall = torch.tensor([[[0.5, 0.6], [0.9, 0.99], [1.0, 1.0]]], dtype=torch.float64)  # [layer, candidate, head]
+    density = torch.tensor([[[0.1, 0.1], [0.3, 0.3], [1.0, 1.0]]], dtype=torch.float64)
+    assert choose(recall, density, 1.0).tolist() == [[2, 2]]
+    assert choose(recall, density, 0.3).tolist() == [[1, 1]]
+    assert choose(recall, density, 0.2).tolist() == [[1, 0]]  # head 0 gains more (0.4) from the costlier one
+    assert choose(recall, density, 0.05).tolist() == [[0, 0]]

@@ -1,0 +1,145 @@
+"""Every pattern's index against a brute-force construction from its definition, and online estimation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kvtier.kernels import BLOCK, sparse_attention
+from kvtier.sparse_attn.config import HeadPattern
+from kvtier.sparse_attn.estimate import SINK_COLUMNS, estimate_index, select
+from kvtier.sparse_attn.metrics import attention_recall
+from kvtier.sparse_attn.patterns import a_shape_index, block_sparse_index, vertical_slash_index
+
+
+def mask_from_keys(keys_per_block, columns_per_block, q_len, k_len, whole_blocks=True):
+    """[q_len, k_len] bool: query row i reads the blocks holding ``keys_per_block[i // 64]`` and the columns."""
+    mask = torch.zeros(q_len, k_len, dtype=torch.bool)
+    for i in range(q_len):
+        m = i // BLOCK
+        for j in keys_per_block[m]:
+            mask[i, (j // BLOCK) * BLOCK: (j // BLOCK + 1) * BLOCK] = True
+        for j in columns_per_block[m]:
+            mask[i, j] = True
+    return mask[:, :k_len] & torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+
+
+def rows_of(m, q_len, k_len):
+    return range(k_len - q_len + m * BLOCK, k_len - q_len + min(q_len, (m + 1) * BLOCK))
+
+
+@pytest.mark.parametrize("q_len,k_len,sink,local", [(300, 300, 10, 100), (150, 470, 64, 64), (200, 200, 0, 1)])
+def test_a_shape_matches_brute_force(q_len, k_len, sink, local):
+    blocks = [[j for j in range(k_len) if j < sink or any(p - local < j <= p for p in rows_of(m, q_len, k_len))]
+              for m in range(-(-q_len // BLOCK))]
+    expected = mask_from_keys(blocks, [[]] * len(blocks), q_len, k_len)
+    index = a_shape_index(1, 2, q_len, k_len, sink, local)
+    assert torch.equal(index.to_mask()[0, 0], expected) and torch.equal(index.to_mask()[0, 1], expected)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(300, 300), (100, 420)])
+def test_vertical_slash_matches_brute_force(q_len, k_len):
+    g = torch.Generator().manual_seed(q_len)
+    columns = torch.randint(-1, k_len, (1, 1, 12), generator=g)
+    offsets = torch.cat([torch.tensor([[[0, 5]]]), torch.randint(-1, k_len, (1, 1, 6), generator=g)], -1)
+    num_qb = -(-q_len // BLOCK)
+    blocks = [[p - s for p in rows_of(m, q_len, k_len) for s in offsets[0, 0].tolist() if s >= 0 and p - s >= 0]
+              for m in range(num_qb)]
+    cols = [[c for c in columns[0, 0].tolist() if c >= 0]] * num_qb
+    expected = mask_from_keys(blocks, cols, q_len, k_len)
+    assert torch.equal(vertical_slash_index(columns, offsets, q_len, k_len).to_mask()[0, 0], expected)
+
+
+def test_block_sparse_matches_brute_force():
+    g = torch.Generator().manual_seed(5)
+    selection = torch.rand(1, 1, 4, 6, generator=g) < 0.4
+    q_len, k_len = 250, 370
+    blocks = [[b * BLOCK for b in range(6) if selection[0, 0, m, b]] for m in range(4)]
+    expected = mask_from_keys(blocks, [[]] * 4, q_len, k_len)
+    assert torch.equal(block_sparse_index(selection, q_len, k_len).to_mask()[0, 0], expected)
+
+
+def brute_select(scores, forced, count, mass):
+    keep = []
+    total = sum(scores)
+    order = sorted(range(len(scores)), key=lambda i: (not forced[i], -scores[i]))
+    covered = 0.0
+    for rank, i in enumerate(order):
+        if forced[i] or (rank < count and covered < mass * total):
+            keep.append(i)
+        covered += scores[i]
+    return sorted(keep)
+
+
+@pytest.mark.parametrize("count,mass", [(5, math.inf), (100, 0.5), (3, 0.9), (100, 1.0)])
+def test_select_matches_brute_force(count, mass):
+    g = torch.Generator().manual_seed(count)
+    scores = torch.rand(1, 1, 40, generator=g) ** 4
+    forced = torch.arange(40) < 2
+    got = select(scores, forced, torch.tensor([count]), torch.tensor([mass], dtype=torch.float64))
+    expected = brute_select(scores[0, 0].tolist(), forced.tolist(), count, mass)
+    assert torch.nonzero(got[0, 0]).flatten().tolist() == expected
+
+
+def planted(q_len=600, k_len=600, dim=32, column=137, offset=200, seed=0):
+    """Queries and keys whose attention has one strong column and one strong diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, q_len, dim, generator=g) * 0.3
+    k = torch.randn(1, 1, k_len, dim, generator=g) * 0.3
+    q[..., 0] += 3.0
+    k[0, 0, column, 0] += 19.0  # a key every query attends to
+    prefix = k_len - q_len
+    for i in range(q_len):  # query at position p matches the key at p - offset
+        if prefix + i - offset >= 0:
+            q[0, :, i, 1:] += 27 * k[0, 0, prefix + i - offset, 1:] / k[0, 0, prefix + i - offset, 1:].norm()
+    return q, k
+
+
+@pytest.mark.parametrize("pattern", [HeadPattern("vertical_slash", vertical=70, slash=66),
+                                     HeadPattern("vertical_slash", mass=0.8)])
+def test_estimation_finds_planted_structure(pattern):
+    q, k = planted(1200, 1200)
+    scale = 1 / math.sqrt(q.shape[-1])
+    index = estimate_index(q, k, [pattern] * 2, scale)
+    recall = attention_recall(q, k, [index], scale, block_step=3)[0]
+    assert (recall > 0.9).all(), recall
+    assert index.density() < 0.5, index.density()
+    if pattern.kind == "vertical_slash":
+        mask = index.to_mask()[0, 0]
+        assert mask[-1, 137] and mask[-1, 1199 - 200] and mask[-1, :SINK_COLUMNS].all()
+
+
+@pytest.mark.parametrize("pattern", [HeadPattern("block_sparse", mass=0.9), HeadPattern("block_sparse", blocks=3)])
+def test_block_sparse_estimation_finds_planted_blocks(pattern):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 1000, 32, generator=g) * 0.3
+    k = torch.randn(1, 1, 1000, 32, generator=g) * 0.3
+    q[..., 0] += 3.0
+    k[0, 0, 320:384, 0] += 8.0  # key block 5 draws every query
+    index = estimate_index(q, k, [pattern] * 2)
+    mask = index.to_mask()[0, 1]
+    assert mask[400:, 320:384].all() and mask[64:, :64].all()
+    assert index.density() < 0.5, index.density()
+    assert (attention_recall(q, k, [index], 1 / math.sqrt(32), block_step=2) > 0.8).all()
+
+
+def test_fixed_budgets_limit_the_index():
+    q, k = planted()
+    index = estimate_index(q, k, [HeadPattern("vertical_slash", vertical=64, slash=64)] * 2)
+    assert int(index.col_count.max()) <= 64
+    # 64 nearest diagonals cover at most 2 key blocks per query block, plus 1 block per other diagonal... none
+    assert int(index.block_count.max()) <= 2
+
+
+def test_mixed_patterns_with_cached_prefix_run_and_match_the_reference():
+    q, k = planted(q_len=200, k_len=650, offset=100)
+    v = torch.randn_like(k)
+    patterns = [HeadPattern("a_shape", sink=64, local=128), HeadPattern("vertical_slash", mass=0.9)]
+    index = estimate_index(q, k, patterns)
+    assert (index.q_len, index.k_len, index.heads) == (200, 650, 2)
+    expected = sparse_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)
+    recall = attention_recall(q, k, [index], 1 / math.sqrt(32), block_step=2)
+    assert recall.shape == (1, 1, 2) and (recall > 0).all() and (recall <= 1 + 1e-9).all()
