@@ -108,6 +108,14 @@ class KVLayout:
         except TypeError as exc:
             raise LayoutError(f"invalid KVLayout: {exc}") from None
 
+    def check_layers(self, layers: range | None) -> range:
+        """``layers`` as a contiguous non-empty range within this layout (None: all layers); LayoutError if not."""
+        if layers is None:
+            return range(self.num_layers)
+        if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= self.num_layers:
+            raise LayoutError(f"layers must be a contiguous non-empty range within 0..{self.num_layers}, got {layers!r}")
+        return layers
+
     def check_kv(self, kv: torch.Tensor, tokens: int, name: str = "kv") -> None:
         """Raise LayoutError unless ``kv`` is ``[layers, tensors, kv_heads, >= tokens, head_dim]`` of this dtype."""
         if not isinstance(kv, torch.Tensor):

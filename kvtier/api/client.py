@@ -280,7 +280,7 @@ class _Operations:
     def get_op(self, tokens: TokenLike, out: torch.Tensor | None, layers: range | None,
                layout: KVLayout | None) -> Op[GetResult]:
         att = yield from self._ensure_op(layout)
-        layers = _check_layers(layers, att.layout)
+        layers = att.layout.check_layers(layers)
         ids = _full_chunks(tokens, att.layout)
         keys = chunk_keys(att.root, ids, att.layout.chunk_tokens)
         replies: list[_Reply] = []
@@ -443,14 +443,6 @@ async def _aiter(pieces: list[memoryview]):
 def _full_chunks(tokens: TokenLike, layout: KVLayout) -> np.ndarray:
     ids = as_tokens(tokens)
     return ids[: len(ids) // layout.chunk_tokens * layout.chunk_tokens]
-
-
-def _check_layers(layers: range | None, layout: KVLayout) -> range:
-    if layers is None:
-        return range(layout.num_layers)
-    if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= layout.num_layers:
-        raise LayoutError(f"layers must be a contiguous non-empty range within 0..{layout.num_layers}, got {layers!r}")
-    return layers
 
 
 class Client(_Operations):

@@ -202,7 +202,7 @@ class TieredStore:
                  layers: range | None = None, layout: KVLayout | None = None) -> GetResult:
         """Like :meth:`get` for chunk keys whose first parent is ``root``."""
         layout = self._layout(layout)
-        layers = self._check_layers(layers, layout)
+        layers = layout.check_layers(layers)
         C = layout.chunk_tokens
         with self._lock:
             nodes = self.index.match(keys)
@@ -385,14 +385,6 @@ class TieredStore:
         allowed = {torch.device("cpu")} | {getattr(t, "device", torch.device("cpu")) for t in self.tiers}
         if kv.device not in allowed and torch.device(kv.device.type) not in allowed:
             raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(map(str, allowed))}")
-
-    @staticmethod
-    def _check_layers(layers: range | None, layout: KVLayout) -> range:
-        if layers is None:
-            return range(layout.num_layers)
-        if not isinstance(layers, range) or layers.step != 1 or not 0 <= layers.start < layers.stop <= layout.num_layers:
-            raise LayoutError(f"layers must be a contiguous non-empty range within 0..{layout.num_layers}, got {layers!r}")
-        return layers
 
     @staticmethod
     def _check_out(out: torch.Tensor, layout: KVLayout, layers: range, tokens: int) -> None:
