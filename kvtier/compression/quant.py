@@ -71,7 +71,7 @@ class KIVICodec(Codec):
     """Asymmetric ``bits``-bit quantization, keys per channel and values per token, groups of ``group_size``.
 
     Parts, for the keys (``key_*``, from ``kv[:, :1]``) and the values (``value_*``, from ``kv[:, 1:]``,
-    absent when ``T == 1``), with ``n`` groups per (layer, tensor, head):
+    absent when ``T == 1``), ``T'`` tensors each:
 
     - ``*_codes`` uint8 ``[L, ceil(T' * H * groups * group_size * bits / 8)]``: packed codes (see ``_pack``);
     - ``*_zero``, ``*_scale`` uint8 ``[L, T', H, ...group grid]``: 8-bit codes of each group's zero and scale;
@@ -130,7 +130,7 @@ class KIVICodec(Codec):
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check(kv.dim() == 5, self.name, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
         parts: dict[str, torch.Tensor] = {}
-        for prefix, (L, T, H, C, D), per_channel in self._split(tuple(kv.shape)):
+        for prefix, (L, *_), per_channel in self._split(tuple(kv.shape)):
             src = kv[:, :1] if prefix == "key" else kv[:, 1:]
             groups = self._grouped(src, per_channel)
             codes, zero, scale, grid = self._quantize(groups, 4 if per_channel else 5)
@@ -188,9 +188,9 @@ class KIVICodec(Codec):
         if n % per:
             codes = torch.nn.functional.pad(codes, (0, per - n % per))
         width = codes.shape[1] // per
-        packed = codes[:, :width].clone()
+        packed = codes[:, :width]
         for i in range(1, per):
-            packed.add_(codes[:, i * width : (i + 1) * width], alpha=1 << (i * self.bits))
+            packed = torch.add(packed, codes[:, i * width : (i + 1) * width], alpha=1 << (i * self.bits))
         return packed.to(torch.uint8)
 
     # --- decode ---------------------------------------------------------------------------------------
