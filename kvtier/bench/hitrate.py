@@ -165,7 +165,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def generated_workloads(seed: int = 0) -> list[Workload]:
     """LMCache-style workloads (256-token blocks) with capacities around their working sets."""
     mrq = multi_round_qa(seed=seed)
-    out = [Workload(mrq, [150_000, 300_000, 600_000], 300_000)]
+    out = [Workload(mrq, [75_000, 150_000, 300_000], 150_000)]
     for mode in ("tile", "interleave", "random"):
         out.append(Workload(long_doc_qa(mode=mode, seed=seed), [100_000, 200_000, 300_000], 200_000))
     return out

@@ -10,8 +10,8 @@ For a batch of prompts the adapter
    batch whose first ``T - S`` positions are already in the cache: the same padding, masks and position ids
    as ``generate`` uses, and no more compute than padding the suffixes would cost (every row computes ``S``
    tokens either way);
-3. fetches the prefixes with one ``get`` per prompt into a reused buffer and rebuilds a ``DynamicCache``
-   with ``cache.update(k, v, layer)`` (pad positions hold zeros and are masked out);
+3. fetches the prefixes with one ``get`` per prompt (batch 1: into a reused buffer) and rebuilds a
+   ``DynamicCache`` from them layer by layer (pad positions hold zeros and are masked out);
 4. runs the suffix (``prefill``: one forward, for a plain decode loop; ``generate``: ``model.generate``,
    which skips the cached positions by itself);
 5. stores each prompt's new full chunks (``put_chunks``, starting after the fetched ones).
@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +67,25 @@ def model_layout(model: torch.nn.Module, chunk_tokens: int = 256, model_id: str 
                     head_dim=head_dim, dtype=dtype, chunk_tokens=chunk_tokens, page_tokens=page)
 
 
+def _set_layer(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Make ``keys``/``values`` (``[B, H, N, D]``) layer ``layer``'s cached KV. A full-attention
+    ``DynamicLayer`` takes the tensors as they are (``update`` would copy them into a fresh allocation: at 4k
+    tokens of SmolLM2 that is 188 MB of page faults per request); other layer kinds go through ``update``."""
+    from transformers.cache_utils import DynamicLayer
+
+    target = cache.layers[layer]
+    if type(target) is DynamicLayer and not target.is_initialized:
+        target.lazy_initialization(keys, values)
+        target.keys, target.values = keys, values
+    else:
+        cache.update(keys, values, layer)
+
+
 @dataclass
 class Loaded:
     """A batch ready for its suffix: ``input_ids``/``attention_mask`` ``[B, T]`` (left-padded), ``cache``
-    holding positions ``[0, T - suffix)``, ``reused[i]`` tokens of prompt ``i`` taken from the store."""
+    holding positions ``[0, T - suffix)``, ``reused[i]`` tokens of prompt ``i`` taken from the store,
+    ``fetched[i]`` tokens fetched for it (whole chunks, >= reused), ``tiers[i]`` the tier of each chunk."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -78,7 +93,7 @@ class Loaded:
     reused: list[int]
     suffix: int
     fetched: list[int]
-    tiers: list[list[str]] = field(default_factory=list)
+    tiers: list[list[str]]
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -146,16 +161,21 @@ class HFKVCache:
         if prefix:
             L, _, H, _, D = self.layout.chunk_shape
             for layer in range(L):
-                kv = torch.zeros((2, batch, H, prefix, D), dtype=self.layout.torch_dtype)
-                for i, (buf, w) in enumerate(zip(buffers, wanted)):
-                    if w:
-                        kv[:, i, :, prefix - w:] = buf[layer, :, :, :w]
-                cache.update(kv[0], kv[1], layer)
+                if batch == 1:  # no padding: views of the fetch buffer
+                    kv = buffers[0][layer, :, :, :prefix].unsqueeze(1)
+                else:
+                    kv = torch.zeros((2, batch, H, prefix, D), dtype=self.layout.torch_dtype)
+                    for i, (buf, w) in enumerate(zip(buffers, wanted)):
+                        if w:
+                            kv[:, i, :, prefix - w:] = buf[layer, :, :, :w]
+                _set_layer(cache, layer, kv[0], kv[1])
         self.timings["load_s"] = time.perf_counter() - start
         return Loaded(input_ids, mask, cache, wanted, suffix, fetched, tiers)
 
     def _scratch(self, tokens: int) -> torch.Tensor:
-        """A reused fetch buffer ``[L, T, H, >= tokens, D]`` (no page faults on every request)."""
+        """A reused fetch buffer ``[L, T, H, >= tokens, D]``: allocating (and page-faulting) hundreds of MB per
+        request costs more than the copy. A batch-1 cache from :meth:`load` holds views of it until its first
+        forward (which concatenates into new tensors), so run it before the next ``load``."""
         L, T, H, _, D = self.layout.chunk_shape
         if self._buffer is None or self._buffer.shape[3] < tokens:
             self._buffer = torch.empty((L, T, H, tokens, D), dtype=self.layout.torch_dtype)

@@ -318,6 +318,7 @@ class TieredStore:
             nodes = self.index.match(keys)
             for n in nodes:
                 n.pins += 1
+            promoted = []
             try:
                 parent = root
                 for node in nodes:
@@ -326,9 +327,12 @@ class TieredStore:
                         got = self._fetch(node, parent, buf, range(layout.num_layers))
                         if got is None or not self._promote(node, got[1], layout, got[0]):
                             break
+                        promoted.append(node)
                     parent = node.key
                 return sum(1 for n in nodes if n.tiers & 1)
             finally:
+                for node in reversed(promoted):
+                    self._admit(0, node, layout)
                 for n in nodes:
                     n.pins -= 1
 
@@ -431,9 +435,9 @@ class TieredStore:
                     parent = node
             finally:
                 for node in reversed(added):  # deepest first: parents end up newer than children
-                    for i, policy in enumerate(self.policies):
+                    for i in range(len(self.tiers)):
                         if node.tiers >> i & 1:
-                            policy.insert(node.key, layout.chunk_bytes, node.depth)
+                            self._admit(i, node, layout)
                 for n in path + added:
                     n.pins -= 1
             self.counters.puts += 1
@@ -463,6 +467,11 @@ class TieredStore:
             if self._commit(i, prepared):
                 mask |= 1 << i
         return mask
+
+    def _admit(self, t: int, node: Node, layout: KVLayout) -> None:
+        """Tell tier ``t``'s policy it now holds ``node`` (sized as that tier's encoding of a chunk)."""
+        size = self.tiers[t].codec.encoded_nbytes(layout.chunk_shape, layout.torch_dtype)
+        self.policies[t].insert(node.key, size, node.depth)
 
     def _commit(self, t: int, prepared) -> bool:
         """Commit to tier ``t``; a tier that fails (disk full, Redis down) just does not take the chunk."""
@@ -528,7 +537,7 @@ class TieredStore:
         if not self._commit(t + 1, prepared):
             return False
         node.tiers |= 1 << (t + 1)
-        self.policies[t + 1].insert(node.key, layout.chunk_bytes, node.depth)
+        self._admit(t + 1, node, layout)
         self.counters.demotions += 1
         return True
 
@@ -615,16 +624,20 @@ class TieredStore:
             return  # a partial fetch cannot be promoted
         for node, _, _ in fetched:
             node.pins += 1
+        promoted = []
         try:
             for node, t, chunk in fetched:
-                if t > 0 and node.key in self.index:
-                    self._promote(node, chunk, layout, t)
+                if t > 0 and node.key in self.index and self._promote(node, chunk, layout, t):
+                    promoted.append(node)
         finally:
+            for node in reversed(promoted):  # deepest first, as a put does
+                self._admit(0, node, layout)
             for node, _, _ in fetched:
                 node.pins -= 1
 
     def _promote(self, node: Node, chunk: Chunk, layout: KVLayout, source: int) -> bool:
-        """Copy a verified chunk (read from tier ``source``) into tier 0."""
+        """Copy a verified chunk (read from tier ``source``) into tier 0; the caller admits it to tier 0's
+        policy (deepest first, once the whole prefix is promoted)."""
         if node.tiers & 1:
             return True
         chunk.namespace = node.namespace
@@ -637,7 +650,6 @@ class TieredStore:
         if not self._commit(0, prepared):
             return False
         node.tiers |= 1
-        self.policies[0].insert(node.key, layout.chunk_bytes, node.depth)
         self.counters.promotions += 1
         return True
 
@@ -677,7 +689,7 @@ class TieredStore:
         for node in reversed(order):
             for t, policy in enumerate(self.policies):
                 if node.tiers >> t & 1:
-                    policy.insert(node.key, self.layouts[node.layout].chunk_bytes, node.depth)
+                    self._admit(t, node, self.layouts[node.layout])
         for t, tier in enumerate(self.tiers):
             while tier.used_bytes > tier.capacity_bytes:
                 key = self.policies[t].victim(lambda k: self._evictable(k, t))
