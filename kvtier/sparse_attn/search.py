@@ -25,13 +25,17 @@ from kvtier.sparse_attn.metrics import attention_recall
 CANDIDATES = (
     HeadPattern("a_shape", sink=64, local=256),
     HeadPattern("a_shape", sink=64, local=1024),
+    HeadPattern("a_shape", sink=64, local=4096),
     HeadPattern("vertical_slash", mass=0.8),
     HeadPattern("vertical_slash", mass=0.9),
     HeadPattern("vertical_slash", mass=0.95),
     HeadPattern("vertical_slash", mass=0.98),
+    HeadPattern("vertical_slash", mass=0.99),
+    HeadPattern("vertical_slash", mass=0.995),
     HeadPattern("block_sparse", mass=0.9),
     HeadPattern("block_sparse", mass=0.95),
     HeadPattern("block_sparse", mass=0.98),
+    HeadPattern("block_sparse", mass=0.99),
 )
 
 
@@ -71,10 +75,11 @@ def choose(recall: torch.Tensor, density: torch.Tensor, max_density: float) -> t
 
 
 def search_config(model, input_ids: torch.Tensor, model_name: str, max_density: float = 0.2,
-                  candidates=CANDIDATES, measured: tuple[torch.Tensor, torch.Tensor] | None = None) -> SparseConfig:
+                  candidates=CANDIDATES, measured: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  block_step: int = 2) -> SparseConfig:
     """The searched SparseConfig of ``model`` on ``input_ids`` ``[1, tokens]`` (``measured``: the output of
     ``measure_candidates`` for these inputs, to choose again under another budget without measuring)."""
-    recall, density = measured or measure_candidates(model, input_ids, candidates)
+    recall, density = measured or measure_candidates(model, input_ids, candidates, block_step)
     choice = choose(recall, density, max_density)
     layers = [[candidates[c] for c in row.tolist()] for row in choice]
     picked_recall = recall.gather(1, choice[:, None])
@@ -91,8 +96,9 @@ def main() -> None:
     from kvtier.integrations.smollm2 import MODEL_ID, load_smollm2
 
     parser = argparse.ArgumentParser(description="search the per-head sparse config of SmolLM2-135M")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--max-density", type=float, default=0.2)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--max-density", type=float, default=0.28)
+    parser.add_argument("--block-step", type=int, default=4, help="recall over every n-th query block")
     parser.add_argument("--out", default=str(CONFIG_DIR / "smollm2-135m.json"))
     parser.add_argument("--measured", help="a .pt file: reuse its measurements if it exists, else save them there")
     args = parser.parse_args()
@@ -104,9 +110,10 @@ def main() -> None:
         try:
             measured = torch.load(args.measured)
         except FileNotFoundError:
-            measured = measure_candidates(model, ids)
+            measured = measure_candidates(model, ids, block_step=args.block_step)
             torch.save(measured, args.measured)
-    config = search_config(model, ids, MODEL_ID, args.max_density, measured=measured)
+    config = search_config(model, ids, MODEL_ID, args.max_density, measured=measured, block_step=args.block_step)
+    config.info["block_step"] = args.block_step
     config.info["text"] = "kvtier.bench.text.english_text('tune')"
     config.info["seconds"] = round(time.time() - start, 1)
     config.save(args.out)
