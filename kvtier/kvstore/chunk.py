@@ -65,12 +65,16 @@ def key_summary(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
     ``kv``: ``[L, T, H, C, D]`` (tensor 0 is the key, or the latent for MLA) -> ``[L, H, C // page, 3, D]``
     in ``kv``'s dtype. Decode-time retrieval scores pages with it (Quest: ``sum_d max(q_d min_d, q_d max_d)``).
     Reduced in fp32 over ``[pages, page_tokens, D]`` (CPU reductions on fp16, or over a middle dimension of
-    a 5-D view, are several times slower).
+    a 5-D view, are several times slower), about 1 MiB of layers at a time: one fp32 copy of a large chunk's
+    keys would land in fresh pages, and the page faults cost more than the arithmetic.
     """
     L, _, H, C, D = kv.shape
-    keys = kv[:, 0].reshape(L * H * (C // page_tokens), page_tokens, D).float()
-    out = torch.stack((keys.amin(dim=1), keys.amax(dim=1), keys.mean(dim=1)), dim=1)
-    return out.view(L, H, C // page_tokens, 3, D).to(kv.dtype)
+    step = max(1, (1 << 20) // (H * C * D * 4))
+    out = []
+    for start in range(0, L, step):
+        keys = kv[start : start + step, 0].reshape(-1, page_tokens, D).float()
+        out.append(torch.stack((keys.amin(dim=1), keys.amax(dim=1), keys.mean(dim=1)), dim=1))
+    return torch.cat(out).view(L, H, C // page_tokens, 3, D).to(kv.dtype)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
