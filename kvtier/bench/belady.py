@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier.kvstore.policies import Evictable, EvictionPolicy
+from kvtier.kvstore.policies import Evictable, EvictionPolicy, heap_victim
 
 
 class BeladyPolicy(EvictionPolicy):
@@ -68,16 +68,4 @@ class BeladyPolicy(EvictionPolicy):
             entry[4] = False
 
     def victim(self, evictable: Evictable) -> bytes | None:
-        skipped = []
-        found = None
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            if not entry[4]:
-                continue
-            skipped.append(entry)
-            if evictable(entry[3]):
-                found = entry[3]
-                break
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
-        return found
+        return heap_victim(self._heap, evictable, key_at=3, valid_at=4)

@@ -28,6 +28,24 @@ from kvtier.errors import ConfigError
 Evictable = Callable[[bytes], bool]
 
 
+def heap_victim(heap: list[list[Any]], evictable: Evictable, key_at: int, valid_at: int) -> bytes | None:
+    """The key of the lowest valid entry of a lazily invalidated heap for which ``evictable`` is true.
+    Stale entries met on the way are dropped; valid ones that cannot be evicted are put back."""
+    skipped = []
+    found = None
+    while heap:
+        entry = heapq.heappop(heap)
+        if not entry[valid_at]:
+            continue
+        skipped.append(entry)
+        if evictable(entry[key_at]):
+            found = entry[key_at]
+            break
+    for entry in skipped:
+        heapq.heappush(heap, entry)
+    return found
+
+
 class EvictionPolicy(ABC):
     name: str
 
@@ -108,20 +126,7 @@ class GreedyDualPolicy(EvictionPolicy):
             self._age = max(self._age, entry[0])
 
     def victim(self, evictable: Evictable) -> bytes | None:
-        skipped = []
-        found = None
-        heap = self._heap
-        while heap:
-            entry = heapq.heappop(heap)
-            if not entry[5]:
-                continue
-            skipped.append(entry)
-            if evictable(entry[2]):
-                found = entry[2]
-                break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        return found
+        return heap_victim(self._heap, evictable, key_at=2, valid_at=5)
 
 
 class LFUPolicy(GreedyDualPolicy):

@@ -150,6 +150,16 @@ class DiskTier(Tier):
             _pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
         return out
 
+    def _read_head(self, fd: int, key: bytes) -> tuple[BlobHeader, torch.Tensor]:
+        """The header and the verified tokens of ``key``'s open file; BlobError when either is wrong."""
+        header, first = self._read_header(fd)
+        if header.key != key:
+            raise BlobError(f"file holds key {header.key.hex()}, not {key.hex()}")
+        tokens = self._read_tensor(fd, header, first, "tokens")
+        if checksum(tokens) != header.tokens_xxh3:
+            raise BlobError("tokens checksum mismatch")
+        return header, tokens
+
     def _corrupt(self, key: bytes, why: str) -> None:
         log.warning("disk tier %s: chunk %s is unreadable (%s); deleted", self.name, key.hex(), why)
         self.stats.corrupt += 1
@@ -166,12 +176,7 @@ class DiskTier(Tier):
             self.stats.misses += 1
             return None
         try:
-            header, first = self._read_header(fd)
-            if header.key != key:
-                raise BlobError(f"file holds key {header.key.hex()}, not {key.hex()}")
-            tokens = self._read_tensor(fd, header, first, "tokens")
-            if checksum(tokens) != header.tokens_xxh3:
-                raise BlobError("tokens checksum mismatch")
+            header, tokens = self._read_head(fd, key)
             layers = layers if layers is not None else range(header.layout.num_layers)
             parts = self._read_kv(fd, header, out, layers)
             header.codec.decode(parts, out)
@@ -241,12 +246,7 @@ class DiskTier(Tier):
                 self._corrupt(key, "missing")
                 continue
             try:
-                header, first = self._read_header(fd)
-                if header.key != key:
-                    raise BlobError("file name and key differ")
-                tokens = self._read_tensor(fd, header, first, "tokens")
-                if checksum(tokens) != header.tokens_xxh3:
-                    raise BlobError("tokens checksum mismatch")
+                header, tokens = self._read_head(fd, key)
             except (BlobError, OSError) as exc:
                 self._corrupt(key, str(exc))
                 continue
