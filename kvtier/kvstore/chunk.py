@@ -77,7 +77,11 @@ def key_summary(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
     return torch.cat(out).view(L, H, C // page_tokens, 3, D).to(kv.dtype)
 
 
-def _byte_view(t: torch.Tensor) -> memoryview:
+UNHASHED = "0" * 16  # a layer digest's length: sizes a header before the KV is hashed
+_DIGESTS_FIELD = b'"layer_xxh3":"'
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
@@ -87,7 +91,7 @@ def part_views(parts: dict[str, torch.Tensor]) -> list[tuple[memoryview, int]]:
     layer-major, so layer ``l`` is the ``l``-th equal slice)."""
     out = []
     for name in sorted(parts):
-        view = _byte_view(parts[name])
+        view = byte_view(parts[name])
         out.append((view, len(view) // parts[name].shape[0]))
     return out
 
@@ -110,47 +114,86 @@ def layer_checksums(parts: dict[str, torch.Tensor]) -> list[str]:
 
 def checksum(t: torch.Tensor | None) -> str:
     """XXH3-64 hex digest of a contiguous CPU tensor's bytes ("" for None)."""
-    return "" if t is None else xxhash.xxh3_64_hexdigest(_byte_view(t))
+    return "" if t is None else xxhash.xxh3_64_hexdigest(byte_view(t))
 
 
-def encode_blob(chunk: Chunk, layout: KVLayout, codec: Codec) -> tuple[bytes, list[memoryview]]:
-    """Encode ``chunk`` with ``codec``: the safetensors header and the tensor buffers, in file order.
-
-    ``b"".join([header, *buffers])`` (or a vectored write of them) is the blob.
-    """
+def blob_tensors(chunk: Chunk, codec: Codec) -> dict[str, torch.Tensor]:
+    """The blob's tensors in file order: ``tokens``, the codec's parts as ``kv.<name>``, ``summary`` if any."""
     if chunk.kv is None:
         raise BlobError("a chunk without KV cannot be encoded as a blob")
     kv = chunk.kv if chunk.kv.device.type == "cpu" else chunk.kv.cpu()
     parts = {name: t.contiguous() for name, t in codec.encode(kv).items()}
-    tokens = torch.from_numpy(np.ascontiguousarray(chunk.tokens, dtype=np.int32))
-    tensors = {"tokens": tokens}
+    tensors = {"tokens": torch.from_numpy(np.ascontiguousarray(chunk.tokens, dtype=np.int32))}
     tensors.update((f"kv.{name}", t) for name, t in sorted(parts.items()))
-    summary = chunk.summary.cpu().contiguous() if chunk.summary is not None else None
-    if summary is not None:
-        tensors["summary"] = summary
+    if chunk.summary is not None:
+        tensors["summary"] = chunk.summary.cpu().contiguous()
+    return tensors
+
+
+def kv_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The codec's parts among a blob's tensors, by part name."""
+    return {name[3:]: t for name, t in tensors.items() if name.startswith("kv.")}
+
+
+def blob_header(chunk: Chunk, layout: KVLayout, codec: Codec, tensors: dict[str, torch.Tensor],
+                layer_xxh3: list[str], align: int = 8) -> bytes:
+    """The safetensors header of a blob of ``tensors`` (from :func:`blob_tensors`) whose KV layers hash to
+    ``layer_xxh3``. Its length does not depend on the digests' values (each is 16 hex digits), so a writer
+    may put the KV first and the header last.
+
+    ``align``: the header is padded with spaces (as safetensors allows) so that the first KV part starts at
+    a multiple of this many bytes; the disk tier asks for its page size, so reads and writes of the KV copy
+    whole, aligned pages.
+    """
     metadata = {
         "format": FORMAT,
         "key": chunk.key.hex(),
         "parent": chunk.parent.hex(),
         "namespace": chunk.namespace,
-        "layout": json.dumps(layout.to_dict(), sort_keys=True),
+        "layout": _layout_json(layout),
         "codec": codec.name,
         "codec_params": json.dumps(codec.params(), sort_keys=True),
-        "layer_xxh3": ",".join(layer_checksums(parts)),
-        "tokens_xxh3": checksum(tokens),
-        "summary_xxh3": checksum(summary),
+        "layer_xxh3": ",".join(layer_xxh3),
+        "tokens_xxh3": checksum(tensors["tokens"]),
+        "summary_xxh3": checksum(tensors.get("summary")),
     }
     header: dict = {"__metadata__": metadata}
-    buffers = []
     offset = 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
         header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        buffers.append(_byte_view(t))
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, buffers
+    if align > 8:
+        kv_start = 8 + len(text) + tensors["tokens"].nbytes  # the tokens come first
+        text += b" " * (-kv_start % align)
+    return struct.pack("<Q", len(text)) + text
+
+
+def with_layer_digests(header: bytes, layer_xxh3: list[str]) -> bytes:
+    """``header`` (from :func:`blob_header`) with its layer digests replaced; the length does not change."""
+    start = header.index(_DIGESTS_FIELD) + len(_DIGESTS_FIELD)
+    end = header.index(b'"', start)
+    text = ",".join(layer_xxh3).encode()
+    if len(text) != end - start:
+        raise ValueError(f"{len(layer_xxh3)} layer digests do not fit the header's {header[start:end].count(b',') + 1}")
+    return header[:start] + text + header[end:]
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_json(layout: KVLayout) -> str:
+    return json.dumps(layout.to_dict(), sort_keys=True)
+
+
+def encode_blob(chunk: Chunk, layout: KVLayout, codec: Codec, align: int = 8) -> tuple[bytes, list[memoryview]]:
+    """Encode ``chunk`` with ``codec``: the safetensors header and the tensor buffers, in file order.
+
+    ``b"".join([header, *buffers])`` (or a vectored write of them) is the blob.
+    """
+    tensors = blob_tensors(chunk, codec)
+    header = blob_header(chunk, layout, codec, tensors, layer_checksums(kv_parts(tensors)), align)
+    return header, [byte_view(t) for t in tensors.values()]
 
 
 def blob_bytes(chunk: Chunk, layout: KVLayout, codec: Codec) -> bytes:

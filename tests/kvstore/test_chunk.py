@@ -5,7 +5,10 @@ from safetensors.torch import load as st_load
 
 from kvtier.compression import get_codec
 from kvtier.errors import BlobError
-from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary
+from kvtier.kvstore.chunk import (
+    UNHASHED, Chunk, blob_bytes, blob_header, blob_tensors, decode_blob, encode_blob, key_summary, kv_parts,
+    layer_checksums, with_layer_digests,
+)
 from kvtier.kvstore.keys import chain_key, root_key
 from kvtier.layout import KVLayout
 
@@ -89,3 +92,25 @@ def test_damaged_blob_is_a_blob_error(damage):
         data = bytearray()
     with pytest.raises(BlobError):
         decode_blob(data)
+
+
+def test_aligned_blob_is_still_plain_safetensors():
+    layout = KVLayout("m", num_layers=2, kv_heads=1, head_dim=8, chunk_tokens=24, page_tokens=8)
+    chunk = chunk_of(layout)
+    header, buffers = encode_blob(chunk, layout, get_codec("raw"), align=4096)
+    data = b"".join([header, *buffers])
+    assert (len(header) + chunk.tokens.nbytes) % 4096 == 0
+    assert torch.equal(st_load(data)["kv.kv"], chunk.kv)
+    assert torch.equal(decode_blob(data)[1].kv, chunk.kv)
+
+
+def test_layer_digests_are_replaced_in_place():
+    layout = KVLayout("m", num_layers=3, kv_heads=1, head_dim=8, chunk_tokens=16, page_tokens=8)
+    chunk = chunk_of(layout)
+    tensors = blob_tensors(chunk, get_codec("raw"))
+    blank = blob_header(chunk, layout, get_codec("raw"), tensors, [UNHASHED] * 3)
+    real = layer_checksums(kv_parts(tensors))
+    filled = with_layer_digests(blank, real)
+    assert filled == blob_header(chunk, layout, get_codec("raw"), tensors, real)
+    with pytest.raises(ValueError, match="do not fit"):
+        with_layer_digests(blank, real[:2])

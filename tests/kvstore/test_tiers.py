@@ -7,6 +7,7 @@ from kvtier.kvstore.chunk import Chunk, key_summary
 from kvtier.kvstore.keys import chunk_keys, root_key
 from kvtier.kvstore.tiers import DiskTier, HostTier, MetaTier
 from kvtier.kvstore.tiers.memory import ExtentAllocator
+from kvtier.layout import KVLayout
 
 from .helpers import TINY, make_kv
 
@@ -114,3 +115,25 @@ def test_disk_restart_lists_files_and_cleans_temporaries(tmp_path):
     found = {c.key: c for c, layout in again.scan()}
     assert set(found) == {c.key for c in cs}
     assert all(found[c.key].parent == c.parent and np.array_equal(found[c.key].tokens, c.tokens) for c in cs)
+
+
+@pytest.mark.parametrize("codec", ["raw", "int4", "zstd"])
+def test_disk_file_is_the_encoded_blob_with_page_aligned_kv(tmp_path, codec):
+    """The disk tier writes the KV first and the header last: the file must be byte for byte the blob that
+    encode_blob makes (digests included), with the first KV part on a page boundary."""
+    from kvtier.compression import get_codec
+    from kvtier.kvstore.chunk import decode_blob, encode_blob, parse_header
+
+    layout = KVLayout("m", num_layers=5, kv_heads=2, head_dim=32, chunk_tokens=64, page_tokens=16)
+    tier = DiskTier(tmp_path, 1 << 22, codec=codec)
+    (c,) = chunks(1, layout=layout)
+    tier.commit(tier.prepare(c, layout))
+    data = Path(tier._file(c.key)).read_bytes()
+    header, buffers = encode_blob(c, layout, get_codec(codec), align=4096)
+    assert data == b"".join([header, *buffers])
+    parsed = parse_header(data)
+    first_kv = min(lo for name, (_, _, lo, _) in parsed.tensors.items() if name.startswith("kv."))
+    assert (parsed.data_start + first_kv) % 4096 == 0
+    _, back = decode_blob(data)
+    out = torch.empty(layout.chunk_shape, dtype=layout.torch_dtype)
+    assert tier.get(c.key, out) is not None and torch.equal(out, back.kv)

@@ -1,7 +1,9 @@
 """DiskTier: one blob file per chunk in a local folder.
 
 - Writes are atomic: the blob goes to ``tmp/`` and is renamed into place, so a reader never sees half a
-  file. ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a
+  file. The KV goes first, a group of layers at a time, each hashed right after it is written while it is
+  still in the CPU cache; the header with those digests goes last (its length does not depend on them). The
+  KV starts on a page boundary, so the kernel copies whole, aligned pages both ways. ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a
   lost or torn file can never be served, because every read verifies its checksums.
 - Reads go straight into the caller's buffer (no staging copy for the raw codec) and verify the per-layer
   checksums of what they read; a corrupt or truncated file is a miss, deleted and counted.
@@ -23,7 +25,8 @@ import torch
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError, TierError
 from kvtier.kvstore.chunk import (
-    BlobHeader, Chunk, checksum, encode_blob, header_length, layer_digests, parse_header, part_views,
+    UNHASHED, BlobHeader, Chunk, blob_header, blob_tensors, byte_view, checksum, header_length, kv_parts,
+    layer_digests, parse_header, part_views, with_layer_digests,
 )
 from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
@@ -31,25 +34,16 @@ from kvtier.layout import KVLayout
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvt"
-_FIRST_READ = 16 * 1024  # the header and the tokens, in one read
-_HASH_GROUP_BYTES = 512 * 1024  # read this much KV, then hash it while it is in cache
+_PAGE = 4096  # the KV starts on a page boundary of the file (see encode_blob's align)
+_FIRST_READ = 2 * _PAGE  # the header and the tokens, in one read
+_GROUP_BYTES = 2 << 20  # KV is read or written this much at a time, then hashed while in cache
 
 
-def _write_all(fd: int, buffers: list) -> int:
-    """``os.writev`` until every byte is written; returns the total."""
-    total = sum(len(b) for b in buffers)
-    written = 0
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        n = os.writev(fd, views)
-        written += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    assert written == total
-    return total
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Write all of ``buf`` at ``offset``."""
+    done = 0
+    while done < len(buf):
+        done += os.pwritev(fd, [buf[done:]], offset + done)
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
@@ -60,6 +54,14 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
         if n <= 0:
             raise BlobError(f"file truncated: wanted {len(buf)} bytes at {offset}, got {done}")
         done += n
+
+
+def _layer_groups(views: list[tuple[memoryview, int]], num_layers: int) -> Iterator[range]:
+    """Consecutive layers of about ``_GROUP_BYTES`` (over all parts): a group's bytes are hashed right
+    after they are copied, while they are still in the CPU cache."""
+    group = max(1, _GROUP_BYTES // sum(step for _, step in views))
+    for g0 in range(0, num_layers, group):
+        yield range(g0, min(g0 + group, num_layers))
 
 
 class DiskTier(Tier):
@@ -74,6 +76,8 @@ class DiskTier(Tier):
         self._tmp = self.path / "tmp"
         shutil.rmtree(self._tmp, ignore_errors=True)  # half-written files of an earlier run
         self._tmp.mkdir(parents=True, exist_ok=True)
+        for i in range(256):  # the files' folders, by the key's first byte
+            (self.path / f"{i:02x}").mkdir(exist_ok=True)
         self._sizes: dict[bytes, int] = {}
         self._used = 0
         self._tmp_seq = 0
@@ -98,8 +102,31 @@ class DiskTier(Tier):
         return self._used
 
     def prepare(self, chunk: Chunk, layout: KVLayout) -> Prepared:
-        header, buffers = encode_blob(chunk, layout, self.codec)
-        return Prepared(chunk.key, len(header) + sum(len(b) for b in buffers), [header, *buffers])
+        tensors = blob_tensors(chunk, self.codec)
+        header = blob_header(chunk, layout, self.codec, tensors, [UNHASHED] * layout.num_layers, align=_PAGE)
+        return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors))
+
+    @staticmethod
+    def _write_blob(fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
+        """The tensors first, each group of KV layers hashed right after it is written (still in cache);
+        then the header, with those digests."""
+        spans = {}
+        offset = len(header)
+        for name, t in tensors.items():
+            spans[name] = offset
+            offset += t.nbytes
+        parts = kv_parts(tensors)
+        views = part_views(parts)
+        starts = [spans[f"kv.{name}"] for name in sorted(parts)]
+        digests = []
+        for group in _layer_groups(views, len(parts[next(iter(parts))])):
+            for (view, step), start in zip(views, starts):
+                _pwrite_all(fd, view[group.start * step : group.stop * step], start + group.start * step)
+            digests += layer_digests(views, group)
+        for name in ("tokens", "summary"):
+            if name in tensors:
+                _pwrite_all(fd, byte_view(tensors[name]), spans[name])
+        _pwrite_all(fd, memoryview(with_layer_digests(header, digests)), 0)
 
     def commit(self, prepared: Prepared) -> None:
         final = self._file(prepared.key)
@@ -109,13 +136,16 @@ class DiskTier(Tier):
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                _write_all(fd, prepared.payload)
+                self._write_blob(fd, *prepared.payload)
                 if self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # its folder was removed behind our back
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(tmp, final)
         except OSError as exc:  # e.g. the disk is full: leave nothing behind, keep the accounting
             tmp.unlink(missing_ok=True)
             raise TierError(f"disk tier {self.name!r} could not write {final}: {exc}") from exc
@@ -205,13 +235,11 @@ class DiskTier(Tier):
             parts[name[3:]] = target
             spans.append(header.data_start + lo + layers.start * ((hi - lo) // shape[0]))
         views = part_views(parts)
-        group = max(1, _HASH_GROUP_BYTES // sum(step for _, step in views))
         digests = []
-        for g0 in range(0, len(layers), group):
-            g1 = min(g0 + group, len(layers))
+        for group in _layer_groups(views, len(layers)):
             for (view, step), start in zip(views, spans):
-                _pread_into(fd, view[g0 * step : g1 * step], start + g0 * step)
-            digests += layer_digests(views, range(g0, g1))
+                _pread_into(fd, view[group.start * step : group.stop * step], start + group.start * step)
+            digests += layer_digests(views, group)
         if digests != header.layer_xxh3[layers.start : layers.stop]:
             raise BlobError("KV checksum mismatch")
         return parts

@@ -45,7 +45,7 @@ from redis.retry import Retry
 
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError, CodecError, LayoutError, TierError
-from kvtier.kvstore.chunk import BlobHeader, Chunk, checksum, encode_blob, header_length, layer_checksums, parse_header
+from kvtier.kvstore.chunk import BlobHeader, Chunk, byte_view, checksum, encode_blob, header_length, layer_checksums, parse_header
 from kvtier.kvstore.tiers.base import Prepared, Tier, TierStats
 from kvtier.layout import KVLayout
 
@@ -177,13 +177,8 @@ class _Pieces:
             per = (hi - lo) // shape[0]
             lo, shape = lo + layers.start * per, (len(layers),) + shape[1:]
         out = torch.empty(shape, dtype=dtype)
-        self.copy_to(header.data_start + lo, _byte_view(out))
+        self.copy_to(header.data_start + lo, byte_view(out))
         return out
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor (no copy)."""
-    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
 
 
 def _glob_escape(text: str) -> str:
@@ -529,7 +524,7 @@ class RedisTier(Tier):
                 if direct:
                     if tuple(out.shape) != (len(layers),) + shape[1:] or out.dtype != dtype:
                         raise BlobError(f"stored {name} {shape} {dtype} does not fit the buffer {tuple(out.shape)}")
-                    pieces.copy_to(header.data_start + lo + layers.start * ((hi - lo) // shape[0]), _byte_view(out))
+                    pieces.copy_to(header.data_start + lo + layers.start * ((hi - lo) // shape[0]), byte_view(out))
                     parts[name[3:]] = out
                 else:
                     parts[name[3:]] = pieces.tensor(header, name, layers)
