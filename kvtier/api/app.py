@@ -41,7 +41,7 @@ from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frame
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, TierError
-from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
+from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
 from kvtier.kvstore.keys import root_key
 from kvtier.kvstore.store import TieredStore
 from kvtier.layout import KVLayout
@@ -180,7 +180,7 @@ class Service:
         chunks = []
         for i, blob in enumerate(blobs):
             try:  # in place when the body holds the KV as it is
-                header, chunk = decode_blob(blob, _raw_kv_view(blob, layout))
+                header, chunk = decode_blob(blob, in_place=True)
             except BlobError as exc:
                 raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
             if header.layout.fingerprint != layout.fingerprint:
@@ -292,23 +292,6 @@ class Service:
             if len(self._source) != nbytes:
                 self._source = bytes(nbytes)
             return self._source
-
-
-def _raw_kv_view(blob: memoryview, layout: KVLayout) -> torch.Tensor | None:
-    """The KV of a raw-codec blob of ``layout`` as a view of the blob's (writable) bytes, or None for any other
-    blob. Decoding into it verifies the checksums and skips the copy (source and target are the same memory)."""
-    if blob.readonly:
-        return None
-    try:
-        header = parse_header(blob)
-    except BlobError:
-        return None  # decode_blob says what is wrong
-    dtype, shape, lo, hi = header.tensors.get("kv.kv", (None, None, 0, 0))
-    if header.codec.name != "raw" or dtype != layout.torch_dtype or shape != layout.chunk_shape \
-            or header.data_start + hi > len(blob):
-        return None
-    raw = blob[header.data_start + lo : header.data_start + hi]
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _parent_missing(key: bytes) -> Refusal:

@@ -298,12 +298,13 @@ def _tensor(data: memoryview, header: BlobHeader, name: str) -> torch.Tensor:
 
 
 def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None = None,
-                layers: range | None = None) -> tuple[BlobHeader, Chunk]:
+                layers: range | None = None, in_place: bool = False) -> tuple[BlobHeader, Chunk]:
     """Verify and decode a blob. Returns the header and a Chunk whose ``kv`` is ``out`` (filled) or new.
 
     ``layers``: decode only these layers (``out`` then has ``len(layers)`` layers); only their checksums
     are checked. Raises BlobError on any corruption: a bad header, a truncated body, a checksum mismatch.
-    The returned ``tokens``/``summary`` may share memory with ``data``.
+    The returned ``tokens``/``summary`` may share memory with ``data``. ``in_place`` (without ``out``): a
+    raw-codec blob in writable ``data`` decodes to a view of its own bytes, with no copy.
     """
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     header = parse_header(view)
@@ -322,6 +323,10 @@ def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None =
     if sums != header.layer_xxh3[layers.start : layers.stop : layers.step]:
         raise BlobError("blob checksum mismatch in its KV")
     shape = (len(layers),) + layout.chunk_shape[1:]
+    own = sub.get("kv")
+    if out is None and in_place and not view.readonly and header.codec.name == "raw" and own is not None \
+            and tuple(own.shape) == shape and own.dtype == layout.torch_dtype:
+        out = own
     if out is None:
         out = torch.empty(shape, dtype=layout.torch_dtype)
     elif tuple(out.shape) != shape or out.dtype != layout.torch_dtype:

@@ -114,3 +114,20 @@ def test_layer_digests_are_replaced_in_place():
     assert filled == blob_header(chunk, layout, get_codec("raw"), tensors, real)
     with pytest.raises(ValueError, match="do not fit"):
         with_layer_digests(blank, real[:2])
+
+
+def test_in_place_decode_shares_the_blob_bytes_only_when_it_may():
+    layout = KVLayout("m", num_layers=2, kv_heads=1, head_dim=8, chunk_tokens=16, page_tokens=8)
+    chunk = chunk_of(layout)
+    data = bytearray(blob_bytes(chunk, layout, get_codec("raw")))
+    _, back = decode_blob(data, in_place=True)
+    assert torch.equal(back.kv, chunk.kv)
+    back.kv.zero_()  # it is a view of the blob's bytes
+    with pytest.raises(BlobError, match="checksum"):
+        decode_blob(data)
+    frozen = bytes(blob_bytes(chunk, layout, get_codec("raw")))  # read-only: a copy
+    _, back = decode_blob(frozen, in_place=True)
+    assert torch.equal(back.kv, chunk.kv)
+    quantized = bytearray(blob_bytes(chunk, layout, get_codec("int8")))  # not raw: decoded into new memory
+    _, back = decode_blob(quantized, in_place=True)
+    assert back.kv.shape == chunk.kv.shape and back.kv.dtype == chunk.kv.dtype

@@ -124,7 +124,7 @@ def test_disk_file_is_the_encoded_blob_with_page_aligned_kv(tmp_path, codec):
     from kvtier.compression import get_codec
     from kvtier.kvstore.chunk import decode_blob, encode_blob, parse_header
 
-    layout = KVLayout("m", num_layers=5, kv_heads=2, head_dim=32, chunk_tokens=64, page_tokens=16)
+    layout = KVLayout("m", num_layers=5, kv_heads=2, head_dim=64, chunk_tokens=256, page_tokens=16)  # 640 KiB
     tier = DiskTier(tmp_path, 1 << 22, codec=codec)
     (c,) = chunks(1, layout=layout)
     tier.commit(tier.prepare(c, layout))

@@ -2,9 +2,10 @@
 
 - Writes are atomic: the blob goes to ``tmp/`` and is renamed into place, so a reader never sees half a
   file. The KV goes first, a group of layers at a time, each hashed right after it is written while it is
-  still in the CPU cache; the header with those digests goes last (its length does not depend on them). The
-  KV starts on a page boundary, so the kernel copies whole, aligned pages both ways. ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a
-  lost or torn file can never be served, because every read verifies its checksums.
+  still in the CPU cache; the header with those digests goes last (its length does not depend on them). A
+  large chunk's KV starts on a page boundary, so the kernel copies whole, aligned pages both ways.
+- ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a lost or
+  torn file can never be served, because every read verifies its checksums.
 - Reads go straight into the caller's buffer (no staging copy for the raw codec) and verify the per-layer
   checksums of what they read; a corrupt or truncated file is a miss, deleted and counted.
 - On start-up the folder is listed for sizes; :meth:`scan` reads each header for the store's index.
@@ -34,7 +35,8 @@ from kvtier.layout import KVLayout
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvt"
-_PAGE = 4096  # the KV starts on a page boundary of the file (see encode_blob's align)
+_PAGE = 4096  # the KV of a large chunk starts on a page boundary of the file (see blob_header's align)
+_ALIGN_FROM = 64 * _PAGE  # smaller chunks are not padded: the padding would cost more than it saves
 _FIRST_READ = 2 * _PAGE  # the header and the tokens, in one read
 _GROUP_BYTES = 2 << 20  # KV is read or written this much at a time, then hashed while in cache
 
@@ -103,7 +105,8 @@ class DiskTier(Tier):
 
     def prepare(self, chunk: Chunk, layout: KVLayout) -> Prepared:
         tensors = blob_tensors(chunk, self.codec)
-        header = blob_header(chunk, layout, self.codec, tensors, [UNHASHED] * layout.num_layers, align=_PAGE)
+        align = _PAGE if layout.chunk_bytes >= _ALIGN_FROM else 8
+        header = blob_header(chunk, layout, self.codec, tensors, [UNHASHED] * layout.num_layers, align=align)
         return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors))
 
     @staticmethod
