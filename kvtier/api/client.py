@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import torch
 
-from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frames
+from kvtier.api.wire import CONTENT_TYPE, BufferPool, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
 from kvtier.errors import BlobError, KVTierError, LayoutError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
@@ -91,7 +91,6 @@ _BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 401: Authenticati
 _RETRY_STATUS = {502, 503, 504}
 _PIECE = 256 << 10
 _KNOWN_KEYS = 1 << 16
-_RX_KEEP, _RX_MAX = 4, 64 << 20  # response buffers kept for reuse: how many, and up to what size
 # Without TCP_NODELAY a small request body written after its headers waits for the delayed ACK (40 ms).
 SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
@@ -160,9 +159,8 @@ class _Operations:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.codec = get_codec("raw")
         self._attached: dict[str, _Attached] = {}
-        self._rx: list[bytearray] = []  # response buffers for reuse (writing into a fresh one page-faults)
+        self._rx = BufferPool()  # response buffers
         self._known = _KnownKeys(_KNOWN_KEYS)
-        self._rx_lock = threading.Lock()
 
     # ------------------------------------------------------------------ building blocks
 
@@ -344,18 +342,6 @@ class _Operations:
         return http.build_request(call.method, call.path, params=call.params, headers=headers,
                                   content=body_iter(pieces))
 
-    def _take_rx(self, n: int) -> bytearray:
-        with self._rx_lock:
-            for i, buf in enumerate(self._rx):
-                if len(buf) >= n:
-                    return self._rx.pop(i)
-        return bytearray(n)
-
-    def _give_rx(self, buf: bytearray) -> None:
-        with self._rx_lock:
-            if len(self._rx) < _RX_KEEP and len(buf) <= _RX_MAX:
-                self._rx.append(buf)
-
     def _retryable(self, call: _Call, attempt: int, exc: Exception | None) -> bool:
         """Whether to try ``call`` again after ``exc`` (None: a 502/503/504)."""
         if attempt >= self.retries:
@@ -413,7 +399,7 @@ class _Receiver:
 
     def __init__(self, ops: _Operations, nbytes: int) -> None:
         self.ops = ops
-        self.buf = ops._take_rx(nbytes)
+        self.buf = ops._rx.take(nbytes)
         self.view = memoryview(self.buf)[:nbytes]
         self.pos = 0
 
@@ -425,14 +411,14 @@ class _Receiver:
         self.pos = end
 
     def reply(self, resp: httpx.Response) -> _Reply:
-        return _Reply(resp.status_code, resp.headers, self.view[: self.pos], lambda: self.ops._give_rx(self.buf))
+        return _Reply(resp.status_code, resp.headers, self.view[: self.pos], lambda: self.ops._rx.give(self.buf))
 
     def __enter__(self) -> "_Receiver":
         return self
 
     def __exit__(self, exc_type, *rest) -> None:
         if exc_type is not None:
-            self.ops._give_rx(self.buf)
+            self.ops._rx.give(self.buf)
 
 
 async def _aiter(pieces: list[memoryview]):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import threading
 from collections.abc import Iterator
 
 from kvtier.errors import BlobError
@@ -42,3 +43,28 @@ def layer_slice(layout: KVLayout, layers: range) -> KVLayout:
     if len(layers) == layout.num_layers:
         return layout
     return dataclasses.replace(layout, num_layers=len(layers))
+
+
+class BufferPool:
+    """Body buffers for reuse: writing a large body into fresh memory page-faults on every page, which costs
+    more than the copy. Keeps up to ``keep`` buffers of at most ``max_bytes`` each; thread-safe."""
+
+    def __init__(self, keep: int = 4, max_bytes: int = 64 << 20) -> None:
+        self.keep = keep
+        self.max_bytes = max_bytes
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bytearray:
+        """A buffer of at least ``nbytes`` bytes (its contents are stale)."""
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) >= nbytes:
+                    return self._free.pop(i)
+        return bytearray(nbytes)
+
+    def give(self, buf: bytearray) -> None:
+        """Hand ``buf`` back; nothing may use it afterwards."""
+        with self._lock:
+            if len(self._free) < self.keep and len(buf) <= self.max_bytes:
+                self._free.append(buf)
