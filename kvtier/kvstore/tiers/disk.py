@@ -45,7 +45,10 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
     """Write all of ``buf`` at ``offset``."""
     done = 0
     while done < len(buf):
-        done += os.pwritev(fd, [buf[done:]], offset + done)
+        n = os.pwritev(fd, [buf[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"write at {offset + done} made no progress")
+        done += n
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
