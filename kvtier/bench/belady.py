@@ -54,10 +54,10 @@ class BeladyPolicy(EvictionPolicy):
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
 
-    def insert(self, key: bytes, nbytes: int, depth: int) -> None:
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
         self._push(key, depth)
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
         old = self._entries.get(key)
         if old is not None:
             self._push(key, -old[1])

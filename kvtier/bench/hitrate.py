@@ -129,7 +129,7 @@ def replay(trace: Trace, policy: str, capacity_tokens: int | None = None, capaci
 
 # ---------------------------------------------------------------------------------------------- the benchmark
 
-DEFAULT_POLICIES = "lru,lfu,s3fifo"
+DEFAULT_POLICIES = "lru,lfu,s3fifo,turn-lru"
 
 
 @dataclass(frozen=True)

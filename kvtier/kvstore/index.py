@@ -1,7 +1,8 @@
 """The prefix index: one node per cached chunk, linked to its parent, across all tiers.
 
-A node records which tiers hold its chunk (a bit per tier), how many users pin it, its depth in the prompt
-and its namespace. Invariants the store keeps:
+A node records which tiers hold its chunk (a bit per tier), how many users pin it, its depth in the prompt,
+its namespace and its turn (how many earlier prompts the prompts that used it continue). Invariants the
+store keeps:
 
 - a node's parent is cached whenever the node is (no orphans): a chunk leaves the store only when it has no
   children, and deleting a chunk deletes its whole subtree;
@@ -14,9 +15,10 @@ from collections.abc import Iterator, Sequence
 
 
 class Node:
-    """One cached chunk. ``tiers``: bit ``i`` set when tier ``i`` holds it."""
+    """One cached chunk. ``tiers``: bit ``i`` set when tier ``i`` holds it; ``turn``: see
+    :meth:`kvtier.kvstore.store.TieredStore.turn_of`."""
 
-    __slots__ = ("key", "parent", "children", "tiers", "depth", "pins", "namespace", "layout")
+    __slots__ = ("key", "parent", "children", "tiers", "depth", "pins", "namespace", "layout", "turn")
 
     def __init__(self, key: bytes, parent: "Node | None", depth: int, namespace: str, layout: str) -> None:
         self.key = key
@@ -27,6 +29,7 @@ class Node:
         self.pins = 0
         self.namespace = namespace
         self.layout = layout
+        self.turn = 0
 
     def has_children_in(self, mask: int) -> bool:
         """True when a child is held by any tier in ``mask``."""

@@ -2,12 +2,16 @@
 
 The contract (one policy object per tier):
 
-- ``insert(key, nbytes, depth)``: the tier admitted a chunk;
-- ``touch(key)``: the chunk was used (a hit, or a put of a prompt that contains it);
+- ``insert(key, nbytes, depth, reuse)``: the tier admitted a chunk;
+- ``touch(key, reuse)``: a request fetched the chunk;
 - ``remove(key)``: the chunk left the tier (evicted, demoted, promoted away or deleted);
 - ``victim(evictable) -> key | None``: the next chunk to give up among those for which ``evictable(key)`` is
   true (the store excludes pinned chunks and chunks whose children it keeps there); the policy does not
   forget it until ``remove``.
+
+``reuse`` is the store's estimate of the chance that a later prompt continues the request's prompt (the
+fraction of earlier prompts at the same conversation turn that were continued; see
+:meth:`kvtier.kvstore.store.TieredStore.continuation`); policies other than ``turn-lru`` ignore it.
 
 The store inserts and touches a prompt's chunks from the deepest to the first, so a parent is never older
 than its children and leaf-first eviction rarely has to skip anything. A put inserts only new chunks; a
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable
@@ -50,10 +55,10 @@ class EvictionPolicy(ABC):
     name: str
 
     @abstractmethod
-    def insert(self, key: bytes, nbytes: int, depth: int) -> None: ...
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None: ...
 
     @abstractmethod
-    def touch(self, key: bytes) -> None: ...
+    def touch(self, key: bytes, reuse: float = 0.5) -> None: ...
 
     @abstractmethod
     def remove(self, key: bytes) -> None: ...
@@ -70,11 +75,11 @@ class LRUPolicy(EvictionPolicy):
     def __init__(self, capacity_bytes: int = 0) -> None:
         self._order: OrderedDict[bytes, None] = OrderedDict()
 
-    def insert(self, key: bytes, nbytes: int, depth: int) -> None:
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
         if key in self._order:
             self._order.move_to_end(key)
 
@@ -107,13 +112,13 @@ class GreedyDualPolicy(EvictionPolicy):
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
 
-    def insert(self, key: bytes, nbytes: int, depth: int) -> None:
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
         old = self._entries.get(key)
         if old is not None:
             old[5] = False
         self._push(key, 1, self._cost(nbytes, depth))
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
         old = self._entries.get(key)
         if old is not None:
             old[5] = False
@@ -166,7 +171,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._small_limit = small_share * capacity_bytes
         self._pending_ghost: bytes | None = None
 
-    def insert(self, key: bytes, nbytes: int, depth: int) -> None:
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
         self.remove(key)
         self._freq[key] = 0
         self._size[key] = nbytes
@@ -177,7 +182,7 @@ class S3FIFOPolicy(EvictionPolicy):
             self._small[key] = None
             self._small_bytes += nbytes
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
         if key in self._freq:
             self._freq[key] = min(self._freq[key] + 1, 3)
 
@@ -221,11 +226,61 @@ class S3FIFOPolicy(EvictionPolicy):
         return None
 
 
+class TurnLRUPolicy(EvictionPolicy):
+    """LRU that keeps the chunks of prompts likely to be continued longer.
+
+    Recency is measured in bytes inserted or touched since a chunk's last use, and a use by a request whose
+    prompt is continued with probability ``reuse`` counts ``reuse_weight * logit(reuse)`` cache capacities
+    more recent: the chunk with the lowest ``bytes at last use + bonus`` goes first. (If a prompt is
+    continued with probability ``p`` after a gap with survival ``exp(-age / tau)``, the log-odds that it still
+    will be is ``logit(p) - age / tau``: ordering by it is this with ``tau = reuse_weight * capacity``.) A use
+    never lowers a chunk's priority: a prefix is worth what its most promising prompt is. With the same
+    ``reuse`` for every request this is LRU.
+    """
+
+    name = "turn-lru"
+
+    def __init__(self, capacity_bytes: int, reuse_weight: float = 6.0) -> None:
+        self._scale = reuse_weight * capacity_bytes
+        self._clock = 0  # bytes inserted or touched so far
+        self._entries: dict[bytes, list[Any]] = {}  # key -> [priority, seq, key, nbytes, valid]
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+
+    def _push(self, key: bytes, nbytes: int, priority: float) -> None:
+        entry = [priority, next(self._seq), key, nbytes, True]
+        self._entries[key] = entry
+        heapq.heappush(self._heap, entry)
+
+    def _used(self, nbytes: int, reuse: float) -> float:
+        self._clock += nbytes
+        return self._clock + self._scale * math.log(reuse / (1 - reuse))
+
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
+        self.remove(key)
+        self._push(key, nbytes, self._used(nbytes, reuse))
+
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
+        old = self._entries.get(key)
+        if old is not None:
+            old[4] = False
+            self._push(key, old[3], max(old[0], self._used(old[3], reuse)))
+
+    def remove(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry[4] = False
+
+    def victim(self, evictable: Evictable) -> bytes | None:
+        return heap_victim(self._heap, evictable, key_at=2, valid_at=4)
+
+
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
     "s3fifo": S3FIFOPolicy,
     "cost": CostAwarePolicy,
+    "turn-lru": TurnLRUPolicy,
 }
 
 

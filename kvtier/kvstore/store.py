@@ -16,6 +16,11 @@ Eviction is leaf-first: a chunk is not evicted from a tier while a child of it i
 store while it has children anywhere, so the cache never holds a chunk whose prefix it lost. Pinned chunks
 are never evicted. One lock serialises every operation, copies included.
 
+Every request also has a turn (:meth:`TieredStore.turn_of`: how many earlier prompts its prompt continues),
+which the store keeps on the nodes it uses and, for a while, on the keys it dropped. The store counts how
+often a prompt at each turn was continued and tells the tier policies the request's chance of being
+continued (``turn-lru`` keeps the chunks of likely continued prompts longer).
+
 ``metadata_only=True`` runs the same index, policies and capacity accounting with :class:`MetaTier`-like
 tiers and no tensors: trace replays drive exactly the production logic.
 """
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +46,12 @@ from kvtier.kvstore.tiers.meta import MetaTier
 from kvtier.layout import KVLayout
 
 log = logging.getLogger(__name__)
+
+GHOST_FACTOR = 2
+"""The store remembers the turn of up to this many dropped chunks per chunk it holds."""
+
+MAX_TURN = 15
+"""Turns from this one on share their continuation statistics."""
 
 
 @dataclass
@@ -99,7 +110,8 @@ class TieredStore:
     """A prefix cache of KV chunks over ``tiers`` (fastest first).
 
     ``policy``: an eviction policy name for every tier, or one per tier (``lru``, ``lfu``, ``s3fifo``,
-    ``cost``). ``write_through``: per tier, also write every new chunk there (e.g. to a persistent disk).
+    ``cost``, ``turn-lru``). ``write_through``: per tier, also write every new chunk there (e.g. to a
+    persistent disk).
     ``layout``: the default layout for calls that name none; other layouts can be attached.
     """
 
@@ -125,6 +137,9 @@ class TieredStore:
         self.write_through = wt
         self._lock = threading.RLock()
         self.index = PrefixIndex()
+        self._dropped_turns: OrderedDict[bytes, int] = OrderedDict()  # key -> turn, oldest first
+        self._prompts = [0] * (MAX_TURN + 1)  # per turn: new prompts, and how many of them were continued
+        self._continued = [0] * (MAX_TURN + 1)
         self.layouts: dict[str, KVLayout] = {}
         self.layout = layout
         if layout is not None:
@@ -163,6 +178,34 @@ class TieredStore:
             self.counters.lookup_tokens += len(keys) * layout.chunk_tokens if n_tokens is None else n_tokens
             self.counters.hit_tokens += len(nodes) * layout.chunk_tokens
         return LookupResult(len(nodes) * layout.chunk_tokens, refs)
+
+    def turn_of(self, deepest: Node | None, rest: Sequence[bytes]) -> tuple[int, bool]:
+        """How many earlier prompts a prompt continues, and whether it continues one, given ``deepest``, the
+        last node of its cached prefix (None: nothing cached), and ``rest``, the keys of its chunks after it.
+
+        A prompt that extends a chunk no cached prompt continues (the end of an earlier prompt, or what is
+        left of it) is one turn past that chunk's; one that ends inside its cached prefix is at the
+        prefix's turn; one that branches off a prefix other prompts continue (a shared system prompt)
+        starts afresh at 0. Dropped chunks keep their turn for a while, so a conversation whose earlier
+        turns were evicted is still recognised: a prompt that holds one is one turn past it, if that is more.
+        """
+        if deepest is None or (rest and deepest.children):
+            turn, continues = 0, False
+        elif not rest:
+            turn, continues = deepest.turn, False
+        else:
+            turn, continues = deepest.turn + 1, True
+        for key in reversed(rest):
+            dropped = self._dropped_turns.get(key)
+            if dropped is not None:
+                return (dropped + 1, True) if dropped + 1 > turn else (turn, continues)
+        return turn, continues
+
+    def continuation(self, turn: int) -> float:
+        """The fraction of the new prompts at ``turn`` seen so far that a later prompt continued (with one
+        continued and one not continued prompt as a prior)."""
+        t = min(turn, MAX_TURN)
+        return (self._continued[t] + 1) / (self._prompts[t] + 2)
 
     def put(self, tokens: TokenLike, kv: torch.Tensor | None, namespace: str = "",
             layout: KVLayout | None = None) -> PutResult:
@@ -211,6 +254,7 @@ class TieredStore:
                                   dtype=layout.torch_dtype)
             if out is not None:
                 self._check_out(out, layout, layers, len(nodes) * C)
+            turn, _ = self.turn_of(nodes[-1] if nodes else None, keys[len(nodes):])
             fetched: list[tuple[Node, int, Chunk]] = []
             parent = root
             for i, node in enumerate(nodes):
@@ -219,7 +263,7 @@ class TieredStore:
                     break
                 fetched.append((node, *got))
                 parent = node.key
-            self._after_get(fetched, layers, layout)
+            self._after_get(fetched, layers, layout, self.continuation(turn))
             self.counters.gets += 1
             self.counters.get_tokens += len(fetched) * C
             names = [self.tiers[t].name for _, t, _ in fetched]
@@ -414,8 +458,14 @@ class TieredStore:
             if parent is None and chunks and chunks[0].parent != root:
                 parent = self.index.get(chunks[0].parent)
             path = list(nodes) + ([parent] if parent is not None and parent not in nodes else [])
+            turn, continues = self.turn_of(parent, [c.key for c in new])
+            if new:
+                self._prompts[min(turn, MAX_TURN)] += 1
+                if continues:
+                    self._continued[min(turn - 1, MAX_TURN)] += 1
             for n in path:
                 n.pins += 1
+                n.turn = max(n.turn, turn)
             added: list[Node] = []
             try:
                 for chunk in new:
@@ -429,6 +479,8 @@ class TieredStore:
                         break
                     node = self.index.add(chunk.key, parent, namespace, layout.fingerprint)
                     node.tiers = tiers_mask
+                    node.turn = turn
+                    self._dropped_turns.pop(chunk.key, None)
                     node.pins += 1
                     added.append(node)
                     self.namespace_bytes[namespace] = self.namespace_bytes.get(namespace, 0) + layout.chunk_bytes
@@ -471,7 +523,7 @@ class TieredStore:
     def _admit(self, t: int, node: Node, layout: KVLayout) -> None:
         """Tell tier ``t``'s policy it now holds ``node`` (sized as that tier's encoding of a chunk)."""
         size = self.tiers[t].codec.encoded_nbytes(layout.chunk_shape, layout.torch_dtype)
-        self.policies[t].insert(node.key, size, node.depth)
+        self.policies[t].insert(node.key, size, node.depth, self.continuation(node.turn))
 
     def _commit(self, t: int, prepared) -> bool:
         """Commit to tier ``t``; a tier that fails (disk full, Redis down) just does not take the chunk."""
@@ -555,6 +607,9 @@ class TieredStore:
         for child in list(node.children or ()):  # a prefix that is gone makes its descendants useless
             self._delete_subtree(child, force=True)
         self.index.remove(node)
+        self._dropped_turns[node.key] = node.turn
+        while len(self._dropped_turns) > GHOST_FACTOR * max(len(self.index), 1):
+            self._dropped_turns.popitem(last=False)
         self.namespace_bytes[node.namespace] -= self.layouts[node.layout].chunk_bytes
         self.counters.drops += 1
 
@@ -613,13 +668,15 @@ class TieredStore:
             self._forget(node, t)  # a corrupt copy was deleted by the tier itself
         return None
 
-    def _after_get(self, fetched: list[tuple[Node, int, Chunk]], layers: range, layout: KVLayout) -> None:
-        """Touch what was fetched (deepest first) and promote chunks that came from a lower tier."""
+    def _after_get(self, fetched: list[tuple[Node, int, Chunk]], layers: range, layout: KVLayout,
+                   reuse: float) -> None:
+        """Touch what was fetched (deepest first) for a request whose prompt is continued with probability
+        ``reuse``, and promote chunks that came from a lower tier."""
         for node, t, _ in reversed(fetched):
             self.counters.tier_hits[self.tiers[t].name] += 1
             for i, policy in enumerate(self.policies):
                 if node.tiers >> i & 1:
-                    policy.touch(node.key)
+                    policy.touch(node.key, reuse)
         if len(layers) != layout.num_layers:
             return  # a partial fetch cannot be promoted
         for node, _, _ in fetched:

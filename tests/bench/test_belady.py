@@ -28,10 +28,10 @@ class ScriptedPolicy(EvictionPolicy):
         self.options: list[int] = []
         self._order: OrderedDict[bytes, None] = OrderedDict()
 
-    def insert(self, key: bytes, nbytes: int, depth: int) -> None:
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
         self._order[key] = None
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
         pass
 
     def remove(self, key: bytes) -> None:
