@@ -1,11 +1,14 @@
 """KV compression on SmolLM2-135M: codec ratio, speed and error; press quality; a needle test (issue 3).
 
 Real KV comes from the real model over held-out English text (``pydoc_data``). Per codec: compression
-ratio (fp16 bytes over stored bytes, metadata and padding included), encode and decode throughput of
+ratio (fp16 bytes over the bytes of every tensor the codec stores: codes, scales, offsets, flags,
+padding), the same at the chunk blob level (raw blob over codec blob: the blob's header, token ids and
+checksums, a few KB that every codec pays alike, included), encode and decode throughput of
 fp16 chunks against a plain copy of the same bytes in the same run, key/value reconstruction error and
 attention-output error. Per codec and per press at each ratio: perplexity, greedy next-token agreement
 and KL of a held-out continuation fed after the compressed context (teacher forcing), against the
-uncompressed model. Needle: a fact planted at several depths of a long context, asked for after
+uncompressed model, pooled over ``--windows`` consecutive windows of the text (context then continuation
+each; 4 x 256 = 1024 scored positions by default, so that one flipped near-tie moves agreement by 0.001). Needle: a fact planted at several depths of a long context, asked for after
 compression (``agnostic``: the context is compressed before the question is seen, as a stored prefix
 would be; ``aware``: compressed with the question at its end).
 """
@@ -24,6 +27,8 @@ from kvtier.bench.report import Report, progress
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=2048, help="context tokens compressed (default 2048)")
     parser.add_argument("--continuation", type=int, default=256, help="held-out tokens scored after it (default 256)")
+    parser.add_argument("--windows", type=int, default=4,
+                        help="text windows (context + continuation each) whose scores are pooled (default 4)")
     parser.add_argument("--ratios", default="0.25,0.5,0.75", help="press compression ratios: fractions of tokens dropped")
     parser.add_argument("--codecs", default="raw,fp8,int8,int4,int2,zstd,lz4", help="codecs to measure")
     parser.add_argument("--presses", default="streaming_llm,h2o,snapkv,pyramidkv", help="presses to measure")
@@ -34,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--needle-ratio", type=float, default=0.5, help="press ratio in the needle test (default 0.5)")
     parser.add_argument("--needle-modes", default="agnostic", help="agnostic and/or aware (comma-separated)")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes for a smoke run: context 512, continuation 128, needle 1024 at 2 depths, ratio 0.5")
+                        help="small sizes for a smoke run: context 512, continuation 128, 2 windows, needle 1024 at 2 depths, ratio 0.5")
 
 
 def _floats(text: str) -> list[float]:
@@ -47,33 +52,37 @@ def _names(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> Report:
     from kvtier.bench.text import english_text
-    from kvtier.compression.evaluate import cache_to_kv, reference, reference_perplexity
+    from kvtier.compression.evaluate import Quality, cache_to_kv, reference, reference_quality
     from kvtier.integrations.smollm2 import load_smollm2
 
     if args.quick:
-        args.context, args.continuation, args.needle_context = 512, 128, 1024
+        args.context, args.continuation, args.needle_context, args.windows = 512, 128, 1024, 2
         args.depths, args.ratios, args.repeats = "0.1,0.9", "0.5", 3
     report = Report("compression")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2(dtype=torch.float32)
     text = english_text("heldout")
-    ids = tokenizer(text[: 12 * (args.context + args.continuation) + 4000], return_tensors="pt").input_ids
-    need = args.context + args.continuation + 1
+    window = args.context + args.continuation + 1
+    need = args.windows * window
+    ids = tokenizer(text[: 12 * need + 4000], return_tensors="pt").input_ids
     if ids.shape[1] < need:
         raise SystemExit(f"held-out text has {ids.shape[1]} tokens, {need} needed")
     start = time.perf_counter()
-    ref = reference(model, ids[:, : args.context], ids[:, args.context : need])
+    refs = []
+    for w in range(args.windows):
+        at = w * window
+        refs.append(reference(model, ids[:, at : at + args.context], ids[:, at + args.context : at + window]))
     report.notes.append(
-        f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads); context {args.context} tokens of held-out "
-        f"pydoc_data text, continuation {args.continuation} tokens scored; reference run {time.perf_counter() - start:.1f} s"
+        f"SmolLM2-135M fp32 on CPU ({torch.get_num_threads()} threads); {args.windows} consecutive windows of held-out "
+        f"pydoc_data text, each a context of {args.context} tokens then {args.continuation} tokens scored "
+        f"({args.windows * args.continuation} positions pooled); reference runs {time.perf_counter() - start:.1f} s"
     )
-    base_ppl = reference_perplexity(ref)
+    base_ppl = Quality.pooled([reference_quality(ref) for ref in refs]).perplexity
     report.add("uncompressed perplexity", base_ppl, "ppl")
-    kv = cache_to_kv(ref.prefill.cache)
     for name in progress(_names(args.codecs), desc="codecs"):
-        _codec_rows(report, model, ref, kv, name, args, base_ppl)
+        _codec_rows(report, model, refs, name, args, base_ppl)
     for name in progress(_names(args.presses), desc="presses"):
-        _press_rows(report, model, ref, name, _floats(args.ratios), base_ppl)
+        _press_rows(report, model, refs, name, _floats(args.ratios), base_ppl)
     if args.needle_context > 0:
         _needle_rows(report, model, tokenizer, text, args)
     return report
@@ -99,13 +108,16 @@ def _best_times(fns: list, repeats: int) -> list[float]:
     return best
 
 
-def _codec_rows(report: Report, model, ref, kv: torch.Tensor, name: str, args, base_ppl: float) -> None:
-    """Ratio, throughput against a copy, reconstruction and model-level errors of one codec."""
+def _codec_rows(report: Report, model, refs: list, name: str, args, base_ppl: float) -> None:
+    """Ratio, throughput against a copy and reconstruction errors of one codec on the first window's KV;
+    attention-output error (mean) and next-token quality (pooled) over all windows."""
     from kvtier.compression import get_codec
-    from kvtier.compression.evaluate import attention_output_error, codec_roundtrip, continuation_quality, kv_to_cache
+    from kvtier.compression.evaluate import (Quality, attention_output_error, cache_to_kv, codec_roundtrip,
+                                             continuation_quality, kv_to_cache)
 
     codec = get_codec(name)
     step = args.chunk_tokens
+    kv = cache_to_kv(refs[0].prefill.cache)
     chunks = [kv[:, :, :, s : s + step].to(torch.float16).contiguous() for s in range(0, kv.shape[3], step)]
     nbytes = sum(c.nbytes for c in chunks)
     copies = [torch.empty_like(c) for c in chunks]
@@ -127,37 +139,61 @@ def _codec_rows(report: Report, model, ref, kv: torch.Tensor, name: str, args, b
     decoded, stored = codec_roundtrip(codec, kv, step, torch.float16)
     exact = bool(torch.equal(decoded, kv.to(torch.float16)))
     report.add(f"{name} compression ratio", nbytes / stored, "x fp16", "fp16 bytes", 1.0)
+    report.add(f"{name} blob ratio", _blob_size(chunks[0], get_codec("raw")) / _blob_size(chunks[0], codec),
+               "x raw blob", "raw blob", 1.0)
     report.add(f"{name} encode", encode_gbps, "GB/s", "copy", copy_gbps)
     report.add(f"{name} decode", decode_gbps, "GB/s", "copy", copy_gbps)
     report.add(f"{name} round trip bit-exact (vs fp16)", float(exact), "bool")
     for index, tensor in ((0, "key"), (1, "value")):
         err = (decoded[:, index].float() - kv[:, index]).norm() / kv[:, index].norm()
         report.add(f"{name} {tensor} error", float(err), "relative L2", higher_is_better=False)
-    cache = kv_to_cache(model, decoded)
-    report.add(f"{name} attention output error", attention_output_error(model, ref, cache), "relative L2",
-               higher_is_better=False)
-    _quality_rows(report, name, continuation_quality(model, ref, cache), base_ppl)
+    errors, qualities = [], []
+    for ref in refs:
+        window_kv, _ = codec_roundtrip(codec, cache_to_kv(ref.prefill.cache), step, torch.float16)
+        errors.append(attention_output_error(model, ref, kv_to_cache(model, window_kv)))
+        qualities.append(continuation_quality(model, ref, kv_to_cache(model, window_kv)))
+    report.add(f"{name} attention output error", sum(errors) / len(errors), "relative L2", higher_is_better=False)
+    _quality_rows(report, name, Quality.pooled(qualities), base_ppl)
 
 
-def _press_rows(report: Report, model, ref, name: str, ratios: list[float], base_ppl: float) -> None:
-    """Quality of one press at each ratio; its scores are computed once and evicted at every ratio."""
-    from kvtier.compression.evaluate import attention_output_error, continuation_quality
+def _blob_size(kv: torch.Tensor, codec) -> int:
+    """Bytes of the chunk blob (header, token ids, checksums and the codec's parts) holding ``kv``
+    ``[L, T, H, C, D]`` fp16 through ``codec``: what a tier stores, beyond what the codec ratio counts."""
+    import numpy as np
+
+    from kvtier.integrations.smollm2 import smollm2_layout
+    from kvtier.kvstore.chunk import Chunk, encode_blob
+
+    chunk = Chunk(bytes(16), bytes(16), np.zeros(kv.shape[3], dtype=np.int32), kv)
+    header, buffers = encode_blob(chunk, smollm2_layout("float16", kv.shape[3]), codec)
+    return len(header) + sum(b.nbytes for b in buffers)
+
+
+def _press_rows(report: Report, model, refs: list, name: str, ratios: list[float], base_ppl: float) -> None:
+    """Quality of one press at each ratio over all windows (attention-output error: mean; next-token quality:
+    pooled); each window's scores are computed once and evicted at every ratio."""
+    from kvtier.compression.evaluate import Quality, attention_output_error, continuation_quality
     from kvtier.compression.presses import PRESSES
 
     press = PRESSES[name]()
     start = time.perf_counter()
-    scores = press.layer_scores(model, ref.prefill.cache, ref.prefill.hidden_states)
-    report.add(f"{name} scoring time", time.perf_counter() - start, "s", higher_is_better=False)
-    tokens = ref.position
+    scores = [press.layer_scores(model, ref.prefill.cache, ref.prefill.hidden_states) for ref in refs]
+    report.add(f"{name} scoring time", (time.perf_counter() - start) / len(refs), "s per window",
+               higher_is_better=False)
     for ratio in ratios:
-        cache = ref.fresh_cache()
-        dataclasses.replace(press, compression_ratio=ratio).evict(cache, scores)
-        kept = sum(layer.keys.shape[2] for layer in cache.layers)
+        kept = tokens = 0
+        errors, qualities = [], []
+        for ref, ref_scores in zip(refs, scores):
+            cache = ref.fresh_cache()
+            dataclasses.replace(press, compression_ratio=ratio).evict(cache, ref_scores)
+            kept += sum(layer.keys.shape[2] for layer in cache.layers)
+            tokens += ref.position * len(cache.layers)
+            errors.append(attention_output_error(model, ref, cache))
+            qualities.append(continuation_quality(model, ref, cache))
         label = f"{name}@{ratio:g}"
-        report.add(f"{label} compression ratio", tokens * len(cache.layers) / kept, "x tokens", "all tokens", 1.0)
-        report.add(f"{label} attention output error", attention_output_error(model, ref, cache), "relative L2",
-                   higher_is_better=False)
-        _quality_rows(report, label, continuation_quality(model, ref, cache), base_ppl)
+        report.add(f"{label} compression ratio", tokens / kept, "x tokens", "all tokens", 1.0)
+        report.add(f"{label} attention output error", sum(errors) / len(errors), "relative L2", higher_is_better=False)
+        _quality_rows(report, label, Quality.pooled(qualities), base_ppl)
 
 
 def _needle_rows(report: Report, model, tokenizer, text: str, args) -> None:

@@ -5,13 +5,15 @@ continuation tokens fed with teacher forcing. A method under test changes the co
 round trip, or a press); the same continuation is fed after it and compared with the reference:
 
 - perplexity of the continuation's ``M`` next tokens, greedy agreement (top-1 equal to the reference's)
-  and mean KL divergence from the reference's next-token distribution;
+  and mean KL divergence from the reference's next-token distribution (:meth:`Quality.pooled` pools them
+  over several references, e.g. text windows);
 - the relative error of the attention output of the first continuation queries over the context's cache.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,11 +57,21 @@ def reference(model, context: torch.Tensor, continuation: torch.Tensor) -> Refer
 
 @dataclass
 class Quality:
-    """Next-token quality over the continuation: perplexity, agreement in [0, 1], KL in nats per token."""
+    """Next-token quality over ``positions`` scored tokens: perplexity, agreement in [0, 1], KL in nats per
+    token."""
 
     perplexity: float
     agreement: float
     kl: float
+    positions: int
+
+    @classmethod
+    def pooled(cls, parts: list["Quality"]) -> "Quality":
+        """The quality over all the positions of ``parts`` (e.g. several text windows) together."""
+        n = sum(q.positions for q in parts)
+        mean_nll = sum(math.log(q.perplexity) * q.positions for q in parts) / n
+        agreement = sum(q.agreement * q.positions for q in parts) / n
+        return cls(math.exp(mean_nll), agreement, sum(q.kl * q.positions for q in parts) / n, n)
 
 
 @torch.no_grad()
@@ -72,14 +84,15 @@ def continuation_quality(model, ref: Reference, cache: DynamicCache) -> Quality:
     nll = -logp.gather(-1, targets[..., None]).mean()
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1).mean()
     agreement = (logits.argmax(dim=-1) == ref.logits.argmax(dim=-1)).float().mean()
-    return Quality(float(nll.exp()), float(agreement), float(kl))
+    return Quality(float(nll.exp()), float(agreement), float(kl), targets.numel())
 
 
 @torch.no_grad()
-def reference_perplexity(ref: Reference) -> float:
-    """Perplexity of the uncompressed model on the continuation's ``M`` next tokens."""
+def reference_quality(ref: Reference) -> Quality:
+    """The uncompressed model on the continuation's ``M`` next tokens: its perplexity, agreement 1, KL 0."""
     logp = ref.logits.float().log_softmax(dim=-1)
-    return float((-logp.gather(-1, ref.continuation[:, 1:, None]).mean()).exp())
+    nll = -logp.gather(-1, ref.continuation[:, 1:, None]).mean()
+    return Quality(float(nll.exp()), 1.0, 0.0, ref.continuation[:, 1:].numel())
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Lossy codecs: ``fp8`` (e4m3; keys offset and scaled per channel, values scaled per head) and KIVI-style
+"""Lossy codecs: ``fp8`` (e4m3 of square-law companded KV, per-head scales, key offsets) and KIVI-style
 ``int2``/``int4``/``int8``.
 
 KIVI (Liu et al., 2024) quantizes keys per channel and values per token: key groups run along the tokens of
@@ -30,7 +30,6 @@ from kvtier.compression.codec import Codec, expect_parts, register_codec
 from kvtier.errors import CodecError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
-FP16_MAX = 65504.0
 META_LEVELS = 255  # 8-bit codes for the zero-point and the scale
 
 
@@ -41,18 +40,24 @@ def _check(cond: bool, codec: str, what: str) -> None:
 
 @register_codec
 class FP8Codec(Codec):
-    """float8 e4m3 codes, 2x smaller than fp16 less a little metadata (ratio 1.98 on a SmolLM2 chunk).
+    """float8 e4m3 codes of square-law companded KV, one bf16 scale per (layer, tensor, head): 2x smaller
+    than fp16 less 0.25% of metadata (ratio 1.995 on a SmolLM2 chunk).
 
-    e4m3 rounds every element to within ``2**-4`` of its magnitude (3 mantissa bits), so its error scales
-    with what it encodes. Keys have channels with large offsets that are nearly constant along the tokens of
-    a chunk; the codec subtracts each (layer, head, channel) key offset (the channel's mean over the chunk's
-    tokens, stored fp16) and quantizes the residual, far smaller there, with one scale per (layer, head,
-    channel). Values (every tensor but the first) have no such offsets and keep one scale per (layer,
-    tensor, head). Each scale maps the largest magnitude it covers to e4m3's largest finite value, 448.
+    e4m3 keeps 3 mantissa bits, so its error is a fixed fraction of what it encodes. The codec stores
+    ``c = e4m3(u * |u|)`` with ``u = r / scale`` and decodes ``r = sign(c) * sqrt(|c|) * scale``: the square
+    root halves the relative error (about ``2**-5``) over the range it keeps, ``sqrt(448 / 2**-6) = 169``
+    between the largest magnitude of a head and the smallest at full precision, which is enough for KV.
 
-    Parts: ``data`` uint8 ``[L, T, H, C, D]`` (the e4m3 bits); ``key_offset`` fp16 and ``key_scale`` fp32
-    ``[L, 1, H, D]``; ``value_scale`` fp32 ``[L, T - 1, H]`` (absent when ``T == 1``). Decoding gives
-    ``code * key_scale + key_offset`` for the keys and ``code * value_scale`` for the values.
+    Keys (``kv[:, 0]``) have channels with large offsets nearly constant over a chunk's tokens. ``r`` is the
+    keys minus each (layer, head, channel)'s mean over the chunk's tokens, stored as int8 codes times one
+    bf16 step per (layer, head), except for the tokens whose keys are nearer zero than that offset (summed
+    over a layer's heads). Those are attention sinks, the tokens every query attends to: their keys are small
+    but far from the mean, so the offset would enlarge their error where it matters most. They are stored as
+    they are, flagged by one bit per (layer, token). Values (every other tensor) have no such offsets.
+
+    Parts: ``data`` uint8 ``[L, T, H, C, D]`` (e4m3 bits); ``scale`` bf16 ``[L, T, H]``; ``key_offset`` int8
+    ``[L, H, D]``; ``key_offset_step`` bf16 ``[L, H]``; ``key_raw`` uint8 ``[L, ceil(C / 8)]`` (token ``c``'s
+    flag is bit ``c % 8`` of byte ``c // 8``). Inputs must be finite.
     """
 
     name = "fp8"
@@ -60,47 +65,71 @@ class FP8Codec(Codec):
 
     def encoded_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         L, T, H, C, D = shape
-        return L * T * H * C * D + L * H * D * (2 + 4) + L * (T - 1) * H * 4
+        return L * T * H * C * D + L * T * H * 2 + L * H * D + L * H * 2 + L * -(-C // 8)
 
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         _check(kv.dim() == 5, self.name, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
-        x = kv.to(torch.float32, copy=True)  # scaled in place, then converted to e4m3 in one pass
+        x = kv.to(torch.float32, copy=True)  # transformed in place, then converted to e4m3 in one pass
         keys = x[:, :1]
-        # The offset only has to be stored exactly, not be the exact mean: clamping it to fp16's range is harmless.
-        offset = keys.mean(dim=3, keepdim=True).clamp_(-FP16_MAX, FP16_MAX).to(torch.float16)
-        keys.sub_(offset)
-        scale = _fp8_scale(keys.abs().amax(dim=3, keepdim=True))
-        keys.div_(scale)
-        meta = {"key_offset": offset.squeeze(3), "key_scale": scale.squeeze(3)}
-        if kv.shape[1] > 1:
-            values = x[:, 1:]
-            scale = _fp8_scale(values.abs().amax(dim=(3, 4), keepdim=True))
-            values.div_(scale)
-            meta["value_scale"] = scale.view(scale.shape[:3])
-        return {"data": x.to(torch.float8_e4m3fn).view(torch.uint8), **meta}
+        mean = keys.mean(dim=3, keepdim=True)  # [L, 1, H, 1, D]
+        step = (mean.abs().amax(dim=4, keepdim=True) / 127).to(torch.bfloat16).float()
+        step = torch.where(step > 0, step, torch.ones_like(step))
+        codes = (mean / step).round_().clamp_(-127, 127)
+        offset = codes * step
+        # ||k||^2 < ||k - o||^2, summed over a layer's heads and channels, is 2 k.o < ||o||^2.
+        dot = torch.einsum("lhcd,lhd->lc", keys[:, 0], offset[:, 0, :, 0])
+        raw = 2 * dot < offset.square().sum(dim=(1, 2, 3, 4))[:, None]  # [L, C]
+        keys.sub_(offset * (~raw).view(raw.shape[0], 1, 1, -1, 1))
+        amax = torch.maximum(x.amax(dim=(3, 4)), -x.amin(dim=(3, 4)))  # two reductions, no |x| copy
+        # bf16 scale rounded up (its rounding is at most 2**-9): |u| <= sqrt(448), so u * |u| never saturates.
+        scale = torch.where(amax > 0, amax * ((1 + 2.0**-8) / FP8_MAX**0.5), torch.ones_like(amax)).to(torch.bfloat16)
+        x.div_(scale.float()[..., None, None])
+        x.mul_(x.abs())
+        return {"data": x.to(torch.float8_e4m3fn).view(torch.uint8), "scale": scale,
+                "key_offset": codes.view(codes.shape[0], -1, codes.shape[4]).to(torch.int8),
+                "key_offset_step": step.view(step.shape[0], -1).to(torch.bfloat16), "key_raw": _pack_bits(raw)}
 
     def decode(self, parts: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         _check(out.dim() == 5, self.name, f"out must be [L, T, H, C, D], got shape {tuple(out.shape)}")
         L, T, H, C, D = out.shape
-        want = {"data": (torch.uint8, (L, T, H, C, D)), "key_offset": (torch.float16, (L, 1, H, D)),
-                "key_scale": (torch.float32, (L, 1, H, D))}
-        if T > 1:
-            want["value_scale"] = (torch.float32, (L, T - 1, H))
+        want = {"data": (torch.uint8, (L, T, H, C, D)), "scale": (torch.bfloat16, (L, T, H)),
+                "key_offset": (torch.int8, (L, H, D)), "key_offset_step": (torch.bfloat16, (L, H)),
+                "key_raw": (torch.uint8, (L, -(-C // 8)))}
         expect_parts(parts, tuple(want), self.name)
         for name, (dtype, shape) in want.items():
             part = parts[name]
             _check(part.dtype == dtype and tuple(part.shape) == shape, self.name,
                    f"{name} must be {dtype} {shape}, got {part.dtype} {tuple(part.shape)}")
-        x = parts["data"].view(torch.float8_e4m3fn).float()
-        x[:, :1].mul_(parts["key_scale"].unsqueeze(3)).add_(parts["key_offset"].unsqueeze(3))
-        if T > 1:
-            x[:, 1:].mul_(parts["value_scale"][..., None, None])
+        x = torch.take(_SQRT_E4M3.to(out.device), parts["data"].long())  # sign(c) * sqrt(|c|) of each e4m3 code c
+        x.mul_(parts["scale"].float()[..., None, None])
+        offset = parts["key_offset"].float() * parts["key_offset_step"].float().unsqueeze(2)  # [L, H, D]
+        kept = ~_unpack_bits(parts["key_raw"], C)  # [L, C]: tokens stored minus the offset
+        x[:, 0].addcmul_(offset.unsqueeze(2), kept.float()[:, None, :, None])
         out.copy_(x)
 
 
-def _fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The fp32 scale that maps ``amax`` to e4m3's largest finite value (1 where ``amax`` is 0)."""
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """``[L, n]`` bool -> ``[L, ceil(n / 8)]`` uint8; flag ``i`` is bit ``i % 8`` of byte ``i // 8``."""
+    L, n = flags.shape
+    padded = torch.zeros((L, -(-n // 8) * 8), dtype=torch.uint8, device=flags.device)
+    padded[:, :n] = flags
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=flags.device)
+    return (padded.view(L, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_bits`: ``[L, ceil(n / 8)]`` uint8 -> ``[L, n]`` bool."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(2) >> shifts) & 1).view(packed.shape[0], -1)[:, :n].bool()
+
+
+def _sqrt_e4m3_table() -> torch.Tensor:
+    """``[256]`` fp32: ``sign(c) * sqrt(|c|)`` for the e4m3 value ``c`` of every byte (NaN for its 2 NaNs)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    return codes.abs().sqrt().copysign(codes)
+
+
+_SQRT_E4M3 = _sqrt_e4m3_table()
 
 
 class KIVICodec(Codec):
