@@ -1,16 +1,20 @@
 """Sparse attention that is fast on a CPU.
 
-Per head, runs of consecutive query blocks are processed together: the keys each reads (whole key blocks, then
-single columns) are gathered with ``index_select`` into one ``[n, S, D]`` buffer, padded to the run's widest
-member, then one batched matmul, the causal mask, one softmax and a second batched matmul. Nothing of size
-``q_len x k_len`` is built; work follows the index. What keeps it fast:
+The query heads that share one KV head (GQA) are processed together, and so are runs of consecutive query
+blocks: for a run of ``n`` query blocks of ``G`` heads (``R = G * n`` rows of the batch), the keys each row reads
+are gathered into one ``[R, S, D]`` buffer, padded to the run's widest member: whole key blocks with one
+``index_select`` over 64-key blocks (a contiguous 64 x D copy each, not 64 row gathers), the single columns
+with one row ``index_select``, the two joined with one ``cat``. Then one batched matmul, the causal mask, one
+softmax and a second batched matmul. Nothing of size ``q_len x k_len`` is built; work follows the index.
+What keeps it fast:
 
 - few, large operations (a run holds up to ``CHUNK_SCORES`` scores): each torch call costs a thread-pool
-  round trip, which is long on a busy machine;
+  round trip, which is long on a busy machine; batching a KV head's query heads cuts the calls ``G``-fold;
 - every large intermediate lives in a buffer allocated once per call (fresh large allocations cost more in
   page faults than the arithmetic);
-- the causal mask is applied only to slots that can need it: a query block's last two key blocks, the
-  padding and the columns (blocks are listed in ascending order, so those come last).
+- unused slots point into a zero block past the last key, whose positions every query row is before, so the
+  causal mask hides them too; the mask is applied only to slots that can need it: a query block's last two key
+  blocks, the padding and the columns (blocks are listed in ascending order, so those come last).
 """
 
 from __future__ import annotations
@@ -19,11 +23,8 @@ import torch
 
 from kvtier.kernels.index import BLOCK, SparseIndex
 
-CHUNK_SCORES = 1 << 22
-"""Score entries of one run: 16 MB of float32."""
-
-HIDDEN = 1 << 40
-"""Position given to unused gathered slots: greater than any query position, so the causal test hides it."""
+CHUNK_SCORES = 1 << 23
+"""Score entries of one run: 32 MB of float32."""
 
 
 def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: SparseIndex,
@@ -33,67 +34,89 @@ def cpu_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inde
     q: ``[B, H, q_len, D]``; k, v: ``[B, Hkv, k_len, D]``; computes in float32, returns q's dtype.
     """
     batch, heads, q_len, dim = q.shape
-    group = heads // k.shape[1]
-    num_qb = index.num_q_blocks
-    block_counts, col_counts = index.block_count.tolist(), index.col_count.tolist()
-    widest = BLOCK * int(index.block_count.max()) + int(index.col_count.max())  # a run's width can reach this
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    num_qb, num_kb = index.num_q_blocks, -(-k_len // BLOCK)
+    pad = num_kb * BLOCK  # first position of the zero block: unused slots read it
+    slots = torch.arange(index.block_idx.shape[-1])
+    blocks = torch.where(slots < index.block_count[..., None], index.block_idx.long(), num_kb)  # [B, H, NQB, MB]
+    slots = torch.arange(index.col_idx.shape[-1])
+    cols = torch.where(slots < index.col_count[..., None], index.col_idx.long(), pad)  # [B, H, NQB, MC]
+    # per query block: the most blocks and columns over the heads of each KV group, [B, Hkv, NQB]
+    most_blocks = index.block_count.view(batch, kv_heads, group, num_qb).amax(2).tolist()
+    most_cols = index.col_count.view(batch, kv_heads, group, num_qb).amax(2).tolist()
+    least_blocks = index.block_count.view(batch, kv_heads, group, num_qb).amin(2).tolist()
+    widest = group * (BLOCK * max(1, int(index.block_count.max())) + _round_up(int(index.col_count.max())))
     cap = max(CHUNK_SCORES, BLOCK * widest)  # score entries of one run
-    buffers = {"scores": torch.empty(cap), "probs": torch.empty(cap), "hidden": torch.empty(cap, dtype=torch.bool),
-               "keys": torch.empty(cap // BLOCK * dim), "values": torch.empty(cap // BLOCK * dim)}
+    buffers = {"scores": torch.empty(cap), "probs": torch.empty(cap), "hidden": torch.empty(cap, dtype=torch.bool)}
+    buffers.update({name: torch.empty(cap // BLOCK * dim) for name in ("keys", "values")})
     rows = (torch.arange(num_qb * BLOCK) + index.prefix).view(num_qb, BLOCK)  # absolute query positions
-    out = torch.empty(batch, heads, num_qb * BLOCK, dim)
+    queries = torch.zeros(batch, heads, num_qb * BLOCK, dim)
+    queries[:, :, :q_len] = q.float() * scale
+    queries = queries.view(batch, kv_heads, group, num_qb, BLOCK, dim).transpose(2, 3).contiguous()
+    out = torch.empty(batch, kv_heads, num_qb, group, BLOCK, dim)  # rows of a run: query block-major
+    padded = torch.zeros(2, (num_kb + 1) * BLOCK, dim)  # keys and values of one KV head, then the zero block
     for b in range(batch):
-        for h in range(heads):
-            keys, values = k[b, h // group].float(), v[b, h // group].float()
-            queries = torch.zeros(num_qb * BLOCK, dim)
-            queries[:q_len] = q[b, h].float() * scale
-            queries = queries.view(num_qb, BLOCK, dim)
-            head_out = out[b, h].view(num_qb, BLOCK, dim)
-            bc, cc = block_counts[b][h], col_counts[b][h]
+        for kvh in range(kv_heads):
+            padded[0, :k_len], padded[1, :k_len] = k[b, kvh], v[b, kvh]
+            heads_of = slice(kvh * group, (kvh + 1) * group)
+            mb, mc = most_blocks[b][kvh], most_cols[b][kvh]
             start = 0
             while start < num_qb:  # a run: as many consecutive query blocks as fit in `cap` scores
-                end, most_blocks, most_cols = start + 1, bc[start], cc[start]
+                end, n_blk, n_col = start + 1, max(1, mb[start]), mc[start]
                 while end < num_qb:  # the run is as wide as its most blocks plus its most columns
-                    blocks, cols = max(most_blocks, bc[end]), max(most_cols, cc[end])
-                    if (end + 1 - start) * BLOCK * (BLOCK * blocks + cols) > cap:
+                    wider_blk, wider_col = max(n_blk, mb[end]), max(n_col, mc[end])
+                    if group * (end + 1 - start) * BLOCK * (BLOCK * wider_blk + _round_up(wider_col)) > cap:
                         break
-                    most_blocks, most_cols, end = blocks, cols, end + 1
-                _attend_run(queries[start:end], keys, values, index, b, h, start, end, rows[start:end], buffers,
-                            head_out[start:end])
+                    n_blk, n_col, end = wider_blk, wider_col, end + 1
+                lo = BLOCK * max(0, min(least_blocks[b][kvh][start:end]) - 2)  # slots before it: seen by all rows
+                _attend_run(queries[b, kvh, start:end], padded, blocks[b, heads_of, start:end, :n_blk],
+                            cols[b, heads_of, start:end, :n_col], rows[start:end], lo, buffers,
+                            out[b, kvh, start:end])
                 start = end
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, heads, num_qb * BLOCK, dim)
     return out[:, :, :q_len].nan_to_num_(0.0).to(q.dtype)
 
 
-def _attend_run(queries, keys, values, index: SparseIndex, b: int, h: int, start: int, end: int, rows, buffers,
-                out) -> None:
-    """Attention of query blocks ``start:end`` (queries ``[n, 64, D]``, pre-scaled) into ``out [n, 64, D]``."""
-    n, dim = end - start, keys.shape[1]
-    block_count = index.block_count[b, h, start:end].long()
-    pos = _key_positions(index.block_idx[b, h, start:end].long(), block_count, index.col_idx[b, h, start:end].long(),
-                         index.col_count[b, h, start:end].long(), index.k_len)
-    width = pos.shape[1]
-    gather = pos.clamp(max=index.k_len - 1).flatten()
-    kg = torch.index_select(keys, 0, gather, out=_view(buffers["keys"], (n * width, dim)))
-    vg = torch.index_select(values, 0, gather, out=_view(buffers["values"], (n * width, dim)))
-    scores = torch.bmm(queries, kg.view(n, width, dim).transpose(1, 2), out=_view(buffers["scores"], (n, BLOCK, width)))
-    lo = BLOCK * max(0, int(block_count.min()) - 2)  # every slot before `lo` is a key all rows may see
-    hidden = _view(buffers["hidden"], (n, BLOCK, width - lo))
-    torch.gt(pos[:, None, lo:], rows[:, :, None], out=hidden)
+def _attend_run(queries: torch.Tensor, padded: torch.Tensor, blocks: torch.Tensor, cols: torch.Tensor,
+                rows: torch.Tensor, lo: int, buffers: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Attention of one run of ``n`` query blocks of the ``G`` heads of one KV head into ``out [n, G, 64, D]``.
+
+    queries: ``[n, G, 64, D]`` pre-scaled; padded: ``[2, (NKB + 1) * 64, D]`` keys and values, a zero block last;
+    blocks: ``[G, n, nb]`` key blocks, unused = NKB; cols: ``[G, n, nc]`` key positions, unused = NKB * 64;
+    rows: ``[n, 64]`` absolute query positions; lo: every slot before it is a key all rows may see.
+    Row ``r = m * G + g`` of the run's batch is query block ``m`` of head ``g``; its slots are the ``nb`` blocks'
+    keys, then the columns, padded to a whole number of blocks.
+    """
+    group, n, n_blk = blocks.shape
+    dim = queries.shape[-1]
+    zero_block = padded.shape[1] // BLOCK - 1
+    r, n_col = group * n, _round_up(cols.shape[-1])
+    width = BLOCK * n_blk + n_col
+    blocks = blocks.transpose(0, 1).reshape(r, n_blk)
+    cols = torch.nn.functional.pad(cols.transpose(0, 1).reshape(r, -1), (0, n_col - cols.shape[-1]),
+                                   value=zero_block * BLOCK)
+    # every slot as a block: the key blocks, then the zero block where the columns go (overwritten below)
+    slots = torch.nn.functional.pad(blocks, (0, n_col // BLOCK), value=zero_block).flatten()
+    gathered = []
+    for i, name in enumerate(("keys", "values")):
+        whole = torch.index_select(padded[i].view(-1, BLOCK * dim), 0, slots,
+                                   out=_view(buffers[name], (slots.shape[0], BLOCK * dim))).view(r, width, dim)
+        whole[:, BLOCK * n_blk:] = torch.index_select(padded[i], 0, cols.flatten()).view(r, n_col, dim)
+        gathered.append(whole)
+    keys, values = gathered
+    pos = torch.cat([(blocks.view(r, n_blk, 1) * BLOCK + torch.arange(BLOCK)).view(r, -1), cols], dim=1)  # [R, S]
+    scores = torch.bmm(queries.view(r, BLOCK, dim), keys.transpose(1, 2), out=_view(buffers["scores"], (r, BLOCK, width)))
+    hidden = _view(buffers["hidden"], (r, BLOCK, width - lo))
+    torch.gt(pos[:, None, lo:], rows.repeat_interleave(group, 0)[:, :, None], out=hidden)
     scores[:, :, lo:].masked_fill_(hidden, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, out=_view(buffers["probs"], (n, BLOCK, width)))
-    torch.bmm(probs, vg.view(n, width, dim), out=out)
+    probs = torch.softmax(scores, dim=-1, out=_view(buffers["probs"], (r, BLOCK, width)))
+    torch.bmm(probs, values, out=out.view(r, BLOCK, dim))
 
 
-def _key_positions(blocks: torch.Tensor, block_count: torch.Tensor, cols: torch.Tensor, col_count: torch.Tensor,
-                   k_len: int) -> torch.Tensor:
-    """Key positions read by a run of query blocks: int64 ``[n, 64 * most blocks + most columns]``, the blocks'
-    keys in order then the columns; unused slots and keys past ``k_len`` hold ``HIDDEN``."""
-    n_blk, n_col = int(block_count.max()), int(col_count.max())
-    used = (torch.arange(n_blk) < block_count[:, None]).repeat_interleave(BLOCK, dim=1)
-    pos = (blocks[:, :n_blk, None] * BLOCK + torch.arange(BLOCK)).flatten(1)
-    pos = torch.where(used & (pos < k_len), pos, HIDDEN)
-    cols = torch.where(torch.arange(n_col) < col_count[:, None], cols[:, :n_col], HIDDEN)
-    return torch.cat([pos, cols], dim=1)
+def _round_up(columns: int) -> int:
+    """Column slots of a run: a whole number of blocks."""
+    return -(-columns // BLOCK) * BLOCK
 
 
 def _view(buffer: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -157,12 +157,15 @@ def compact(keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
     return picked.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()
 
 
-def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: int, k_len: int) -> SparseIndex:
+def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: int, k_len: int,
+                column_groups: torch.Tensor | None = None) -> SparseIndex:
     """The compact SparseIndex of a block selection plus key columns.
 
     block_mask: bool ``[B, H, NQB, NKB]`` (``NKB = ceil(k_len / 64)``), True = read key block in full.
     columns: int ``[B, H, C]`` (the same columns for every query block) or ``[B, H, NQB, C]``; ``-1`` = unused;
       duplicates allowed. None = no columns.
+    column_groups: int64 ``[NQB]``: columns are ``[B, H, NG, C]`` and query block ``m`` reads
+      ``columns[:, :, column_groups[m]]`` (sorted once per group, not once per query block).
     Blocks and columns past the causal edge of a query block are dropped, and so are columns inside a kept
     block, so the index never counts a key twice.
     """
@@ -186,6 +189,8 @@ def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: i
     columns = torch.sort(columns.long(), dim=-1).values
     repeated = torch.cat([torch.zeros_like(columns[..., :1], dtype=torch.bool),
                           columns[..., 1:] == columns[..., :-1]], dim=-1)
+    if column_groups is not None:
+        columns, repeated = columns[:, :, column_groups], repeated[:, :, column_groups]
     shape = (*block_mask.shape[:3], columns.shape[-1])
     columns, repeated = columns.expand(shape), repeated.expand(shape)
     in_block = blocks.gather(-1, columns.clamp(0, k_len - 1) // BLOCK)

@@ -1,11 +1,18 @@
 """Online estimation: the sparse index of one input, head by head, from its queries and keys.
 
-- vertical-slash: softmax attention of the last 64 queries over all keys; column scores are its sums per key,
-  diagonal scores its sums per offset ``query position - key position``. The first ``SINK_COLUMNS`` keys and
-  the ``LOCAL_DIAGONALS`` nearest diagonals are always kept.
+- vertical-slash: the query blocks are cut into ``PROBES`` contiguous groups of at least ``GROUP_BLOCKS``
+  blocks each; the last 64 queries of each group (its probe; the last group's probe is the last 64 queries of
+  the input) attend softmax over all causal keys, column scores are their sums per key, diagonal scores their
+  sums per offset ``query position - key position``, and the group's query blocks read the columns and
+  diagonals chosen from those (one probe at the end misses what earlier queries attend to: the columns of
+  nearby paragraphs, say). Fixed budgets use one group, MInference's setting: a fixed count per group would
+  make the short early groups nearly dense. The first ``SINK_COLUMNS`` keys and the ``LOCAL_DIAGONALS``
+  nearest diagonals are always kept.
 - block-sparse: softmax attention between 64-token mean-pooled query blocks and key blocks; key block 0 and
   the key blocks on each query block's diagonal are always kept.
 - A-shape: nothing to estimate.
+- Every head reads every causal key for the last ``DENSE_LAST`` queries (a question at the end of a prompt sees
+  the whole context, whatever the pattern); at 8k tokens that is 1.6% of the causal pairs.
 
 Budgets are fixed counts, or adaptive: the fewest items (highest score first) whose scores add up to ``mass``
 of the total, optionally capped by the count (FlexPrefill / XAttention style). For vertical-slash, columns and
@@ -23,7 +30,10 @@ from kvtier.kernels.index import BLOCK, SparseIndex, build_index, compact, row_p
 from kvtier.sparse_attn.config import HeadPattern, SparseConfigError
 from kvtier.sparse_attn.patterns import a_shape_blocks, slash_blocks
 
-LAST_QUERIES = 64
+PROBES = 8
+PROBE_QUERIES = 64
+GROUP_BLOCKS = 16
+DENSE_LAST = 64
 SINK_COLUMNS = 64
 LOCAL_DIAGONALS = 64
 
@@ -39,24 +49,30 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
     group = heads // k.shape[1]
     num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
     block_mask = torch.zeros(batch, heads, num_qb, num_kb, dtype=torch.bool, device=q.device)
-    columns = torch.full((batch, heads, 1), -1, dtype=torch.long, device=q.device)
+    groups = probe_groups(q_len)[1].to(q.device)  # columns per probe group: [B, H, groups, C]
+    columns = torch.full((batch, heads, int(groups[-1]) + 1, 1), -1, dtype=torch.long, device=q.device)
     for kind in sorted({p.kind for p in patterns}):
         hs = [h for h, p in enumerate(patterns) if p.kind == kind]
         chosen = [patterns[h] for h in hs]
         hs_t = torch.tensor(hs, device=q.device)
-        kv = k[:, hs_t // group]
         if kind == "a_shape":
             for h, p in zip(hs, chosen):
                 block_mask[:, h] = a_shape_blocks(batch, 1, q_len, k_len, p.sink, p.local, q.device)[:, 0]
         elif kind == "vertical_slash":
-            cols, offsets = _vertical_slash(q[:, hs_t], kv, chosen, scale, k_len)
-            block_mask[:, hs_t] = slash_blocks(offsets, q_len, k_len)
-            width = max(columns.shape[-1], cols.shape[-1])
-            columns = torch.nn.functional.pad(columns, (0, width - columns.shape[-1]), value=-1)
-            columns[:, hs_t] = torch.nn.functional.pad(cols.long(), (0, width - cols.shape[-1]), value=-1)
+            for adaptive in (False, True):
+                part = [i for i, p in enumerate(chosen) if (p.mass is not None) == adaptive]
+                if not part:
+                    continue
+                cols, offsets = _vertical_slash(q, k, hs_t[part], [chosen[i] for i in part], scale,
+                                                PROBES if adaptive else 1)
+                block_mask[:, hs_t[part]] = slash_blocks(offsets, q_len, k_len)
+                width = max(columns.shape[-1], cols.shape[-1])
+                columns = torch.nn.functional.pad(columns, (0, width - columns.shape[-1]), value=-1)
+                columns[:, hs_t[part]] = torch.nn.functional.pad(cols.long(), (0, width - cols.shape[-1]), value=-1)
         else:
-            block_mask[:, hs_t] = _block_sparse(q[:, hs_t], kv, chosen, scale, q_len, k_len)
-    return build_index(block_mask, columns, q_len, k_len)
+            block_mask[:, hs_t] = _block_sparse(q[:, hs_t], k[:, hs_t // group], chosen, scale, q_len, k_len)
+    block_mask[:, :, max(0, q_len - DENSE_LAST) // BLOCK:] = True
+    return build_index(block_mask, columns, q_len, k_len, groups)
 
 
 def _budgets(patterns: list[HeadPattern], count_field: str, limit: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,18 +100,41 @@ def select(scores: torch.Tensor, forced: torch.Tensor, count: torch.Tensor, mass
     return torch.zeros_like(take).scatter_(-1, order, take)
 
 
-def _vertical_slash(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float,
-                    k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns ``[B, H', C]`` and slash offsets ``[B, H', S]`` (int32, -1 padded) from the last queries."""
-    last = min(LAST_QUERIES, q.shape[2])
-    pos = torch.arange(k_len - last, k_len, device=q.device)
+def probe_groups(q_len: int, probes: int = PROBES) -> tuple[list[int], torch.Tensor]:
+    """Query blocks cut into ``probes`` contiguous groups of near-equal size, fewer where a group would have
+    under ``GROUP_BLOCKS`` blocks: the end row (local, exclusive) of every group, and int64 ``[NQB]`` the group of
+    every query block. A group's probe is its last ``PROBE_QUERIES`` rows (the last probe: the last queries of
+    the input)."""
+    num_qb = -(-q_len // BLOCK)
+    n = max(1, min(probes, num_qb // GROUP_BLOCKS))
+    ends = [min(q_len, BLOCK * -(-num_qb * (g + 1) // n)) for g in range(n)]
+    block_ends = torch.tensor([-(-e // BLOCK) for e in ends])
+    groups = torch.searchsorted(block_ends, torch.arange(num_qb), right=True)
+    return ends, groups
+
+
+def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patterns: list[HeadPattern], scale: float,
+                    probes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns ``[B, H', G, C]`` and slash offsets ``[B, H', G or 1, S]`` (int32, -1 padded) of query heads
+    ``heads`` (``[H']``) of q ``[B, H, q_len, D]`` over k ``[B, Hkv, k_len, D]``: every query block uses those of
+    its group's probe (``probe_groups(q_len, probes)``; slash offsets per query block ``[B, H', NQB, S]`` when
+    there is more than one group). ``G = len(probe_groups(q_len)[0])``: one group's columns are repeated."""
+    (batch, num_heads, q_len, dim), (kv_heads, k_len) = q.shape, k.shape[1:3]
+    ends, groups = probe_groups(q_len, probes)
     keys = torch.arange(k_len, device=q.device)
-    scores = torch.matmul(q[:, :, -last:].float(), k.float().transpose(-1, -2)) * scale  # [B, H', last, k_len]
-    scores.masked_fill_(keys > pos[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    vertical = probs.sum(-2)
-    offsets = (pos[:, None] - keys).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
-    slash = torch.zeros_like(vertical).scatter_add_(-1, offsets, probs.flatten(-2))
+    key_t = k.float().transpose(-1, -2)  # [B, Hkv, D, k_len]
+    vertical = torch.zeros(batch, len(heads), len(ends), k_len, device=q.device)  # [B, H', groups, k_len]
+    slash = torch.zeros_like(vertical)
+    for g, end in enumerate(ends):
+        start = max(0, end - PROBE_QUERIES)
+        pos = torch.arange(start, end, device=q.device) + (k_len - q_len)
+        rows = q[:, :, start:end].float().reshape(batch, kv_heads, -1, dim)  # the heads of a KV head share its keys
+        scores = torch.matmul(rows, key_t).view(batch, num_heads, end - start, k_len)[:, heads] * scale
+        scores.masked_fill_(keys > pos[:, None], float("-inf"))  # [B, H', rows, k_len]
+        probs = torch.softmax(scores, dim=-1)
+        vertical[:, :, g] = probs.sum(-2)
+        offsets = (pos[:, None] - keys).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
+        slash[:, :, g].scatter_add_(-1, offsets, probs.flatten(-2))
     forced_cols, forced_slash = keys < SINK_COLUMNS, keys < LOCAL_DIAGONALS
     cap_cols, mass = _budgets(patterns, "vertical", k_len, q.device)
     cap_slash, _ = _budgets(patterns, "slash", k_len, q.device)
@@ -105,12 +144,14 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern
     # adaptive heads: one ranking of columns and diagonals together, until they cover `mass` (within the caps)
     joint = select(torch.cat([vertical, slash], -1), torch.cat([forced_cols, forced_slash]),
                    torch.full_like(cap_cols, 2 * k_len), mass.nan_to_num(posinf=1.0))
-    fixed = torch.isinf(mass)[:, None]
+    fixed = torch.isinf(mass)[:, None, None]
     keep_cols &= joint[..., :k_len] | fixed
     keep_slash &= joint[..., k_len:] | fixed
     cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
     diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
-    return cols, diags
+    if len(ends) == 1:
+        return cols.expand(-1, -1, len(probe_groups(q_len)[0]), -1), diags
+    return cols, diags[:, :, groups.to(q.device)]
 
 
 def _block_sparse(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float,

@@ -34,15 +34,16 @@ def a_shape_blocks(batch: int, heads: int, q_len: int, k_len: int, sink: int, lo
 
 
 def slash_blocks(offsets: torch.Tensor, q_len: int, k_len: int) -> torch.Tensor:
-    """Key blocks the diagonals read. offsets: int ``[B, H, S]`` (``-1`` = unused); returns bool ``[B, H, NQB, NKB]``."""
+    """Key blocks the diagonals read. offsets: int ``[B, H, S]`` (the same for every query block) or
+    ``[B, H, NQB, S]`` (per query block), ``-1`` = unused; returns bool ``[B, H, NQB, NKB]``."""
     num_qb, num_kb = _num_blocks(q_len, k_len)
     first, last = row_positions(q_len, k_len, offsets.device)
-    s = offsets.long()[:, :, None, :]  # [B, H, 1, S]
+    s = offsets.long() if offsets.dim() == 4 else offsets.long()[:, :, None, :]  # [B, H, NQB or 1, S]
     hi = last[:, None] - s  # [B, H, NQB, S]: key of the last row
     used = (s >= 0) & (hi >= 0)
     lo_block = torch.where(used, (first[:, None] - s).clamp(min=0) // BLOCK, num_kb)
     hi_block = torch.where(used, hi // BLOCK, num_kb)
-    sel = torch.zeros(*offsets.shape[:2], num_qb, num_kb + 1, dtype=torch.bool, device=offsets.device)
+    sel = torch.zeros(*hi.shape[:3], num_kb + 1, dtype=torch.bool, device=offsets.device)
     sel.scatter_(-1, lo_block, True)
     sel.scatter_(-1, hi_block, True)
     return sel[..., :num_kb]
@@ -55,7 +56,8 @@ def a_shape_index(batch: int, heads: int, q_len: int, k_len: int, sink: int, loc
 
 
 def vertical_slash_index(columns: torch.Tensor, offsets: torch.Tensor, q_len: int, k_len: int) -> SparseIndex:
-    """The SparseIndex of vertical columns ``[B, H, C]`` and slash offsets ``[B, H, S]`` (``-1`` = unused)."""
+    """The SparseIndex of vertical columns ``[B, H, C]`` and slash offsets ``[B, H, S]`` (``-1`` = unused), or
+    both per query block (``[B, H, NQB, C]``, ``[B, H, NQB, S]``)."""
     return build_index(slash_blocks(offsets, q_len, k_len), columns, q_len, k_len)
 
 

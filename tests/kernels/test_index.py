@@ -68,3 +68,14 @@ def test_build_index_rejects_bad_shapes():
         build_index(torch.ones(1, 1, 2, 2, dtype=torch.bool), None, 200, 200)
     with pytest.raises(SparseAttentionError, match="q_len <= k_len"):
         build_index(torch.ones(1, 1, 1, 1, dtype=torch.bool), None, 60, 50)
+
+
+def test_column_groups_equal_columns_per_query_block():
+    g = torch.Generator().manual_seed(7)
+    block_mask = torch.rand(1, 2, 5, 6, generator=g) < 0.3
+    columns = torch.randint(-1, 350, (1, 2, 3, 11), generator=g)  # 3 groups of columns
+    groups = torch.tensor([0, 0, 1, 2, 2])
+    grouped = build_index(block_mask, columns, 300, 350, groups)
+    per_block = build_index(block_mask, columns[:, :, groups], 300, 350)
+    assert torch.equal(grouped.to_mask(), per_block.to_mask())
+    assert torch.equal(grouped.to_mask(), brute_mask(block_mask, columns[:, :, groups], 300, 350))

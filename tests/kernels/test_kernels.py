@@ -109,3 +109,20 @@ def test_cpu_path_with_many_small_runs(monkeypatch):
                         700, 900)
     expected = sparse_attention(q, k, v, index, backend="reference")
     torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_cpu_path_batches_the_query_heads_of_a_kv_head(monkeypatch, kv_heads):
+    """Heads of one KV head with different block and column counts, in runs of several query blocks each."""
+    import kvtier.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "CHUNK_SCORES", 3 * 64 * 64 * 6)
+    q, k, v = make_inputs(1, 6, kv_heads, 500, 640, 64, torch.float32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    density = torch.tensor([0.1, 0.9, 0.3, 0.6, 0.05, 1.0])[None, :, None, None]
+    block_mask = torch.rand(1, 6, 8, 10, generator=g) < density
+    columns = torch.randint(-1, 640, (1, 6, 8, 70), generator=g)
+    columns[:, 1::2, :, 3:] = -1  # a few columns only for every other head
+    index = build_index(block_mask, columns, 500, 640)
+    expected = sparse_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)

@@ -43,7 +43,7 @@ def test_covering_config_equals_dense_with_and_without_a_cached_prefix(tiny):
 
 
 def test_sparse_layers_run_sparse_and_short_inputs_and_decode_fall_back(tiny):
-    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(2))
     local = SparseConfig("tiny", 4, [[HeadPattern("a_shape", sink=64, local=64)] * 4] * 2)
     with torch.no_grad():
         dense = tiny(ids).logits
