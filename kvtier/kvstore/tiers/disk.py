@@ -1,12 +1,13 @@
 """DiskTier: one blob file per chunk in a local folder.
 
 - Writes are atomic: the blob goes to ``tmp/`` and is renamed into place, so a reader never sees half a
-  file. The KV goes first, a group of layers at a time, each hashed right after it is written while it is
-  still in the CPU cache; the header with those digests goes last (its length does not depend on them). A
-  large chunk's KV starts on a page boundary, so the kernel copies whole, aligned pages both ways.
+  file. The tier's writer thread writes the KV while the calling thread hashes it (the write releases the
+  GIL); the header with those digests goes last (its length does not depend on them). A large chunk's KV
+  starts on a page boundary, so the kernel copies whole, aligned pages both ways.
 - ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a lost or
   torn file can never be served, because every read verifies its checksums.
-- Reads go straight into the caller's buffer (no staging copy for the raw codec) and verify the per-layer
+- Reads go straight into the caller's buffer (no staging copy for the raw codec), 2 MiB of layers at a
+  time, each group hashed right after it is read while it is still in the CPU cache, and verify the per-layer
   checksums of what they read; a corrupt or truncated file is a miss, deleted and counted.
 - On start-up the folder is listed for sizes; :meth:`scan` reads each header for the store's index.
 """
@@ -18,6 +19,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ SUFFIX = ".kvt"
 _PAGE = 4096  # the KV of a large chunk starts on a page boundary of the file (see blob_header's align)
 _ALIGN_FROM = 64 * _PAGE  # smaller chunks are not padded: the padding would cost more than it saves
 _FIRST_READ = 2 * _PAGE  # the header and the tokens, in one read
-_GROUP_BYTES = 2 << 20  # KV is read or written this much at a time, then hashed while in cache
+_GROUP_BYTES = 2 << 20  # KV is read this much at a time, then hashed while in cache
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -87,6 +89,7 @@ class DiskTier(Tier):
         self._used = 0
         self._tmp_seq = 0
         self._tmp_lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{name}-writer")
         for sub in self.path.iterdir():
             if sub.is_dir() and len(sub.name) == 2:
                 for f in sub.glob("*" + SUFFIX):
@@ -112,10 +115,10 @@ class DiskTier(Tier):
         header = blob_header(chunk, layout, self.codec, tensors, [UNHASHED] * layout.num_layers, align=align)
         return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors))
 
-    @staticmethod
-    def _write_blob(fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
-        """The tensors first, each group of KV layers hashed right after it is written (still in cache);
-        then the header, with those digests."""
+    def _write_blob(self, fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
+        """The KV parts, written by the tier's writer thread while this one hashes them (``pwritev`` releases
+        the GIL, so on two cores the checksums cost no time); then the tokens, the summary, and last the
+        header with the digests."""
         spans = {}
         offset = len(header)
         for name, t in tensors.items():
@@ -124,11 +127,16 @@ class DiskTier(Tier):
         parts = kv_parts(tensors)
         views = part_views(parts)
         starts = [spans[f"kv.{name}"] for name in sorted(parts)]
-        digests = []
-        for group in _layer_groups(views, len(parts[next(iter(parts))])):
-            for (view, step), start in zip(views, starts):
-                _pwrite_all(fd, view[group.start * step : group.stop * step], start + group.start * step)
-            digests += layer_digests(views, group)
+
+        def write_kv() -> None:
+            for (view, _), start in zip(views, starts):
+                _pwrite_all(fd, view, start)
+
+        written = self._writer.submit(write_kv)
+        try:
+            digests = layer_digests(views, range(len(parts[next(iter(parts))])))
+        finally:
+            written.result()  # also when hashing failed: the writer must be done with fd before it closes
         for name in ("tokens", "summary"):
             if name in tensors:
                 _pwrite_all(fd, byte_view(tensors[name]), spans[name])
