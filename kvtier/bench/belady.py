@@ -11,30 +11,25 @@ among policies that do, it is optimal (checked against brute force in ``tests/be
 from __future__ import annotations
 
 import bisect
-import heapq
-import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
 
-from kvtier.kvstore.policies import Evictable, EvictionPolicy, heap_victim
+from kvtier.kvstore.policies import HeapPolicy
 
 
-class BeladyPolicy(EvictionPolicy):
+class BeladyPolicy(HeapPolicy):
     """``future[i]``: the chunk keys request ``i`` uses, in order. The replay calls :meth:`at` with the
     request's index before handing it to the store."""
 
     name = "belady"
 
     def __init__(self, future: Sequence[Sequence[bytes]]) -> None:
+        super().__init__()  # priority: (-next use, -depth)
         self._uses: dict[bytes, list[int]] = {}
         for i, keys in enumerate(future):
             for key in keys:
                 self._uses.setdefault(key, []).append(i)
         self._now = -1
-        self._entries: dict[bytes, list[Any]] = {}  # key -> [-next_use, -depth, seq, key, valid]
-        self._heap: list[list[Any]] = []
-        self._seq = itertools.count()
 
     def at(self, request: int) -> None:
         """The store is now serving request ``request``."""
@@ -46,26 +41,13 @@ class BeladyPolicy(EvictionPolicy):
         j = bisect.bisect_right(uses, self._now)
         return uses[j] if j < len(uses) else math.inf
 
-    def _push(self, key: bytes, depth: int) -> None:
-        old = self._entries.get(key)
-        if old is not None:
-            old[4] = False
-        entry = [-self.next_use(key), -depth, next(self._seq), key, True]
-        self._entries[key] = entry
-        heapq.heappush(self._heap, entry)
+    def _rank(self, key: bytes, depth: int) -> None:
+        self._push(key, (-self.next_use(key), -depth), depth)
 
     def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
-        self._push(key, depth)
+        self._rank(key, depth)
 
     def touch(self, key: bytes, reuse: float = 0.5) -> None:
         old = self._entries.get(key)
         if old is not None:
-            self._push(key, -old[1])
-
-    def remove(self, key: bytes) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            entry[4] = False
-
-    def victim(self, evictable: Evictable) -> bytes | None:
-        return heap_victim(self._heap, evictable, key_at=3, valid_at=4)
+            self._rank(key, old[4])

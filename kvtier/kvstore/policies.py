@@ -33,24 +33,6 @@ from kvtier.errors import ConfigError
 Evictable = Callable[[bytes], bool]
 
 
-def heap_victim(heap: list[list[Any]], evictable: Evictable, key_at: int, valid_at: int) -> bytes | None:
-    """The key of the lowest valid entry of a lazily invalidated heap for which ``evictable`` is true.
-    Stale entries met on the way are dropped; valid ones that cannot be evicted are put back."""
-    skipped = []
-    found = None
-    while heap:
-        entry = heapq.heappop(heap)
-        if not entry[valid_at]:
-            continue
-        skipped.append(entry)
-        if evictable(entry[key_at]):
-            found = entry[key_at]
-            break
-    for entry in skipped:
-        heapq.heappush(heap, entry)
-    return found
-
-
 class EvictionPolicy(ABC):
     name: str
 
@@ -65,6 +47,48 @@ class EvictionPolicy(ABC):
 
     @abstractmethod
     def victim(self, evictable: Evictable) -> bytes | None: ...
+
+
+class HeapPolicy(EvictionPolicy):
+    """Base of the policies that give up the chunk of lowest priority: a heap of entries
+    ``[priority, seq, key, valid, data]`` with lazy invalidation (a re-prioritised or removed chunk's old
+    entry is marked invalid and dropped when it surfaces). ``seq`` breaks ties by age, oldest first."""
+
+    def __init__(self) -> None:
+        self._entries: dict[bytes, list[Any]] = {}
+        self._heap: list[list[Any]] = []
+        self._seq = itertools.count()
+
+    def _push(self, key: bytes, priority: Any, data: Any = None) -> None:
+        """Give ``key`` a new priority (and data), replacing its entry."""
+        old = self._entries.get(key)
+        if old is not None:
+            old[3] = False
+        entry = [priority, next(self._seq), key, True, data]
+        self._entries[key] = entry
+        heapq.heappush(self._heap, entry)
+
+    def remove(self, key: bytes) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            entry[3] = False
+
+    def victim(self, evictable: Evictable) -> bytes | None:
+        """The lowest valid entry for which ``evictable`` is true; valid ones that cannot be evicted are put
+        back."""
+        skipped = []
+        found = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if not entry[3]:
+                continue
+            skipped.append(entry)
+            if evictable(entry[2]):
+                found = entry[2]
+                break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return found
 
 
 class LRUPolicy(EvictionPolicy):
@@ -90,7 +114,7 @@ class LRUPolicy(EvictionPolicy):
         return next((k for k in self._order if evictable(k)), None)
 
 
-class GreedyDualPolicy(EvictionPolicy):
+class GreedyDualPolicy(HeapPolicy):
     """GreedyDual-Size-Frequency: evict the lowest ``L + frequency * cost / size``, where ``L`` (the aging
     term) rises to each evicted chunk's priority, so chunks that were popular long ago age out.
 
@@ -101,37 +125,25 @@ class GreedyDualPolicy(EvictionPolicy):
     name = "greedy-dual"
 
     def __init__(self, cost: Callable[[int, int], float]) -> None:
+        super().__init__()
         self._cost = cost
-        self._entries: dict[bytes, list[Any]] = {}  # key -> [priority, seq, key, freq, value_per_hit, valid]
-        self._heap: list[list[Any]] = []
-        self._age = 0.0
-        self._seq = itertools.count()
-
-    def _push(self, key: bytes, freq: int, value: float) -> None:
-        entry = [self._age + freq * value, next(self._seq), key, freq, value, True]
-        self._entries[key] = entry
-        heapq.heappush(self._heap, entry)
+        self._age = 0.0  # entry data: (frequency, value per hit)
 
     def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
-        old = self._entries.get(key)
-        if old is not None:
-            old[5] = False
-        self._push(key, 1, self._cost(nbytes, depth))
+        value = self._cost(nbytes, depth)
+        self._push(key, self._age + value, (1, value))
 
     def touch(self, key: bytes, reuse: float = 0.5) -> None:
         old = self._entries.get(key)
         if old is not None:
-            old[5] = False
-            self._push(key, old[3] + 1, old[4])
+            freq, value = old[4]
+            self._push(key, self._age + (freq + 1) * value, (freq + 1, value))
 
     def remove(self, key: bytes) -> None:
-        entry = self._entries.pop(key, None)
+        entry = self._entries.get(key)
         if entry is not None:
-            entry[5] = False
             self._age = max(self._age, entry[0])
-
-    def victim(self, evictable: Evictable) -> bytes | None:
-        return heap_victim(self._heap, evictable, key_at=2, valid_at=5)
+        super().remove(key)
 
 
 class LFUPolicy(GreedyDualPolicy):
@@ -226,7 +238,7 @@ class S3FIFOPolicy(EvictionPolicy):
         return None
 
 
-class TurnLRUPolicy(EvictionPolicy):
+class TurnLRUPolicy(HeapPolicy):
     """LRU that keeps the chunks of prompts likely to be continued longer.
 
     Recency is measured in bytes inserted or touched since a chunk's last use, and a use by a request whose
@@ -241,38 +253,21 @@ class TurnLRUPolicy(EvictionPolicy):
     name = "turn-lru"
 
     def __init__(self, capacity_bytes: int, reuse_weight: float = 6.0) -> None:
+        super().__init__()
         self._scale = reuse_weight * capacity_bytes
-        self._clock = 0  # bytes inserted or touched so far
-        self._entries: dict[bytes, list[Any]] = {}  # key -> [priority, seq, key, nbytes, valid]
-        self._heap: list[list[Any]] = []
-        self._seq = itertools.count()
-
-    def _push(self, key: bytes, nbytes: int, priority: float) -> None:
-        entry = [priority, next(self._seq), key, nbytes, True]
-        self._entries[key] = entry
-        heapq.heappush(self._heap, entry)
+        self._clock = 0  # bytes inserted or touched so far; entry data: the chunk's bytes
 
     def _used(self, nbytes: int, reuse: float) -> float:
         self._clock += nbytes
         return self._clock + self._scale * math.log(reuse / (1 - reuse))
 
     def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
-        self.remove(key)
-        self._push(key, nbytes, self._used(nbytes, reuse))
+        self._push(key, self._used(nbytes, reuse), nbytes)
 
     def touch(self, key: bytes, reuse: float = 0.5) -> None:
         old = self._entries.get(key)
         if old is not None:
-            old[4] = False
-            self._push(key, old[3], max(old[0], self._used(old[3], reuse)))
-
-    def remove(self, key: bytes) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            entry[4] = False
-
-    def victim(self, evictable: Evictable) -> bytes | None:
-        return heap_victim(self._heap, evictable, key_at=2, valid_at=4)
+            self._push(key, max(old[0], self._used(old[4], reuse)), old[4])
 
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
