@@ -342,6 +342,20 @@ class _Operations:
         return http.build_request(call.method, call.path, params=call.params, headers=headers,
                                   content=body_iter(pieces))
 
+    def _settle(self, call: _Call, attempt: int, reply: _Reply | None,
+                failure: httpx.TransportError | None) -> _Reply | None:
+        """After try ``attempt`` of ``call``: its reply when it succeeded, None to try again; raises the typed
+        error when it failed for good."""
+        if failure is not None:
+            if not self._retryable(call, attempt, failure):
+                raise self._unreachable(call, failure) from failure
+            return None
+        if reply.status < 400:
+            return reply
+        if reply.status not in _RETRY_STATUS or not self._retryable(call, attempt, None):
+            raise _error(reply)
+        return None
+
     def _retryable(self, call: _Call, attempt: int, exc: Exception | None) -> bool:
         """Whether to try ``call`` again after ``exc`` (None: a 502/503/504)."""
         if attempt >= self.retries:
@@ -444,15 +458,11 @@ class Client(_Operations):
     def _send(self, call: _Call) -> _Reply:
         for attempt in range(self.retries + 1):
             try:
-                reply = self._exchange(call)
+                reply, failure = self._exchange(call), None
             except httpx.TransportError as exc:
-                if not self._retryable(call, attempt, exc):
-                    raise self._unreachable(call, exc) from exc
-            else:
-                if reply.status < 400:
-                    return reply
-                if reply.status not in _RETRY_STATUS or not self._retryable(call, attempt, None):
-                    raise _error(reply)
+                reply, failure = None, exc
+            if (done := self._settle(call, attempt, reply, failure)) is not None:
+                return done
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -552,15 +562,11 @@ class AsyncClient(_Operations):
     async def _send(self, call: _Call) -> _Reply:
         for attempt in range(self.retries + 1):
             try:
-                reply = await self._exchange(call)
+                reply, failure = await self._exchange(call), None
             except httpx.TransportError as exc:
-                if not self._retryable(call, attempt, exc):
-                    raise self._unreachable(call, exc) from exc
-            else:
-                if reply.status < 400:
-                    return reply
-                if reply.status not in _RETRY_STATUS or not self._retryable(call, attempt, None):
-                    raise _error(reply)
+                reply, failure = None, exc
+            if (done := self._settle(call, attempt, reply, failure)) is not None:
+                return done
             await asyncio.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 

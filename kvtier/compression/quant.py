@@ -22,6 +22,8 @@ chunk blob's checksum covers that. Structural problems (names, shapes, dtypes) r
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, ClassVar
 
 import torch
@@ -100,7 +102,7 @@ class FP8Codec(Codec):
             part = parts[name]
             _check(part.dtype == dtype and tuple(part.shape) == shape, self.name,
                    f"{name} must be {dtype} {shape}, got {part.dtype} {tuple(part.shape)}")
-        x = torch.take(_SQRT_E4M3.to(out.device), parts["data"].long())  # sign(c) * sqrt(|c|) of each e4m3 code c
+        x = torch.take(_sqrt_e4m3_table(out.device), parts["data"].long())  # sign(c) * sqrt(|c|) of each e4m3 code c
         x.mul_(parts["scale"].float()[..., None, None])
         offset = parts["key_offset"].float() * parts["key_offset_step"].float().unsqueeze(2)  # [L, H, D]
         kept = ~_unpack_bits(parts["key_raw"], C)  # [L, C]: tokens stored minus the offset
@@ -123,13 +125,12 @@ def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed.unsqueeze(2) >> shifts) & 1).view(packed.shape[0], -1)[:, :n].bool()
 
 
-def _sqrt_e4m3_table() -> torch.Tensor:
-    """``[256]`` fp32: ``sign(c) * sqrt(|c|)`` for the e4m3 value ``c`` of every byte (NaN for its 2 NaNs)."""
+@functools.lru_cache(maxsize=8)
+def _sqrt_e4m3_table(device: torch.device) -> torch.Tensor:
+    """``[256]`` fp32 on ``device``: ``sign(c) * sqrt(|c|)`` for the e4m3 value ``c`` of every byte (NaN for
+    its 2 NaNs). Built once per device, on first use."""
     codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
-    return codes.abs().sqrt().copysign(codes)
-
-
-_SQRT_E4M3 = _sqrt_e4m3_table()
+    return codes.abs().sqrt().copysign(codes).to(device)
 
 
 class KIVICodec(Codec):

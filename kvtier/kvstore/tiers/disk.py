@@ -43,24 +43,30 @@ _FIRST_READ = 2 * _PAGE  # the header and the tokens, in one read
 _GROUP_BYTES = 2 << 20  # KV is read this much at a time, then hashed while in cache
 
 
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    """Write all of ``buf`` at ``offset``."""
+def _transfer(op, fd: int, buf: memoryview, offset: int) -> int:
+    """``os.preadv`` or ``os.pwritev`` of all of ``buf`` at ``offset``, call after call; stops early only when
+    a call moves nothing (end of file). Returns the bytes moved."""
     done = 0
     while done < len(buf):
-        n = os.pwritev(fd, [buf[done:]], offset + done)
+        n = op(fd, [buf[done:]], offset + done)
         if n <= 0:
-            raise OSError(f"write at {offset + done} made no progress")
+            break
         done += n
+    return done
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Write all of ``buf`` at ``offset``."""
+    done = _transfer(os.pwritev, fd, buf, offset)
+    if done < len(buf):
+        raise OSError(f"write at {offset + done} made no progress")
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
     """Fill ``buf`` from ``offset``; BlobError if the file ends first."""
-    done = 0
-    while done < len(buf):
-        n = os.preadv(fd, [buf[done:]], offset + done)
-        if n <= 0:
-            raise BlobError(f"file truncated: wanted {len(buf)} bytes at {offset}, got {done}")
-        done += n
+    done = _transfer(os.preadv, fd, buf, offset)
+    if done < len(buf):
+        raise BlobError(f"file truncated: wanted {len(buf)} bytes at {offset}, got {done}")
 
 
 def _layer_groups(views: list[tuple[memoryview, int]], num_layers: int) -> Iterator[range]:
@@ -298,6 +304,10 @@ class DiskTier(Tier):
 
     def contains(self, key: bytes) -> bool:
         return key in self._sizes
+
+    def close(self) -> None:
+        """Stop the writer thread (after any write in flight)."""
+        self._writer.shutdown(wait=True)
 
     def delete(self, key: bytes) -> int:
         nbytes = self._sizes.pop(key, None)
