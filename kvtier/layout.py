@@ -91,6 +91,12 @@ class KVLayout:
     def pages_per_chunk(self) -> int:
         return self.chunk_tokens // self.page_tokens
 
+    @property
+    def summary_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of a chunk's key summary (:func:`kvtier.kvstore.chunk.key_summary`), in this dtype:
+        ``[layers, kv_heads, pages, 3 (min, max, mean), head_dim]``."""
+        return (self.num_layers, self.kv_heads, self.pages_per_chunk, 3, self.head_dim)
+
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in fields(self) if f.init}

@@ -408,19 +408,21 @@ def create_app(config: KVTierConfig) -> FastAPI:
     app.add_middleware(_Instrument, service=service)
     bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer KEY`")
 
-    def principal(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+    # The dependencies are async (they only hash a key and look it up): FastAPI would run plain functions on its
+    # thread pool, a hand-off per dependency and request.
+    async def principal(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         found = service.auth.identify(creds.credentials if creds else None)
         if found is None:
             raise Refusal(401, "unauthorized", "a valid API key is required: Authorization: Bearer KEY")
         return found
 
-    def tenant(request: Request, who: Principal = Depends(principal)) -> Principal:
+    async def tenant(request: Request, who: Principal = Depends(principal)) -> Principal:
         if who.tenant is None:
             raise Refusal(403, "forbidden", "the admin key is not a tenant's key; tenant endpoints need one")
         service.count_request(who.tenant, request.scope["route"].path)
         return who
 
-    def admin(who: Principal = Depends(principal)) -> Principal:
+    async def admin(who: Principal = Depends(principal)) -> Principal:
         if not who.admin:
             raise Refusal(403, "forbidden", "this endpoint needs the admin key")
         return who

@@ -315,6 +315,11 @@ def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None =
     summary = _tensor(view, header, "summary") if "summary" in header.tensors else None
     if checksum(tokens) != header.tokens_xxh3 or checksum(summary) != header.summary_xxh3:
         raise BlobError("blob checksum mismatch in its tokens or summary")
+    if tuple(tokens.shape) != (layout.chunk_tokens,) or tokens.dtype != torch.int32:
+        raise BlobError(f"blob tokens are {tuple(tokens.shape)} {tokens.dtype}, not ({layout.chunk_tokens},) int32")
+    if summary is not None and (tuple(summary.shape) != layout.summary_shape or summary.dtype != layout.torch_dtype):
+        raise BlobError(f"blob key summary is {tuple(summary.shape)} {summary.dtype}, not {layout.summary_shape} "
+                        f"{layout.torch_dtype}")
     for part in parts.values():
         if part.dim() == 0 or part.shape[0] != layout.num_layers:
             raise BlobError(f"blob KV part of shape {tuple(part.shape)} is not layer-major over {layout.num_layers} layers")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from kvtier.api import Client
 from kvtier.api.client import PayloadTooLargeError
@@ -70,6 +71,9 @@ def test_bad_bodies_are_refused_and_change_nothing(url, root):
     wrong_key = blobs(root, prompt(2 * C, seed=1))[1]  # chained under another prompt's first chunk
     refused(put(url, body(good[0], wrong_key)), 400, "parent")
     refused(put(url, body(*blobs(bytes(16), prompt(C)))), 409, "root")
+    ids = np.asarray(prompt(3 * C), dtype=np.int32)  # a summary that cannot be this layout's
+    odd = Chunk(chunk_keys(root, ids, C)[0], root, ids[:C], kv_for(3 * C)[:, :, :, :C], torch.zeros(3, dtype=torch.float16))
+    refused(put(url, body(blob_bytes(odd, LAYOUT, get_codec("raw")), good[1])), 400, "blob 0", "summary")
     refused(put(url, body(*good), fingerprint="0" * 32), 404, "not attached")
     refused(put(url, body(*good), fingerprint="nope"), 422, "layout", "pattern")
     assert used(url) == before

@@ -94,6 +94,33 @@ def test_damaged_blob_is_a_blob_error(damage):
         decode_blob(data)
 
 
+@pytest.mark.parametrize("part", ["summary_shape", "summary_dtype", "tokens_shape", "tokens_dtype"])
+def test_well_formed_blob_with_misshapen_parts_is_refused(part):
+    """Checksums only say the bytes arrived as sent: a blob built with a summary or tokens of the wrong shape
+    or dtype is refused, not stored for retrieval to trip over later."""
+    layout = KVLayout("m", num_layers=2, kv_heads=2, head_dim=8, chunk_tokens=16, page_tokens=8)
+    chunk = chunk_of(layout)
+    if part == "summary_shape":
+        chunk.summary = chunk.summary[:, :, :1].contiguous()
+    elif part == "summary_dtype":
+        chunk.summary = chunk.summary.float()
+    elif part == "tokens_shape":
+        chunk.tokens = chunk.tokens[:-1]
+    else:
+        chunk.tokens = chunk.tokens.astype(np.int64)
+    data = bytearray(encode_blob_unchecked(chunk, layout))
+    with pytest.raises(BlobError, match="summary" if part.startswith("summary") else "tokens"):
+        decode_blob(data)
+
+
+def encode_blob_unchecked(chunk, layout) -> bytes:
+    """The blob of ``chunk`` with its tensors as they are (``blob_tensors`` would convert the tokens)."""
+    tensors = blob_tensors(chunk, get_codec("raw"))
+    tensors["tokens"] = torch.from_numpy(np.ascontiguousarray(chunk.tokens))
+    header = blob_header(chunk, layout, get_codec("raw"), tensors, layer_checksums(kv_parts(tensors)))
+    return b"".join([header, *(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values())])
+
+
 def test_aligned_blob_is_still_plain_safetensors():
     layout = KVLayout("m", num_layers=2, kv_heads=1, head_dim=8, chunk_tokens=24, page_tokens=8)
     chunk = chunk_of(layout)

@@ -122,9 +122,9 @@ class DiskTier(Tier):
         return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors))
 
     def _write_blob(self, fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
-        """The KV parts, written by the tier's writer thread while this one hashes them (``pwritev`` releases
-        the GIL, so on two cores the checksums cost no time); then the tokens, the summary, and last the
-        header with the digests."""
+        """The KV parts, written by the tier's writer thread while this one hashes them and writes the summary
+        (``pwritev`` releases the GIL, so on two cores the checksums cost no time); last, in one write, the header
+        with the digests and the tokens that follow it."""
         spans = {}
         offset = len(header)
         for name, t in tensors.items():
@@ -141,12 +141,12 @@ class DiskTier(Tier):
         written = self._writer.submit(write_kv)
         try:
             digests = layer_digests(views, range(len(parts[next(iter(parts))])))
+            if "summary" in tensors:
+                _pwrite_all(fd, byte_view(tensors["summary"]), spans["summary"])
         finally:
             written.result()  # also when hashing failed: the writer must be done with fd before it closes
-        for name in ("tokens", "summary"):
-            if name in tensors:
-                _pwrite_all(fd, byte_view(tensors[name]), spans[name])
-        _pwrite_all(fd, memoryview(with_layer_digests(header, digests)), 0)
+        head = with_layer_digests(header, digests) + byte_view(tensors["tokens"])  # the tokens follow the header
+        _pwrite_all(fd, memoryview(head), 0)
 
     def commit(self, prepared: Prepared) -> None:
         final = self._file(prepared.key)
