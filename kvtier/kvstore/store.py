@@ -183,15 +183,16 @@ class TieredStore:
         """How many earlier prompts a prompt continues, and whether it continues one, given ``deepest``, the
         last node of its cached prefix (None: nothing cached), and ``rest``, the keys of its chunks after it.
 
-        A prompt that extends a chunk no cached prompt continues (the end of an earlier prompt, or what is
-        left of it) is one turn past that chunk's; one that ends inside its cached prefix is at the
-        prefix's turn; one that branches off a prefix other prompts continue (a shared system prompt)
-        starts afresh at 0. Dropped chunks keep their turn for a while, so a conversation whose earlier
-        turns were evicted is still recognised: a prompt that holds one is one turn past it, if that is more.
+        A prompt that extends or repeats a chunk no cached prompt continues (the end of an earlier prompt, or
+        what is left of it) is one turn past that chunk's: a repeat is a next turn that added less than a
+        chunk (the partial last chunk is never cached). One that ends inside a prefix other prompts continue
+        is at the prefix's turn; one that branches off such a prefix (a shared system prompt) starts afresh
+        at 0. Dropped chunks keep their turn for a while, so a conversation whose earlier turns were evicted
+        is still recognised: a prompt that holds one is one turn past it, if that is more.
         """
         if deepest is None or (rest and deepest.children):
             turn, continues = 0, False
-        elif not rest:
+        elif deepest.children:
             turn, continues = deepest.turn, False
         else:
             turn, continues = deepest.turn + 1, True
@@ -459,7 +460,7 @@ class TieredStore:
                 parent = self.index.get(chunks[0].parent)
             path = list(nodes) + ([parent] if parent is not None and parent not in nodes else [])
             turn, continues = self.turn_of(parent, [c.key for c in new])
-            if new:
+            if new or continues:  # a new prompt, or a repeat of a prompt's end (its next turn)
                 self._prompts[min(turn, MAX_TURN)] += 1
                 if continues:
                     self._continued[min(turn - 1, MAX_TURN)] += 1

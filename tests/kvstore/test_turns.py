@@ -75,6 +75,16 @@ def test_store_counts_turns() -> None:
     assert [s.continuation(t) for t in range(5)] == [2 / 4, 2 / 3, 2 / 3, 1 / 3, 1 / 2]
 
 
+def test_a_repeated_prompt_is_its_next_turn() -> None:
+    s = store(100)
+    assert serve(s, [0, 1]) == [0, 0]
+    assert serve(s, [0, 1]) == [1, 1]  # the same full chunks again: a next turn that added less than a chunk
+    assert serve(s, [0, 1, 2]) == [2, 2, 2]
+    assert serve(s, [0, 1]) == [2, 2]  # ends inside a prefix another prompt continues: at its turn, no new prompt
+    # new prompts at turns 0, 1 and 2; those at 0 and 1 were continued
+    assert [s.continuation(t) for t in range(3)] == [2 / 3, 2 / 3, 1 / 3]
+
+
 def test_store_remembers_turns_of_dropped_chunks() -> None:
     s = store(4)
     serve(s, [0, 1])
@@ -98,3 +108,21 @@ def test_turn_lru_keeps_a_conversation_through_one_off_prompts(policy: str, hit_
     trace = Trace("conversation", B, [Request(tuple(r), len(r) * B) for r in CONVERSATION])
     r = replay(trace, policy, capacity_tokens=6 * B)
     assert r.hit_tokens == hit_blocks * B
+
+
+# Capacity 5 blocks; block 0 starts every prompt. Twenty one-off prompts teach the store that prompts at turn 0
+# are seldom continued. A conversation then repeats its prompt at once (its next turn added less than a chunk,
+# so it is at turn 1, a turn of unknown odds) and comes back twice, after four one-off prompts each time:
+# turn-lru keeps it through them, LRU evicts it both times.
+def _one_offs(first: int, n: int) -> list[list[int]]:
+    return [[0, first + 2 * i, first + 2 * i + 1] for i in range(n)]
+
+
+REPEATS = _one_offs(10, 20) + [[0, 1, 2], [0, 1, 2]] + _one_offs(50, 4) + [[0, 1, 2]] + _one_offs(60, 4) + [[0, 1, 2]]
+
+
+@pytest.mark.parametrize(("policy", "hit_blocks"), [("lru", 31 + 2), ("turn-lru", 31 + 6)])
+def test_turn_lru_keeps_a_conversation_that_repeats_its_prompt(policy: str, hit_blocks: int) -> None:
+    trace = Trace("repeats", B, [Request(tuple(r), len(r) * B) for r in REPEATS])
+    r = replay(trace, policy, capacity_tokens=5 * B)
+    assert r.hit_tokens == hit_blocks * B  # block 0 in every prompt but the first; 1 2 in each repeat kept
