@@ -451,6 +451,9 @@ class TieredStore:
         return buf
 
     def _put_chain(self, chunks: list[Chunk], root: bytes, layout: KVLayout, namespace: str, n_full: int) -> PutResult:
+        for chunk in chunks:  # outside the lock, so that concurrent puts overlap; the unlocked peek at the index
+            if chunk.key not in self.index:  # costs at worst a summary of a chunk that another put stores meanwhile
+                self._summarise(chunk, layout)
         with self._lock:
             nodes = self.index.match([c.key for c in chunks])
             new = chunks[len(nodes):]
@@ -470,8 +473,7 @@ class TieredStore:
             added: list[Node] = []
             try:
                 for chunk in new:
-                    if self.keep_summaries and chunk.kv is not None and chunk.summary is None:
-                        chunk.summary = key_summary(chunk.kv, layout.page_tokens)
+                    self._summarise(chunk, layout)  # evicted since the peek above
                     if not self._quota_room(namespace, layout):
                         break
                     chunk.namespace = namespace
@@ -497,6 +499,11 @@ class TieredStore:
             self.counters.put_chunks += len(added)
             self.counters.put_bytes += len(added) * layout.chunk_bytes
         return PutResult(stored=len(added), present=len(nodes), dropped=n_full - len(nodes) - len(added))
+
+    def _summarise(self, chunk: Chunk, layout: KVLayout) -> None:
+        """Give ``chunk`` its key summary, unless it has one or this store keeps none."""
+        if self.keep_summaries and chunk.kv is not None and chunk.summary is None:
+            chunk.summary = key_summary(chunk.kv, layout.page_tokens)
 
     def _check_capacity(self, n_new: int, layout: KVLayout) -> None:
         if n_new == 0:
