@@ -23,7 +23,7 @@ class TierConfig(BaseModel):
     name: str | None = None
     capacity_bytes: int = Field(gt=0)
     codec: str = "raw"
-    policy: Literal["lru", "lfu", "s3fifo", "cost", "turn-lru"] = "lru"
+    policy: Literal["lru", "lfu", "s3fifo", "cost", "turn-lru", "hit-density"] = "lru"
     write_through: bool = False
     path: str | None = None  # disk: the folder
     fsync: bool = False  # disk: flush every file to the device

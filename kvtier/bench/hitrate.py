@@ -129,7 +129,7 @@ def replay(trace: Trace, policy: str, capacity_tokens: int | None = None, capaci
 
 # ---------------------------------------------------------------------------------------------- the benchmark
 
-DEFAULT_POLICIES = "lru,lfu,s3fifo,turn-lru"
+DEFAULT_POLICIES = "lru,lfu,s3fifo,turn-lru,hit-density"
 
 
 @dataclass(frozen=True)

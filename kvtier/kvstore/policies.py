@@ -11,7 +11,8 @@ The contract (one policy object per tier):
 
 ``reuse`` is the store's estimate of the chance that a later prompt continues the request's prompt (the
 fraction of earlier prompts at the same conversation turn that were continued; see
-:meth:`kvtier.kvstore.store.TieredStore.continuation`); policies other than ``turn-lru`` ignore it.
+:meth:`kvtier.kvstore.store.TieredStore.continuation`); policies other than ``turn-lru`` and ``hit-density``
+ignore it.
 
 The store inserts and touches a prompt's chunks from the deepest to the first, so a parent is never older
 than its children and leaf-first eviction rarely has to skip anything. A put inserts only new chunks; a
@@ -20,6 +21,7 @@ get touches what it fetched.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -270,12 +272,147 @@ class TurnLRUPolicy(HeapPolicy):
             self._push(key, max(old[0], self._used(old[4], reuse)), old[4])
 
 
+class HitDensityPolicy(HeapPolicy):
+    """Hit density, after LHD (Beckmann et al., NSDI'18): evict the chunk expected to earn the fewest hits per
+    byte and per unit of time it would still occupy, as learned online from how chunks like it were reused.
+
+    - **Age**: bytes inserted or touched since the chunk's last use, in half-octave buckets of
+      ``capacity / 64``.
+    - **Class**: the last user's chance of being continued (``reuse``, in ``reuse_bins`` equal bins), times
+      how the chunk was last used: inserted (not used since), used again after a short gap (under
+      ``capacity / 64``) or after a longer one. A conversation's next turn tends to come as quickly as its
+      last one did.
+    - **Counts**, per class and age bucket, of how each interval between uses ended: with a use at that age (a
+      hit, or the re-insertion of an evicted chunk the policy still remembers: the hit it missed) or with none
+      (a remembered chunk forgotten; it remembers ``ghosts`` times as many as it holds). Remembering evicted
+      chunks shows it the reuses that come later than it kept chunks.
+    - Every ``capacity / 8`` bytes the counts decay (half weight after ``half_life`` capacities) and, for each
+      class and age ``a``, the **density** is recomputed: the uses at ages past ``a`` over the time that the
+      intervals reaching ``a`` went on past it (each ending in its bucket's middle). Every chunk is then ranked
+      by its density at its age over its bytes (ties: the deepest, then the least recently used first); chunks
+      used in between are ranked at age 0.
+
+    The victim is the lowest-ranked evictable chunk. A chunk found not evictable (a parent of cached chunks)
+    leaves the heap until a chunk one deeper is removed or the next reranking.
+    """
+
+    name = "hit-density"
+
+    def __init__(self, capacity_bytes: int, reuse_bins: int = 4, ghosts: float = 2.0, half_life: float = 8.0) -> None:
+        super().__init__()
+        self._reuse_bins = reuse_bins
+        self._ghost_factor = ghosts
+        self._unit = max(capacity_bytes / 64, 1.0)
+        self._edges = [self._unit * (2 ** (b / 2) - 1) for b in range(_AGE_BUCKETS + 1)]
+        self._period = max(capacity_bytes / 8, 1.0)
+        self._decay = 0.5 ** (1 / (8 * half_life))
+        classes = reuse_bins * 3
+        self._uses = [[0.0] * _AGE_BUCKETS for _ in range(classes)]
+        self._ends = [[0.0] * _AGE_BUCKETS for _ in range(classes)]
+        self._density = [[0.0] * _AGE_BUCKETS for _ in range(classes)]
+        self._ghosts: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # evicted key -> (class, last use)
+        self._blocked: dict[int, list[list[Any]]] = {}  # depth -> heap entries set aside as not evictable
+        self._clock = 0  # bytes inserted or touched so far; entry data: (bytes, depth, class, clock at last use)
+        self._next_update = self._period
+
+    def _bucket(self, age: float) -> int:
+        return min(bisect.bisect_right(self._edges, age) - 1, _AGE_BUCKETS - 1)
+
+    def _class(self, reuse: float, gap: float | None) -> int:
+        use = 0 if gap is None else 1 if gap < self._unit else 2
+        return min(int(reuse * self._reuse_bins), self._reuse_bins - 1) * 3 + use
+
+    def _priority(self, data: tuple[int, int, int, int]) -> tuple[float, int, int]:
+        nbytes, depth, cls, used = data
+        return self._density[cls][self._bucket(self._clock - used)] / nbytes, -depth, used
+
+    def _use(self, key: bytes, nbytes: int, depth: int, reuse: float, gap: float | None) -> None:
+        self._clock += nbytes
+        data = (nbytes, depth, self._class(reuse, gap), self._clock)
+        self._push(key, self._priority(data), data)
+        if self._clock >= self._next_update:
+            self._next_update = self._clock + self._period
+            self._update()
+
+    def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
+        ghost = self._ghosts.pop(key, None)
+        gap = None
+        if ghost is not None:
+            gap = self._clock - ghost[1]
+            self._uses[ghost[0]][self._bucket(gap)] += 1
+        self._use(key, nbytes, depth, reuse, gap)
+
+    def touch(self, key: bytes, reuse: float = 0.5) -> None:
+        old = self._entries.get(key)
+        if old is not None:
+            nbytes, depth, cls, used = old[4]
+            gap = self._clock - used
+            self._uses[cls][self._bucket(gap)] += 1
+            self._use(key, nbytes, depth, reuse, gap)
+
+    def remove(self, key: bytes) -> None:
+        old = self._entries.get(key)
+        super().remove(key)
+        if old is None:
+            return
+        _, depth, cls, used = old[4]
+        self._unblock(depth - 1)  # its parent may have become evictable
+        self._ghosts[key] = (cls, used)
+        while len(self._ghosts) > self._ghost_factor * max(len(self._entries), 1):
+            cls, used = self._ghosts.popitem(last=False)[1]
+            self._ends[cls][self._bucket(self._clock - used)] += 1
+
+    def victim(self, evictable: Evictable) -> bytes | None:
+        """The lowest-ranked evictable chunk; those found not evictable on the way are set aside."""
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            if not entry[3]:
+                continue
+            if evictable(entry[2]):
+                heapq.heappush(self._heap, entry)
+                return entry[2]
+            self._blocked.setdefault(entry[4][1], []).append(entry)
+        for depth in list(self._blocked):
+            self._unblock(depth)
+        return super().victim(evictable)
+
+    def _unblock(self, depth: int) -> None:
+        """Put the entries of chunks at ``depth`` set aside as not evictable back in the heap."""
+        for entry in self._blocked.pop(depth, ()):
+            if entry[3]:
+                heapq.heappush(self._heap, entry)
+
+    def _update(self) -> None:
+        """Decay the counts, recompute the densities and rerank every chunk."""
+        for uses, ends, density in zip(self._uses, self._ends, self._density):
+            above = intervals = occupancy = 0.0
+            for b in reversed(range(_AGE_BUCKETS)):
+                uses[b] *= self._decay
+                ends[b] *= self._decay
+                width = self._edges[b + 1] - self._edges[b]
+                here = uses[b] + ends[b]
+                occupancy += intervals * width + here * width / 2
+                above += uses[b]
+                intervals += here
+                density[b] = above / occupancy if occupancy else 0.0
+        for key, entry in self._entries.items():
+            self._entries[key] = [self._priority(entry[4]), next(self._seq), key, True, entry[4]]
+        self._heap = list(self._entries.values())
+        heapq.heapify(self._heap)
+        self._blocked.clear()
+
+
+_AGE_BUCKETS = 32
+"""Half-octave age buckets of :class:`HitDensityPolicy`: up to 2**16 times its unit (1,024 capacities)."""
+
+
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
     "s3fifo": S3FIFOPolicy,
     "cost": CostAwarePolicy,
     "turn-lru": TurnLRUPolicy,
+    "hit-density": HitDensityPolicy,
 }
 
 

@@ -110,8 +110,8 @@ class TieredStore:
     """A prefix cache of KV chunks over ``tiers`` (fastest first).
 
     ``policy``: an eviction policy name for every tier, or one per tier (``lru``, ``lfu``, ``s3fifo``,
-    ``cost``, ``turn-lru``). ``write_through``: per tier, also write every new chunk there (e.g. to a
-    persistent disk).
+    ``cost``, ``turn-lru``, ``hit-density``). ``write_through``: per tier, also write every new chunk there (e.g.
+    to a persistent disk).
     ``layout``: the default layout for calls that name none; other layouts can be attached.
     """
 

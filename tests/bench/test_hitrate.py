@@ -28,9 +28,11 @@ def hit_rate(t: Trace, policy: str, blocks: int) -> float:
 # Capacity 2: block 1 is used three times, then 2 and 3 arrive once each, then 1 again. LRU has forgotten 1
 # (2 and 3 are newer); the frequency-aware policies keep it, and so does Belady. turn-lru is not frequency-aware:
 # the repeats of [1] are its next turns, so by the time 2 arrives the one prompt seen at turn 0 was continued and
-# new prompts look as promising as 1 is: it keeps the newer ones, as LRU does.
+# new prompts look as promising as 1 is: it keeps the newer ones, as LRU does. hit-density has seen too few
+# reuses by then to prefer 1: it evicts it, as LRU does.
 FREQUENCY = trace([1], [1], [1], [2], [3], [1])
-FREQUENCY_HITS = {"lru": 2, "lfu": 3, "s3fifo": 3, "cost": 3, "turn-lru": 2, BELADY: 3, INFINITE: 3}
+FREQUENCY_HITS = {"lru": 2, "lfu": 3, "s3fifo": 3, "cost": 3, "turn-lru": 2, "hit-density": 2, BELADY: 3,
+                  INFINITE: 3}
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES) + [BELADY, INFINITE])
@@ -101,19 +103,21 @@ def _token_blocks(t: Trace) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_replay_matches_a_tensor_store(policy: str) -> None:
-    layout = KVLayout("tiny", num_layers=2, kv_heads=1, head_dim=4, dtype="float32", chunk_tokens=B, page_tokens=B)
+    layout = KVLayout("tiny", num_layers=2, kv_heads=1, head_dim=64, dtype="float32", chunk_tokens=B, page_tokens=B)
     t = multi_round_qa(users=12, rounds=4, concurrent=5, system_tokens=8, history_tokens=10, question_tokens=3,
                        answer_tokens=5, block_tokens=B, seed=3)
-    chunks = 9
-    meta = TieredStore([MetaTier("host", chunks * (layout.chunk_bytes + 4 * B))], layout=layout, metadata_only=True,
-                       policy=policy)
+    # The same capacity for both, as policies scale with it (hit-density's age buckets), a multiple of the tensor
+    # tier's alignment (256) that holds 9 chunks in either: 4096 bytes of KV, plus 16 of token ids when
+    # metadata-only
+    capacity = 145 * 256
+    meta = TieredStore([MetaTier("host", capacity)], layout=layout, metadata_only=True, policy=policy)
     drive(meta, t, trace_keys(t, layout))
-    real = TieredStore([HostTier(chunks * layout.chunk_bytes)], layout=layout, policy=policy, summaries=False)
+    real = TieredStore([HostTier(capacity)], layout=layout, policy=policy, summaries=False)
     gen = torch.Generator().manual_seed(0)
     for tokens in _token_blocks(t):
         real.lookup(tokens)
         real.get(tokens)
-        real.put(tokens, torch.randn(2, 2, 1, len(tokens), 4, generator=gen))
+        real.put(tokens, torch.randn(2, 2, 1, len(tokens), 64, generator=gen))
     m, r = meta.stats(), real.stats()
     assert m["hit_tokens"] > 0 and r["tiers"][0]["evictions"] > 0
     for field in ("lookup_tokens", "hit_tokens", "get_tokens", "put_chunks", "chunks"):

@@ -1,7 +1,8 @@
 import pytest
 
 from kvtier.errors import ConfigError
-from kvtier.kvstore.policies import POLICIES, CostAwarePolicy, LFUPolicy, LRUPolicy, S3FIFOPolicy, make_policy
+from kvtier.kvstore.policies import (POLICIES, CostAwarePolicy, HitDensityPolicy, LFUPolicy, LRUPolicy, S3FIFOPolicy,
+                                    make_policy)
 
 
 def k(i: int) -> bytes:
@@ -78,3 +79,50 @@ def test_victim_none_when_nothing_evictable():
 def test_unknown_policy():
     with pytest.raises(ConfigError, match="unknown eviction policy 'fifo'"):
         make_policy("fifo", 10)
+
+
+def test_hit_density_keeps_chunks_close_to_their_reuse_age():
+    # Every chunk is used once, 40 bytes (inserts and touches) after its insertion, and then dropped: the
+    # youngest chunks are the furthest from a hit, so they go first (LRU would evict 180 first).
+    p = HitDensityPolicy(capacity_bytes=64)
+    for i in range(200):
+        p.insert(k(i), 1, 0)
+        if i >= 20:
+            p.touch(k(i - 20))
+            p.remove(k(i - 20))
+    assert sorted(evict(p, 4)) == [196, 197, 198, 199]
+
+
+def test_hit_density_learns_from_evicted_chunks_that_come_back():
+    # Chunks of both classes are evicted at the same young age; only the likely continued ones (reuse 0.9) are
+    # inserted again later. The policy remembers them, counts the hits it missed, and then evicts the others
+    # first, although LRU order interleaves them (1146, 2146, 1134, 1147, ...).
+    p = HitDensityPolicy(capacity_bytes=64)
+    hot, cold = 1000, 2000
+    for i in range(150):
+        p.insert(k(hot + i), 1, 0, reuse=0.9)
+        p.insert(k(cold + i), 1, 0, reuse=0.1)
+        if i >= 4:
+            p.remove(k(hot + i - 4))
+            p.remove(k(cold + i - 4))
+        if i >= 12:
+            p.insert(k(hot + i - 12), 1, 0, reuse=0.9)
+        if i >= 16:
+            p.remove(k(hot + i - 16))
+    assert sorted(evict(p, 4)) == [2146, 2147, 2148, 2149]
+    assert all(v < cold for v in evict(p, 10))
+
+
+def test_hit_density_sets_aside_chunks_that_are_not_evictable():
+    # With nothing learned yet, the deepest goes first. A chunk found not evictable comes back when a chunk one
+    # deeper leaves, or when nothing else is left.
+    p = HitDensityPolicy(capacity_bytes=64)
+    for i, depth in enumerate([3, 1, 2, 4]):
+        p.insert(k(i), 1, depth)
+    assert p.victim(lambda key: key not in (k(0), k(3))) == k(2)
+    p.remove(k(2))
+    p.remove(k(3))  # depth 4: chunk 0 (depth 3) is back in the running
+    assert p.victim(always) == k(0)
+    assert p.victim(lambda key: key == k(1)) == k(1)  # chunk 0 set aside again
+    p.remove(k(1))
+    assert p.victim(always) == k(0)  # nothing else is left

@@ -264,7 +264,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete", "pin"]), st.in
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=OPS, policy=st.sampled_from(["lru", "lfu", "s3fifo", "cost", "turn-lru"]))
+@given(ops=OPS, policy=st.sampled_from(["lru", "lfu", "s3fifo", "cost", "turn-lru", "hit-density"]))
 def test_random_operations_keep_accounting_exact(tmp_path_factory, ops, policy):
     folder = tmp_path_factory.mktemp("disk")
     store = TieredStore([host(3), DiskTier(folder, 5 * (FP + 2048))], layout=TINY, policy=policy)
