@@ -8,8 +8,9 @@ heads x 64. Fixed budgets ``--vertical`` and ``--slash``. The density reached is
 
 Accuracy (``--accuracy-lengths``): SmolLM2-135M on held-out English text with the searched per-head config:
 per-head recall of the dense attention mass (mean, min over layers x heads), density, relative error of the
-attention output (each layer fed dense inputs), greedy next-token agreement at every position and perplexity
-against dense; and a needle (``--needle-depths`` of an ``--needle-length`` context) asked for at the end.
+attention output (each layer fed dense inputs), greedy next-token agreement at every position (teacher-forced)
+and perplexity against dense, the greedy continuation of ``CONTINUATION`` tokens after the prefill (sparse
+prefill, dense decode) against dense; and a needle (``--needle-depths`` of an ``--needle-length`` context) asked for at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from kvtier.bench.report import Report, progress
 SHAPES = {"8x128": (8, 8, 128), "smollm2": (9, 3, 64)}  # query heads, KV heads, head dim
 NEEDLE = "The secret passphrase is 48213."
 QUESTION = "\n\nWhat is the secret passphrase? The secret passphrase is"
+CONTINUATION = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,11 +180,33 @@ def accuracy(report: Report, model, tokenizer, config, n: int, min_tokens: int) 
     report.add(f"accuracy.{n}.perplexity", float(sparse_nll.mean().exp()), "ppl", "dense",
                float(dense_nll.mean().exp()), higher_is_better=False)
     report.add(f"accuracy.{n}.model_forward_s", sparse_s, "s", "dense SDPA forward", dense_s, higher_is_better=False)
+    dense_next = _continue(model, ids, None, min_tokens, CONTINUATION)
+    sparse_next = _continue(model, ids, config, min_tokens, CONTINUATION)
+    changes = (dense_next != sparse_next).nonzero()
+    same = int(changes[0]) if len(changes) else CONTINUATION
+    report.add(f"accuracy.{n}.continuation_match", same / CONTINUATION,
+               f"share of the {CONTINUATION} greedy tokens after the prefill equal to dense before the first change",
+               "dense", 1.0)
+
+
+def _continue(model, ids: torch.Tensor, config, min_tokens: int, new_tokens: int, exact: bool = True) -> torch.Tensor:
+    """The ``new_tokens`` greedy tokens after ``ids`` ``[1, n]``: ``[new_tokens]`` (fewer if an end token comes
+    and not ``exact``). Dense when config is None, else sparse prefill with ``config`` (decode steps are dense)."""
+    from kvtier.sparse_attn.integration import disable_sparse_prefill, enable_sparse_prefill
+
+    if config is not None:
+        enable_sparse_prefill(model, config, min_tokens=min_tokens)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens if exact else 0, do_sample=False)
+    finally:
+        disable_sparse_prefill(model)
+    return out[0, ids.shape[1]:]
 
 
 def needle(report: Report, model, tokenizer, config, n: int, depths: list[float], min_tokens: int) -> None:
     from kvtier.bench.text import english_text
-    from kvtier.sparse_attn.integration import disable_sparse_prefill, enable_sparse_prefill
 
     filler = tokenizer(english_text("heldout"), return_tensors="pt").input_ids[0]
     needle_ids = tokenizer(" " + NEEDLE + " ", return_tensors="pt").input_ids[0]
@@ -194,15 +218,8 @@ def needle(report: Report, model, tokenizer, config, n: int, depths: list[float]
         at = int(room * depth)
         ids = torch.cat([filler[:at], needle_ids, filler[at:room], question])[None]
         row = {}
-        for mode in ("dense", "sparse"):
-            if mode == "sparse":
-                enable_sparse_prefill(model, config, min_tokens=min_tokens)
-            try:
-                with torch.no_grad():
-                    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-            finally:
-                disable_sparse_prefill(model)
-            row[mode] = answer in tokenizer.decode(out[0, ids.shape[1]:])
+        for mode, mode_config in (("dense", None), ("sparse", config)):
+            row[mode] = answer in tokenizer.decode(_continue(model, ids, mode_config, min_tokens, 6, exact=False))
             found[mode] += row[mode]
         report.add(f"needle.{n}.depth{depth:g}.found", float(row["sparse"]), "1 = found", "dense", float(row["dense"]))
     report.add(f"needle.{n}.found", found["sparse"], f"of {len(depths)} depths", "dense", found["dense"])

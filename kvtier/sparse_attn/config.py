@@ -6,7 +6,8 @@ A :class:`HeadPattern` says how one head's index is estimated for each input:
 - ``vertical_slash``: ``vertical`` columns and ``slash`` diagonals (fixed counts), or ``mass``: the fewest
   columns and the fewest diagonals that each cover that share of the estimated attention (adaptive; then
   ``vertical``/``slash``, if given, cap the counts);
-- ``block_sparse``: ``blocks`` key blocks per query block (fixed), or ``mass`` (adaptive; ``blocks`` caps).
+- ``block_sparse``: ``blocks`` key blocks per query block (fixed), or ``mass`` (adaptive; ``blocks`` caps);
+- ``dense``: every causal key (no fields): the head search keeps the few heads no sparse pattern serves well.
 
 A :class:`SparseConfig` holds one pattern per layer and query head of one model; ``to_json``/``load_config``
 write and read it. ``kvtier/sparse_attn/configs/NAME.json`` ships with the package (``load_config(NAME)``).
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from kvtier.kernels.index import SparseAttentionError
 
-KINDS = ("a_shape", "vertical_slash", "block_sparse")
+KINDS = ("a_shape", "vertical_slash", "block_sparse", "dense")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -40,7 +41,7 @@ class HeadPattern:
 
     def __post_init__(self) -> None:
         allowed = {"a_shape": {"sink", "local"}, "vertical_slash": {"vertical", "slash", "mass"},
-                   "block_sparse": {"blocks", "mass"}}
+                   "block_sparse": {"blocks", "mass"}, "dense": set()}
         if self.kind not in allowed:
             raise SparseConfigError(f"unknown sparse pattern {self.kind!r}; known patterns: {', '.join(KINDS)}")
         given = {k for k, v in asdict(self).items() if k != "kind" and v is not None}
@@ -52,7 +53,8 @@ class HeadPattern:
                 raise SparseConfigError(f"{self.kind}.{name} must be a non-negative integer, got {value!r}")
         if self.mass is not None and not 0.0 < self.mass <= 1.0:
             raise SparseConfigError(f"{self.kind}.mass must be in (0, 1], got {self.mass!r}")
-        need = {"a_shape": ("sink", "local"), "vertical_slash": ("vertical", "slash"), "block_sparse": ("blocks",)}
+        need = {"a_shape": ("sink", "local"), "vertical_slash": ("vertical", "slash"), "block_sparse": ("blocks",),
+                "dense": ()}
         if self.mass is None and any(getattr(self, n) is None for n in need[self.kind]):
             raise SparseConfigError(f"pattern {self.kind!r} needs {list(need[self.kind])}"
                                     + ("" if self.kind == "a_shape" else " or mass"))

@@ -10,7 +10,7 @@
   nearest diagonals are always kept.
 - block-sparse: softmax attention between 64-token mean-pooled query blocks and key blocks; key block 0 and
   the key blocks on each query block's diagonal are always kept.
-- A-shape: nothing to estimate.
+- A-shape, dense: nothing to estimate.
 - Every head reads every causal key for the last ``DENSE_LAST`` queries (a question at the end of a prompt sees
   the whole context, whatever the pattern); at 8k tokens that is 1.6% of the causal pairs.
 
@@ -55,7 +55,9 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
         hs = [h for h, p in enumerate(patterns) if p.kind == kind]
         chosen = [patterns[h] for h in hs]
         hs_t = torch.tensor(hs, device=q.device)
-        if kind == "a_shape":
+        if kind == "dense":
+            block_mask[:, hs_t] = True
+        elif kind == "a_shape":
             for h, p in zip(hs, chosen):
                 block_mask[:, h] = a_shape_blocks(batch, 1, q_len, k_len, p.sink, p.local, q.device)[:, 0]
         elif kind == "vertical_slash":
@@ -63,8 +65,7 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
                 part = [i for i, p in enumerate(chosen) if (p.mass is not None) == adaptive]
                 if not part:
                     continue
-                cols, offsets = _vertical_slash(q, k, hs_t[part], [chosen[i] for i in part], scale,
-                                                PROBES if adaptive else 1)
+                cols, offsets = _vertical_slash(q, k, hs_t[part], [chosen[i] for i in part], scale, adaptive)
                 block_mask[:, hs_t[part]] = slash_blocks(offsets, q_len, k_len)
                 width = max(columns.shape[-1], cols.shape[-1])
                 columns = torch.nn.functional.pad(columns, (0, width - columns.shape[-1]), value=-1)
@@ -114,13 +115,15 @@ def probe_groups(q_len: int, probes: int = PROBES) -> tuple[list[int], torch.Ten
 
 
 def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patterns: list[HeadPattern], scale: float,
-                    probes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns ``[B, H', G, C]`` and slash offsets ``[B, H', G or 1, S]`` (int32, -1 padded) of query heads
-    ``heads`` (``[H']``) of q ``[B, H, q_len, D]`` over k ``[B, Hkv, k_len, D]``: every query block uses those of
-    its group's probe (``probe_groups(q_len, probes)``; slash offsets per query block ``[B, H', NQB, S]`` when
-    there is more than one group). ``G = len(probe_groups(q_len)[0])``: one group's columns are repeated."""
+                    adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns ``[B, H', G, C]`` and slash offsets ``[B, H', 1, S]`` (int32, -1 padded) of query heads ``heads``
+    (``[H']``) of q ``[B, H, q_len, D]`` over k ``[B, Hkv, k_len, D]``; ``patterns`` all adaptive (``mass``) or
+    all fixed, as ``adaptive`` says. Adaptive heads: every query block uses the columns and diagonals of its
+    group's probe (``probe_groups(q_len)``; slash offsets per query block, ``[B, H', NQB, S]``, when there is more
+    than one group); fixed heads: those of the one probe at the end. ``G = len(probe_groups(q_len)[0])``: one
+    group's columns are repeated."""
     (batch, num_heads, q_len, dim), (kv_heads, k_len) = q.shape, k.shape[1:3]
-    ends, groups = probe_groups(q_len, probes)
+    ends, groups = probe_groups(q_len, PROBES if adaptive else 1)
     keys = torch.arange(k_len, device=q.device)
     key_t = k.float().transpose(-1, -2)  # [B, Hkv, D, k_len]
     vertical = torch.zeros(batch, len(heads), len(ends), k_len, device=q.device)  # [B, H', groups, k_len]
@@ -128,8 +131,10 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
     for g, end in enumerate(ends):
         start = max(0, end - PROBE_QUERIES)
         pos = torch.arange(start, end, device=q.device) + (k_len - q_len)
-        rows = q[:, :, start:end].float().reshape(batch, kv_heads, -1, dim)  # the heads of a KV head share its keys
-        scores = torch.matmul(rows, key_t).view(batch, num_heads, end - start, k_len)[:, heads] * scale
+        rows = (q[:, :, start:end].float() * scale).reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
+        scores = torch.matmul(rows, key_t).view(batch, num_heads, end - start, k_len)
+        if len(heads) < num_heads:
+            scores = scores[:, heads]
         scores.masked_fill_(keys > pos[:, None], float("-inf"))  # [B, H', rows, k_len]
         probs = torch.softmax(scores, dim=-1)
         vertical[:, :, g] = probs.sum(-2)
@@ -141,12 +146,11 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
     no_mass = torch.full_like(mass, math.inf)
     keep_cols = select(vertical, forced_cols, cap_cols, no_mass)
     keep_slash = select(slash, forced_slash, cap_slash, no_mass)
-    # adaptive heads: one ranking of columns and diagonals together, until they cover `mass` (within the caps)
-    joint = select(torch.cat([vertical, slash], -1), torch.cat([forced_cols, forced_slash]),
-                   torch.full_like(cap_cols, 2 * k_len), mass.nan_to_num(posinf=1.0))
-    fixed = torch.isinf(mass)[:, None, None]
-    keep_cols &= joint[..., :k_len] | fixed
-    keep_slash &= joint[..., k_len:] | fixed
+    if adaptive:  # one ranking of columns and diagonals together, until they cover `mass` (within the caps)
+        joint = select(torch.cat([vertical, slash], -1), torch.cat([forced_cols, forced_slash]),
+                       torch.full_like(cap_cols, 2 * k_len), mass)
+        keep_cols &= joint[..., :k_len]
+        keep_slash &= joint[..., k_len:]
     cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
     diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
     if len(ends) == 1:

@@ -1,4 +1,4 @@
-"""How much of the dense attention a sparse index keeps."""
+"""How much of the dense attention a sparse index keeps, and how far its output is from dense."""
 
 from __future__ import annotations
 
@@ -33,3 +33,9 @@ def attention_recall(q: torch.Tensor, k: torch.Tensor, indices: list[SparseIndex
             kept[j] += (probs * index.to_mask(m, m + 1)).sum((-1, -2)).double().cpu()
         rows += r1 - r0
     return kept / rows
+
+
+def output_error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """Relative L2 error of each head's attention output: out, dense ``[B, H, rows, D]`` -> float64 ``[B, H]``."""
+    out, dense = out.double(), dense.double()
+    return (out - dense).norm(dim=(-1, -2)) / dense.norm(dim=(-1, -2))

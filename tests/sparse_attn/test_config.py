@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from kvtier.sparse_attn.config import HeadPattern, SparseConfig, SparseConfigError, load_config
-from kvtier.sparse_attn.search import choose
+from kvtier.sparse_attn.search import choose, search_config
 
 
 def test_unknown_pattern_name_is_a_clear_error():
@@ -63,3 +65,21 @@ def test_choose_keeps_mean_density_within_budget_and_prefers_recall():
     assert choose(recall, density, 0.3).tolist() == [[1, 1]]
     assert choose(recall, density, 0.2).tolist() == [[1, 0]]  # head 0 gains more (0.4) from the costlier one
     assert choose(recall, density, 0.05).tolist() == [[0, 0]]
+
+
+def test_dense_pattern_takes_no_fields():
+    assert HeadPattern("dense").label() == "dense()"
+    with pytest.raises(SparseConfigError, match="takes"):
+        HeadPattern("dense", local=64)
+
+
+def test_search_picks_the_least_output_error_within_the_budget():
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=2))
+    candidates = (HeadPattern("a_shape", sink=64, local=256), HeadPattern("vertical_slash", mass=0.9),
+                  HeadPattern("dense"))
+    error = torch.tensor([[[0.5, 0.1], [0.2, 0.05], [0.0, 0.0]]], dtype=torch.float64)  # [layer, candidate, head]
+    density = torch.tensor([[[0.1, 0.1], [0.3, 0.3], [1.0, 1.0]]], dtype=torch.float64)
+    config = search_config(model, torch.zeros(1, 8192), "m", 0.2, candidates, (error, density))
+    assert config.layers == [[candidates[1], candidates[0]]]  # head 0 loses more error (0.3) from the costlier one
+    assert config.info["mean_error"] == pytest.approx(0.15) and config.info["mean_density"] == pytest.approx(0.2)
+    assert search_config(model, torch.zeros(1, 8192), "m", 1.0, candidates, (error, density)).layers == [[candidates[2]] * 2]

@@ -10,7 +10,7 @@ import torch
 from kvtier.kernels import BLOCK, sparse_attention
 from kvtier.sparse_attn.config import HeadPattern
 from kvtier.sparse_attn.estimate import DENSE_LAST, GROUP_BLOCKS, SINK_COLUMNS, estimate_index, probe_groups, select
-from kvtier.sparse_attn.metrics import attention_recall
+from kvtier.sparse_attn.metrics import attention_recall, output_error
 from kvtier.sparse_attn.patterns import a_shape_index, block_sparse_index, slash_blocks, vertical_slash_index
 
 
@@ -198,3 +198,40 @@ def test_the_last_queries_read_every_causal_key(pattern):
     causal = torch.ones(700, 900, dtype=torch.bool).tril(200)
     assert torch.equal(mask[:, -DENSE_LAST:], causal[-DENSE_LAST:].expand(2, -1, -1))
     assert not mask[:, : 700 - 2 * BLOCK].equal(causal[: 700 - 2 * BLOCK].expand(2, -1, -1))
+
+
+def test_dense_heads_read_every_causal_key_beside_sparse_ones():
+    q, k = planted(q_len=300, k_len=700)
+    v = torch.randn_like(k)
+    index = estimate_index(q, k, [HeadPattern("dense"), HeadPattern("a_shape", sink=0, local=64)])
+    mask = index.to_mask()[0]
+    causal = torch.ones(300, 700, dtype=torch.bool).tril(400)
+    assert torch.equal(mask[0], causal) and not torch.equal(mask[1], causal)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.expand(-1, 2, -1, -1), v.expand(-1, 2, -1, -1),
+                                                             attn_mask=causal)
+    torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu")[:, 0], dense[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_output_error_is_the_relative_l2_error_of_each_head():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(2, 3, 50, 8, generator=g)
+    noise = torch.randn(2, 3, 50, 8, generator=g)
+    out = dense + noise * torch.tensor([0.0, 0.1, 1.0])[:, None, None]
+    error = output_error(out, dense)
+    assert error.shape == (2, 3) and error.dtype == torch.float64
+    for b in range(2):
+        for h in range(3):
+            want = math.sqrt(float(((out[b, h] - dense[b, h]) ** 2).sum()) / float((dense[b, h] ** 2).sum()))
+            assert error[b, h].item() == pytest.approx(want, rel=1e-6)
+    assert error[:, 0].eq(0).all()
+
+
+@pytest.mark.parametrize("q_len,k_len", [(640, 640), (700, 700), (300, 1000), (260, 301), (64, 64), (1, 200)])
+def test_shared_slash_offsets_as_a_band_equal_the_per_block_computation(q_len, k_len):
+    g = torch.Generator().manual_seed(q_len + k_len)
+    num_qb = -(-q_len // BLOCK)
+    offsets = torch.randint(-1, k_len + 80, (2, 3, 40), generator=g)  # [B, H, S], past the keys too
+    offsets[..., :3] = torch.tensor([-1, 0, k_len - 1])
+    band = slash_blocks(offsets, q_len, k_len)
+    per_block = slash_blocks(offsets[:, :, None].expand(-1, -1, num_qb, -1).contiguous(), q_len, k_len)
+    assert per_block.shape[2] == num_qb == band.shape[2] and torch.equal(band, per_block)
