@@ -3,7 +3,9 @@
 Baselines: a copy into a preallocated buffer (memory tiers); a plain file write (same durability: no fsync
 unless ``--fsync``) and a ``readinto`` a preallocated buffer of the same bytes (disk tier, page cache and
 cold); BLAKE2b over the same token bytes (lookup); raw redis-py SET/GET (Redis tier, with ``--redis-url``).
-Bandwidths count KV bytes (the blob's header, tokens and key summary are extra work the tier does).
+Bandwidths count KV bytes (the blob's header, tokens and key summary are extra work the tier does). Before
+each timed disk write, ours and the baseline's, the files of the previous round are deleted and ``sync``
+runs (untimed), so that neither side pays for write-back the other left pending.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _tier_rows(name: str, tier: Tier, chunks: list[Chunk], layout: KVLayout, rep
     def clear() -> None:
         for c in chunks:
             tier.delete(c.key)
+        os.sync()  # start each timed put, ours and the baseline's, with no write-back pending
 
     def put() -> None:
         for c in chunks:
@@ -158,6 +161,7 @@ def _disk_rows(layout: KVLayout, chunks: list[Chunk], repeat: int, label: str, f
         for p in paths:
             if os.path.exists(p):
                 os.unlink(p)
+        os.sync()
 
     def raw_write() -> None:
         for p, v in zip(paths, views):
