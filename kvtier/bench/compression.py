@@ -136,7 +136,8 @@ def _codec_rows(report: Report, model, refs: list, name: str, args, base_ppl: fl
             codec.decode(parts, dst)
 
     copy_gbps, encode_gbps, decode_gbps = (nbytes / t / 1e9 for t in _best_times([copy_all, encode_all, decode_all], args.repeats))
-    decoded, stored = codec_roundtrip(codec, kv, step, torch.float16)
+    roundtrips = [codec_roundtrip(codec, cache_to_kv(ref.prefill.cache), step, torch.float16) for ref in refs]
+    decoded, stored = roundtrips[0]  # the first window's: kv above
     exact = bool(torch.equal(decoded, kv.to(torch.float16)))
     report.add(f"{name} compression ratio", nbytes / stored, "x fp16", "fp16 bytes", 1.0)
     report.add(f"{name} blob ratio", _blob_size(chunks[0], get_codec("raw")) / _blob_size(chunks[0], codec),
@@ -148,8 +149,7 @@ def _codec_rows(report: Report, model, refs: list, name: str, args, base_ppl: fl
         err = (decoded[:, index].float() - kv[:, index]).norm() / kv[:, index].norm()
         report.add(f"{name} {tensor} error", float(err), "relative L2", higher_is_better=False)
     errors, qualities = [], []
-    for ref in refs:
-        window_kv, _ = codec_roundtrip(codec, cache_to_kv(ref.prefill.cache), step, torch.float16)
+    for ref, (window_kv, _) in zip(refs, roundtrips):
         errors.append(attention_output_error(model, ref, kv_to_cache(model, window_kv)))
         qualities.append(continuation_quality(model, ref, kv_to_cache(model, window_kv)))
     report.add(f"{name} attention output error", sum(errors) / len(errors), "relative L2", higher_is_better=False)

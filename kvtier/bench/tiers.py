@@ -75,14 +75,18 @@ def _chunks(layout: KVLayout, n: int) -> list[Chunk]:
 
 
 def _tier_rows(name: str, tier: Tier, chunks: list[Chunk], layout: KVLayout, repeat: int,
-               base_put: Step, base_get: Step, base_name: tuple[str, str], label: str = "") -> list[Row]:
+               base_put: Step, base_get: Step, base_name: tuple[str, str], label: str = "",
+               sync: bool = False) -> list[Row]:
+    """Put and get rows of ``tier`` against ``base_put``/``base_get``; ``sync``: after deleting the previous
+    round's chunks, ``sync`` (untimed) so that no write-back is pending when the timed put starts."""
     total = len(chunks) * layout.chunk_bytes
     outs = [torch.empty(layout.chunk_shape, dtype=layout.torch_dtype) for _ in chunks]
 
     def clear() -> None:
         for c in chunks:
             tier.delete(c.key)
-        os.sync()  # start each timed put, ours and the baseline's, with no write-back pending
+        if sync:
+            os.sync()
 
     def put() -> None:
         for c in chunks:
@@ -180,7 +184,7 @@ def _disk_rows(layout: KVLayout, chunks: list[Chunk], repeat: int, label: str, f
     tier = DiskTier(os.path.join(folder, "tier"), len(chunks) * layout.chunk_bytes * 2, fsync=fsync)
     durability = "fsync" if fsync else "no fsync"
     rows = _tier_rows("disk tier", tier, chunks, layout, repeat, (raw_write, raw_clear), (raw_read, None),
-                      (f"raw file write ({durability})", "raw file read (page cache)"), label=label)
+                      (f"raw file write ({durability})", "raw file read (page cache)"), label=label, sync=True)
     tier_files = [str(tier._file(c.key)) for c in chunks]
     outs = [torch.empty(layout.chunk_shape, dtype=layout.torch_dtype) for _ in chunks]
 

@@ -19,7 +19,7 @@ are never evicted. One lock serialises every operation, copies included.
 Every request also has a turn (:meth:`TieredStore.turn_of`: how many earlier prompts its prompt continues),
 which the store keeps on the nodes it uses and, for a while, on the keys it dropped. The store counts how
 often a prompt at each turn was continued and tells the tier policies the request's chance of being
-continued (``turn-lru`` keeps the chunks of likely continued prompts longer).
+continued (``turn-lru`` and ``hit-density`` use it).
 
 ``metadata_only=True`` runs the same index, policies and capacity accounting with :class:`MetaTier`-like
 tiers and no tensors: trace replays drive exactly the production logic.

@@ -1,5 +1,8 @@
+import typing
+
 import pytest
 
+from kvtier.config import TierConfig
 from kvtier.errors import ConfigError
 from kvtier.kvstore.policies import (POLICIES, CostAwarePolicy, HitDensityPolicy, LFUPolicy, LRUPolicy, S3FIFOPolicy,
                                     make_policy)
@@ -74,6 +77,11 @@ def test_victim_none_when_nothing_evictable():
         p.insert(k(0), 1, 0)
         assert p.victim(lambda key: False) is None
         assert p.victim(always) == k(0)
+
+
+def test_the_config_accepts_exactly_the_registered_policies():
+    """The config names its policies as a Literal (for a clear schema and error) without importing the store."""
+    assert set(typing.get_args(TierConfig.model_fields["policy"].annotation)) == set(POLICIES)
 
 
 def test_unknown_policy():
