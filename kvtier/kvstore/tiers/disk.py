@@ -1,9 +1,10 @@
 """DiskTier: one blob file per chunk in a local folder.
 
 - Writes are atomic: the blob goes to ``tmp/`` and is renamed into place, so a reader never sees half a
-  file. The tier's writer thread writes the KV while the calling thread hashes it (the write releases the
-  GIL); the header with those digests goes last (its length does not depend on them). A large chunk's KV
-  starts on a page boundary, so the kernel copies whole, aligned pages both ways.
+  file. The calling thread writes the KV and the summary in one vectored write while the tier's hashing
+  thread hashes the KV (the write releases the GIL); the header with those digests goes last, with the
+  tokens (its length does not depend on them). A large chunk's KV starts on a page boundary, so the kernel
+  copies whole, aligned pages both ways.
 - ``fsync=False`` (the default) skips the flush to the device: a crash may lose recent chunks, but a lost or
   torn file can never be served, because every read verifies its checksums.
 - Reads go straight into the caller's buffer (no staging copy for the raw codec), 2 MiB of layers at a
@@ -43,28 +44,34 @@ _FIRST_READ = 2 * _PAGE  # the header and the tokens, in one read
 _GROUP_BYTES = 2 << 20  # KV is read this much at a time, then hashed while in cache
 
 
-def _transfer(op, fd: int, buf: memoryview, offset: int) -> int:
-    """``os.preadv`` or ``os.pwritev`` of all of ``buf`` at ``offset``, call after call; stops early only when
-    a call moves nothing (end of file). Returns the bytes moved."""
+def _transfer(op, fd: int, bufs: list[memoryview], offset: int) -> int:
+    """``os.preadv`` or ``os.pwritev`` of all of ``bufs`` (consecutive in the file) at ``offset``, call after
+    call; stops early only when a call moves nothing (end of file). Returns the bytes moved."""
     done = 0
-    while done < len(buf):
-        n = op(fd, [buf[done:]], offset + done)
+    while bufs:
+        n = op(fd, bufs, offset + done)
         if n <= 0:
             break
         done += n
+        while bufs and n >= len(bufs[0]):  # drop what was moved; a partly moved buffer keeps its rest
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if bufs:
+            bufs = [bufs[0][n:]] + bufs[1:]
     return done
 
 
-def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
-    """Write all of ``buf`` at ``offset``."""
-    done = _transfer(os.pwritev, fd, buf, offset)
-    if done < len(buf):
+def _pwrite_all(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """Write all of ``bufs``, one after another, at ``offset``."""
+    want = sum(len(b) for b in bufs)
+    done = _transfer(os.pwritev, fd, bufs, offset)
+    if done < want:
         raise OSError(f"write at {offset + done} made no progress")
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
     """Fill ``buf`` from ``offset``; BlobError if the file ends first."""
-    done = _transfer(os.preadv, fd, buf, offset)
+    done = _transfer(os.preadv, fd, [buf], offset)
     if done < len(buf):
         raise BlobError(f"file truncated: wanted {len(buf)} bytes at {offset}, got {done}")
 
@@ -95,7 +102,7 @@ class DiskTier(Tier):
         self._used = 0
         self._tmp_seq = 0
         self._tmp_lock = threading.Lock()
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{name}-writer")
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{name}-hasher")
         for sub in self.path.iterdir():
             if sub.is_dir() and len(sub.name) == 2:
                 for f in sub.glob("*" + SUFFIX):
@@ -122,31 +129,20 @@ class DiskTier(Tier):
         return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors))
 
     def _write_blob(self, fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
-        """The KV parts, written by the tier's writer thread while this one hashes them and writes the summary
-        (``pwritev`` releases the GIL, so on two cores the checksums cost no time); last, in one write, the header
-        with the digests and the tokens that follow it."""
-        spans = {}
-        offset = len(header)
-        for name, t in tensors.items():
-            spans[name] = offset
-            offset += t.nbytes
+        """The KV parts and the summary (which follow each other in the file) in one vectored write by this
+        thread, while the tier's hashing thread hashes the KV (``pwritev`` releases the GIL, so on two cores
+        the checksums cost no time); last, in one write, the header with the digests and the tokens that
+        follow it. The write stays on the calling thread, as a plain file write would."""
         parts = kv_parts(tensors)
         views = part_views(parts)
-        starts = [spans[f"kv.{name}"] for name in sorted(parts)]
-
-        def write_kv() -> None:
-            for (view, _), start in zip(views, starts):
-                _pwrite_all(fd, view, start)
-
-        written = self._writer.submit(write_kv)
+        hashed = self._hasher.submit(layer_digests, views, range(len(parts[next(iter(parts))])))
         try:
-            digests = layer_digests(views, range(len(parts[next(iter(parts))])))
-            if "summary" in tensors:
-                _pwrite_all(fd, byte_view(tensors["summary"]), spans["summary"])
+            body = [byte_view(t) for name, t in tensors.items() if name != "tokens"]  # kv.* then summary
+            _pwrite_all(fd, body, len(header) + tensors["tokens"].nbytes)
         finally:
-            written.result()  # also when hashing failed: the writer must be done with fd before it closes
-        head = with_layer_digests(header, digests) + byte_view(tensors["tokens"])  # the tokens follow the header
-        _pwrite_all(fd, memoryview(head), 0)
+            digests = hashed.result()  # also when writing failed: the hasher must be done with the views
+        head = with_layer_digests(header, digests) + byte_view(tensors["tokens"])
+        _pwrite_all(fd, [memoryview(head)], 0)
 
     def commit(self, prepared: Prepared) -> None:
         final = self._file(prepared.key)
@@ -306,8 +302,8 @@ class DiskTier(Tier):
         return key in self._sizes
 
     def close(self) -> None:
-        """Stop the writer thread (after any write in flight)."""
-        self._writer.shutdown(wait=True)
+        """Stop the hashing thread (after any hash in flight)."""
+        self._hasher.shutdown(wait=True)
 
     def delete(self, key: bytes) -> int:
         nbytes = self._sizes.pop(key, None)
