@@ -137,3 +137,38 @@ def test_disk_file_is_the_encoded_blob_with_page_aligned_kv(tmp_path, codec):
     _, back = decode_blob(data)
     out = torch.empty(layout.chunk_shape, dtype=layout.torch_dtype)
     assert tier.get(c.key, out) is not None and torch.equal(out, back.kv)
+
+
+def test_disk_short_writes_and_reads_are_continued(tmp_path, monkeypatch):
+    """pwritev/preadv may move fewer bytes than asked (signals, some file systems): the tier continues each
+    call where the last one stopped, also inside one of several buffers. (A mock: short transfers cannot be
+    caused on demand on a local file system.)"""
+    import os
+
+    import kvtier.kvstore.tiers.disk as disk
+
+    def short(op):
+        def call(fd, bufs, offset):
+            budget, cut = 1000, []
+            for b in bufs:  # at most 1000 bytes in all, cutting through a buffer
+                cut.append(b[:budget])
+                budget -= len(cut[-1])
+                if budget == 0:
+                    break
+            return op(fd, cut, offset)
+        return call
+
+    monkeypatch.setattr(disk.os, "pwritev", short(os.pwritev))
+    monkeypatch.setattr(disk.os, "preadv", short(os.preadv))
+    tier = DiskTier(tmp_path, 1 << 20)
+    cs = chunks(2)
+    for c in cs:
+        tier.commit(tier.prepare(c, TINY))
+    monkeypatch.undo()
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    for c in cs:
+        assert tier.get(c.key, out) is not None and torch.equal(out, c.kv)
+        assert torch.equal(tier.summary(c.key), c.summary)
+    monkeypatch.setattr(disk.os, "preadv", short(os.preadv))
+    for c in cs:
+        assert tier.get(c.key, out) is not None and torch.equal(out, c.kv)
