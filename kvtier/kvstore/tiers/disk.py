@@ -132,12 +132,15 @@ class DiskTier(Tier):
         """The KV parts and the summary (which follow each other in the file) in one vectored write by this
         thread, while the tier's hashing thread hashes the KV (``pwritev`` releases the GIL, so on two cores
         the checksums cost no time); last, in one write, the header with the digests and the tokens that
-        follow it. The write stays on the calling thread, as a plain file write would."""
+        follow it. The write stays on the calling thread, as a plain file write would.
+
+        Nothing between the submit and the write may call torch: a torch call releases the GIL, the hashing
+        thread takes it, and this thread then waits for the whole hash before it can start writing."""
         parts = kv_parts(tensors)
         views = part_views(parts)
+        body = [byte_view(t) for name, t in tensors.items() if name != "tokens"]  # kv.* then summary
         hashed = self._hasher.submit(layer_digests, views, range(len(parts[next(iter(parts))])))
         try:
-            body = [byte_view(t) for name, t in tensors.items() if name != "tokens"]  # kv.* then summary
             _pwrite_all(fd, body, len(header) + tensors["tokens"].nbytes)
         finally:
             digests = hashed.result()  # also when writing failed: the hasher must be done with the views
