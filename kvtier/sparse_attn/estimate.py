@@ -15,9 +15,11 @@
   the whole context, whatever the pattern); at 8k tokens that is 1.6% of the causal pairs.
 
 Budgets are fixed counts, or adaptive: the fewest items (highest score first) whose scores add up to ``mass``
-of the total, optionally capped by the count (FlexPrefill / XAttention style). For vertical-slash, columns and
-diagonals are ranked together (each column score and each diagonal score is a share of the same attention), so
-a head whose attention is one strong column does not also pay for the many diagonals that column crosses.
+of the total, optionally capped by the count (FlexPrefill / XAttention style). For adaptive vertical-slash,
+columns and diagonals are ranked together (each column score and each diagonal score is a share of the same
+attention), so a head whose attention is one strong column does not also pay for the many diagonals that column
+crosses; diagonals are ranked in bins of 64 (which read the same key blocks as any one of their diagonals), by
+score per cost (``_adaptive_selection``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ GROUP_BLOCKS = 16
 DENSE_LAST = 64
 SINK_COLUMNS = 64
 LOCAL_DIAGONALS = 64
+BIN_COST = 64.0
+"""The cost of a bin of 64 diagonals in the ranking of adaptive vertical-slash heads (a column costs 1)."""
 
 
 def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float | None = None) -> SparseIndex:
@@ -83,16 +87,18 @@ def _budgets(patterns: list[HeadPattern], count_field: str, limit: int, device) 
     return torch.tensor(counts, device=device), torch.tensor(masses, device=device, dtype=torch.float64)
 
 
-def select(scores: torch.Tensor, forced: torch.Tensor, count: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """Bool mask of the items to keep: the forced ones, then by falling score the first ``count`` of them
-    while the score before the item stays below ``mass`` x the total.
+def select(scores: torch.Tensor, forced: torch.Tensor, count: torch.Tensor, mass: torch.Tensor,
+           cost: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the items to keep: the forced ones, then by falling score (score per ``cost``, if given)
+    the first ``count`` of them while the score before the item stays below ``mass`` x the total.
 
-    scores: ``[B, H', ..., N]`` non-negative; forced: bool broadcastable to scores; count, mass: ``[H']``.
+    scores: ``[B, H', ..., N]`` non-negative; forced, cost: broadcastable to scores; count, mass: ``[H']``.
     """
     extra = (1,) * (scores.dim() - 2)
     count = count.view(-1, *extra)
     mass = mass.view(-1, *extra)
-    order = torch.sort(scores.masked_fill(forced, math.inf), dim=-1, descending=True).indices
+    rank_by = scores if cost is None else scores / cost
+    order = torch.sort(rank_by.masked_fill(forced, math.inf), dim=-1, descending=True).indices
     vals = scores.gather(-1, order).double()
     before = vals.cumsum(-1) - vals
     rank = torch.arange(scores.shape[-1], device=scores.device)
@@ -140,22 +146,51 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
         vertical[:, :, g] = probs.sum(-2)
         offsets = (pos[:, None] - keys).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
         slash[:, :, g].scatter_add_(-1, offsets, probs.flatten(-2))
-    forced_cols, forced_slash = keys < SINK_COLUMNS, keys < LOCAL_DIAGONALS
     cap_cols, mass = _budgets(patterns, "vertical", k_len, q.device)
     cap_slash, _ = _budgets(patterns, "slash", k_len, q.device)
-    no_mass = torch.full_like(mass, math.inf)
-    keep_cols = select(vertical, forced_cols, cap_cols, no_mass)
-    keep_slash = select(slash, forced_slash, cap_slash, no_mass)
-    if adaptive:  # one ranking of columns and diagonals together, until they cover `mass` (within the caps)
-        joint = select(torch.cat([vertical, slash], -1), torch.cat([forced_cols, forced_slash]),
-                       torch.full_like(cap_cols, 2 * k_len), mass)
-        keep_cols &= joint[..., :k_len]
-        keep_slash &= joint[..., k_len:]
+    keep_cols = select(vertical, keys < SINK_COLUMNS, cap_cols, torch.full_like(mass, math.inf))
+    if adaptive:
+        keep_cols, diags = _adaptive_selection(vertical, slash, keep_cols, cap_slash, mass)
+    else:
+        keep_slash = select(slash, keys < LOCAL_DIAGONALS, cap_slash, torch.full_like(mass, math.inf))
+        diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
     cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
-    diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
     if len(ends) == 1:
         return cols.expand(-1, -1, len(probe_groups(q_len)[0]), -1), diags
     return cols, diags[:, :, groups.to(q.device)]
+
+
+def _adaptive_selection(vertical: torch.Tensor, slash: torch.Tensor, keep_cols: torch.Tensor, cap_slash: torch.Tensor,
+                        mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns and slash offsets of adaptive heads: one ranking of columns and diagonal bins together, by mass
+    per cost, the fewest covering ``mass`` of the estimated attention (within the column caps ``keep_cols`` and
+    ``cap_slash`` diagonals, i.e. ``ceil(cap / 64)`` bins).
+
+    Diagonals are taken in bins of 64 offsets (bin ``b``: offsets ``64b .. 64b + 63``; bin 0, the nearest
+    diagonals, is always kept): a query block reads whole key blocks, and every diagonal of a bin reads the
+    same one or two key blocks as the whole bin (the keys at offsets ``64b .. 64b + 63`` from a block of 64 rows
+    span 127 keys), so a bin costs what one stray diagonal costs and covers the mass of all 64. A column costs
+    one key per row, a bin ``BIN_COST``; ranked by mass alone, the bins would outrank the cheap columns. A kept
+    bin is returned as its two end offsets, which read exactly the bin's key blocks.
+
+    vertical, slash: column and diagonal scores ``[B, H', G, k_len]``; keep_cols: bool, same shape; cap_slash,
+    mass: ``[H']``. Returns the kept columns (bool, like ``vertical``) and offsets ``[B, H', G, S]`` (int64, -1
+    padded)."""
+    k_len = vertical.shape[-1]
+    num_bins = -(-k_len // BLOCK)
+    bins = torch.nn.functional.pad(slash, (0, num_bins * BLOCK - k_len)).unflatten(-1, (num_bins, BLOCK)).sum(-1)
+    bin_ids = torch.arange(num_bins, device=slash.device)
+    keys = torch.arange(k_len, device=slash.device)
+    forced_bins = bin_ids * BLOCK < LOCAL_DIAGONALS
+    keep_bins = select(bins, forced_bins, -(-cap_slash // BLOCK), torch.full_like(mass, math.inf))
+    cost = torch.cat([torch.ones(k_len, device=slash.device), torch.full((num_bins,), BIN_COST, device=slash.device)])
+    joint = select(torch.cat([vertical, bins], -1), torch.cat([keys < SINK_COLUMNS, forced_bins]),
+                   torch.full_like(cap_slash, k_len + num_bins), mass, cost)
+    keep_bins &= joint[..., k_len:]
+    ends = torch.stack([bin_ids * BLOCK, bin_ids * BLOCK + BLOCK - 1], -1).flatten()  # [2 * num_bins]
+    keep_ends = keep_bins.repeat_interleave(2, dim=-1)
+    diags, _ = compact(keep_ends, ends.expand_as(keep_ends))
+    return keep_cols & joint[..., :k_len], diags
 
 
 def _block_sparse(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float,

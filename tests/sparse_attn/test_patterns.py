@@ -9,7 +9,8 @@ import torch
 
 from kvtier.kernels import BLOCK, sparse_attention
 from kvtier.sparse_attn.config import HeadPattern
-from kvtier.sparse_attn.estimate import DENSE_LAST, GROUP_BLOCKS, SINK_COLUMNS, estimate_index, probe_groups, select
+from kvtier.sparse_attn.estimate import (DENSE_LAST, GROUP_BLOCKS, SINK_COLUMNS, _adaptive_selection, estimate_index,
+                                         probe_groups, select)
 from kvtier.sparse_attn.metrics import attention_recall, output_error
 from kvtier.sparse_attn.patterns import a_shape_index, block_sparse_index, slash_blocks, vertical_slash_index
 
@@ -61,10 +62,11 @@ def test_block_sparse_matches_brute_force():
     assert torch.equal(block_sparse_index(selection, q_len, k_len).to_mask()[0, 0], expected)
 
 
-def brute_select(scores, forced, count, mass):
+def brute_select(scores, forced, count, mass, cost=None):
     keep = []
     total = sum(scores)
-    order = sorted(range(len(scores)), key=lambda i: (not forced[i], -scores[i]))
+    cost = cost or [1.0] * len(scores)
+    order = sorted(range(len(scores)), key=lambda i: (not forced[i], -scores[i] / cost[i]))
     covered = 0.0
     for rank, i in enumerate(order):
         if forced[i] or (rank < count and covered < mass * total):
@@ -81,6 +83,28 @@ def test_select_matches_brute_force(count, mass):
     got = select(scores, forced, torch.tensor([count]), torch.tensor([mass], dtype=torch.float64))
     expected = brute_select(scores[0, 0].tolist(), forced.tolist(), count, mass)
     assert torch.nonzero(got[0, 0]).flatten().tolist() == expected
+
+
+@pytest.mark.parametrize("mass", [0.3, 0.6, 0.9])
+def test_select_by_score_per_cost_matches_brute_force(mass):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(1, 1, 40, generator=g) ** 4
+    cost = torch.where(torch.arange(40) % 4 == 0, 64.0, 1.0)  # every 4th item costs 64
+    scores[..., ::4] *= 30
+    forced = torch.arange(40) < 2
+    got = select(scores, forced, torch.tensor([100]), torch.tensor([mass], dtype=torch.float64), cost)
+    expected = brute_select(scores[0, 0].tolist(), forced.tolist(), 100, mass, cost.tolist())
+    assert torch.nonzero(got[0, 0]).flatten().tolist() == expected
+    unit = select(scores, forced, torch.tensor([100]), torch.tensor([mass], dtype=torch.float64))
+    assert not torch.equal(got, unit)  # by score alone the costly items come first
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1000, 1000), (700, 1000), (650, 937)])
+def test_the_end_offsets_of_a_diagonal_bin_read_the_blocks_of_the_whole_bin(q_len, k_len):
+    for b in (0, 1, 3, 9):
+        every = torch.arange(b * BLOCK, (b + 1) * BLOCK)[None, None]
+        ends = torch.tensor([b * BLOCK, b * BLOCK + BLOCK - 1])[None, None]
+        assert torch.equal(slash_blocks(ends, q_len, k_len), slash_blocks(every, q_len, k_len))
 
 
 def planted(q_len=600, k_len=600, dim=32, column=137, offset=200, seed=0):
@@ -188,6 +212,34 @@ def test_adaptive_vertical_slash_keeps_what_earlier_queries_attend_to(monkeypatc
     assert index.density() < 0.4, index.density()
     monkeypatch.setattr(estimate, "PROBES", 1)
     assert not estimate_index(q, k, pattern).to_mask()[0, 0, 600:1024, 300].all()
+
+
+def test_adaptive_selection_keeps_diagonal_bins_ranked_by_score_per_cost():
+    """Bin 2 (offsets 128-191) holds most of the mass in 61 weak diagonals; key 300 is one strong column. By
+    score per cost the column comes before the bin; by score alone it would not fit in the mass."""
+    k_len = 512
+    vertical = torch.zeros(1, 1, 1, k_len)
+    vertical[..., 300] = 2.0
+    slash = torch.zeros(1, 1, 1, k_len)
+    slash[..., :64] = 1 / 64
+    slash[..., 130:191] = 0.2
+    slash[..., 400] = 1.5
+    keep_cols = torch.ones(1, 1, 1, k_len, dtype=torch.bool)
+    cols, diags = _adaptive_selection(vertical, slash, keep_cols, torch.tensor([k_len]),
+                                      torch.tensor([0.5], dtype=torch.float64))
+    assert torch.nonzero(cols[0, 0, 0]).flatten().tolist() == list(range(SINK_COLUMNS)) + [300]
+    assert sorted(d for d in diags[0, 0, 0].tolist() if d >= 0) == [0, 63, 128, 191]
+
+
+def test_adaptive_vertical_slash_reads_whole_diagonal_bins():
+    """A strong diagonal at offset 200 brings in its whole bin (offsets 192-255); a strong column stays a column."""
+    q, k = planted(1200, 1200)
+    index = estimate_index(q, k, [HeadPattern("vertical_slash", mass=0.8)] * 2)
+    mask = index.to_mask()[0, 0]
+    rows = torch.arange(600, 1100)
+    for offset in (192, 200, 255):
+        assert mask[rows, rows - offset].all()
+    assert mask[200:, 137].all() and not mask[1000:1080, 138].any()  # rows 1088 on read every key
 
 
 @pytest.mark.parametrize("pattern", [HeadPattern("a_shape", sink=64, local=64), HeadPattern("block_sparse", blocks=1),
