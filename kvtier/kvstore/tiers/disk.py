@@ -130,9 +130,10 @@ class DiskTier(Tier):
 
     def _write_blob(self, fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
         """The KV parts and the summary (which follow each other in the file) in one vectored write by this
-        thread, while the tier's hashing thread hashes the KV (``pwritev`` releases the GIL, so on two cores
-        the checksums cost no time); last, in one write, the header with the digests and the tokens that
-        follow it. The write stays on the calling thread, as a plain file write would.
+        thread, while the tier's hashing thread hashes the KV (``pwritev`` releases the GIL, so the two overlap
+        where the cores do not share memory bandwidth; on our 2-vCPU VMs it is a wash against hashing first);
+        last, in one write, the header with the digests and the tokens that follow it. The write stays on the
+        calling thread, as a plain file write would.
 
         Nothing between the submit and the write may call torch: a torch call releases the GIL, the hashing
         thread takes it, and this thread then waits for the whole hash before it can start writing."""
