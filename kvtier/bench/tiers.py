@@ -213,6 +213,7 @@ def _disk_rows(layout: KVLayout, chunks: list[Chunk], repeat: int, label: str, f
                     gb / base_cold))
     rows.append(Row(f"raw file write of the KV only {label}", gb / t_kv, "GB/s",
                     "raw file write of the tier's bytes (KV + header + key summary)", gb / t_blobs))
+    tier.close()
     shutil.rmtree(raw_dir, ignore_errors=True)
     return rows
 
