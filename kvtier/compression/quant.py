@@ -23,7 +23,6 @@ chunk blob's checksum covers that. Structural problems (names, shapes, dtypes) r
 from __future__ import annotations
 
 import functools
-
 from typing import Any, ClassVar
 
 import torch

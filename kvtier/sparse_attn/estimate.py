@@ -174,7 +174,7 @@ def _adaptive_selection(vertical: torch.Tensor, slash: torch.Tensor, keep_cols: 
     bin is returned as its two end offsets, which read exactly the bin's key blocks.
 
     vertical, slash: column and diagonal scores ``[B, H', G, k_len]``; keep_cols: bool, same shape; cap_slash,
-    mass: ``[H']``. Returns the kept columns (bool, like ``vertical``) and offsets ``[B, H', G, S]`` (int64, -1
+    mass: ``[H']``. Returns the kept columns (bool, like ``vertical``) and offsets ``[B, H', G, S]`` (int32, -1
     padded)."""
     k_len = vertical.shape[-1]
     num_bins = -(-k_len // BLOCK)
