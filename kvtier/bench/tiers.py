@@ -80,7 +80,7 @@ def _tier_rows(name: str, tier: Tier, chunks: list[Chunk], layout: KVLayout, rep
                base_put: Step, base_get: Step, base_name: tuple[str, str], label: str = "",
                sync: bool = False) -> list[Row]:
     """Put and get rows of ``tier`` against ``base_put``/``base_get``; ``sync``: after deleting the previous
-    round's chunks, ``sync`` (untimed) so that no write-back is pending when the timed put starts."""
+    round's chunks, and before the gets, ``sync`` (untimed) so that no write-back runs while a side is timed."""
     total = len(chunks) * layout.chunk_bytes
     outs = [torch.empty(layout.chunk_shape, dtype=layout.torch_dtype) for _ in chunks]
 
@@ -100,6 +100,8 @@ def _tier_rows(name: str, tier: Tier, chunks: list[Chunk], layout: KVLayout, rep
                 raise RuntimeError(f"{name}: chunk missing during the benchmark")
 
     t_put, b_put = _best_pair((put, clear), base_put, repeat)
+    if sync:
+        os.sync()  # the last round's files, both sides', written back before the reads are timed
     t_get, b_get = _best_pair((get, None), base_get, repeat)
     if not all(torch.equal(o, c.kv) for o, c in zip(outs, chunks)):
         raise RuntimeError(f"{name}: a chunk read back differs from what was written")
