@@ -4,7 +4,7 @@ Needs only torch, triton and numpy besides kvtier itself (run from the repositor
 PYTHONPATH): ``python scripts/gpu_check.py [--lengths 32768,131072] [--skip-timing]``. Prints one JSON object:
 
 - ``checks``: the kernel against the PyTorch reference (fp16, bf16, fp32; awkward lengths, GQA, a cached
-  prefix), max abs error and pass/fail per case;
+  prefix; every other head with pooled keys), max abs error and pass/fail per case;
 - ``timings``: per length, the sparse kernel (vertical-slash index estimated on the GPU, estimation timed
   separately) against ``scaled_dot_product_attention`` (FlashAttention backend where torch offers it) on
   the same fp16/bf16 inputs, with the density and the speedup ratio.
@@ -44,7 +44,7 @@ def check_case(device: str, batch, heads, kv_heads, q_len, k_len, dim, dtype) ->
     v = torch.randn(batch, kv_heads, k_len, dim, generator=g).to(device, dtype)
     blocks = torch.rand(batch, heads, -(-q_len // 64), -(-k_len // 64), generator=g) < 0.3
     cols = torch.randint(-1, k_len, (batch, heads, 100), generator=g)
-    index = build_index(blocks, cols, q_len, k_len).to(device)
+    index = build_index(blocks, cols, q_len, k_len, pool=torch.arange(heads) % 2 == 0).to(device)
     got = sparse_attention(q, k, v, index, backend="triton").float()
     expected = sparse_attention(q.float(), k.float(), v.float(), index, backend="reference")
     err = float((got - expected).abs().max())

@@ -13,6 +13,14 @@ local rows ``64m .. 64m+63``); keys into aligned blocks of 64 positions (key blo
 Entries past the counts are ``-1``. All four tensors are int32; ``block_idx`` is ``[B, H, NQB, MB]`` and
 ``col_idx`` ``[B, H, NQB, MC]`` with ``MB, MC >= 1``. The attention a query row computes is over the listed keys
 that are also causal (``j <= P + i``, ``j < k_len``); a row left with no key outputs zeros.
+
+Pooled keys (optional, per head: ``build_index(..., pool=...)``): every key block that a query block does not
+read and that is fully visible to all its rows (``64b + 63 <= P + 64m``) joins its softmax as ONE pseudo-key,
+the mean of the block's 64 keys with the mean of its 64 values, its logit raised by ``log(n_b)``, ``n_b`` the
+block's keys not read as columns (blocks whose keys are all columns are not pooled): a first-order estimate
+of the mass and value of what the query block skips. Listed per query block as ``pool_idx [B, H, NQB, MP]``
+(key blocks, ascending, ``-1`` past ``pool_count [B, H, NQB]``) and ``pool_size`` (``n_b``, 0 past the
+count), all int32; None when no head pools.
 """
 
 from __future__ import annotations
@@ -41,6 +49,14 @@ class SparseIndex:
     col_count: torch.Tensor
     q_len: int
     k_len: int
+    pool_idx: torch.Tensor | None = None
+    pool_count: torch.Tensor | None = None
+    pool_size: torch.Tensor | None = None
+
+    @property
+    def pooled(self) -> bool:
+        """Whether some head has pooled keys (``pool_idx``, ``pool_count``, ``pool_size`` are set)."""
+        return self.pool_idx is not None
 
     @property
     def batch(self) -> int:
@@ -68,7 +84,8 @@ class SparseIndex:
         return row_positions(self.q_len, self.k_len, self.device)
 
     def head_density(self) -> torch.Tensor:
-        """Share of the causal (query, key) pairs the index computes, per head: float64 ``[B, H]`` in [0, 1]."""
+        """Share of the causal (query, key) pairs the index computes, per head: float64 ``[B, H]``. A pooled key
+        counts as one key for every row of its query block (so the share can exceed 1 only in theory)."""
         first, last = self.row_positions()
         first, last = first[:, None], last[:, None]
         kb_start = self.block_idx.long() * BLOCK
@@ -79,6 +96,8 @@ class SparseIndex:
         slots = torch.arange(self.col_idx.shape[-1], device=self.device)
         in_cols = _visible_pairs(cols, cols, first, last) * (slots < self.col_count[..., None])
         kept = in_blocks.sum((-1, -2)) + in_cols.sum((-1, -2))
+        if self.pooled:
+            kept = kept + (self.pool_count.long() * (last - first + 1)[:, 0]).sum(-1)
         causal = _visible_pairs(torch.zeros(1, device=self.device, dtype=torch.long),
                                 torch.full((1,), self.k_len - 1, device=self.device), first[:, 0], last[:, 0]).sum()
         return kept.double() / causal.double()
@@ -121,8 +140,9 @@ class SparseIndex:
             raise SparseAttentionError(f"the sparse index is on {self.device}; the inputs are on {device}")
 
     def to(self, device: torch.device | str) -> "SparseIndex":
+        pool = [None if t is None else t.to(device) for t in (self.pool_idx, self.pool_count, self.pool_size)]
         return SparseIndex(self.block_idx.to(device), self.block_count.to(device), self.col_idx.to(device),
-                           self.col_count.to(device), self.q_len, self.k_len)
+                           self.col_count.to(device), self.q_len, self.k_len, *pool)
 
 
 def row_positions(q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +178,7 @@ def compact(keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: int, k_len: int,
-                column_groups: torch.Tensor | None = None) -> SparseIndex:
+                column_groups: torch.Tensor | None = None, pool: torch.Tensor | None = None) -> SparseIndex:
     """The compact SparseIndex of a block selection plus key columns.
 
     block_mask: bool ``[B, H, NQB, NKB]`` (``NKB = ceil(k_len / 64)``), True = read key block in full.
@@ -166,6 +186,8 @@ def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: i
       duplicates allowed. None = no columns.
     column_groups: int64 ``[NQB]``: columns are ``[B, H, NG, C]`` and query block ``m`` reads
       ``columns[:, :, column_groups[m]]`` (sorted once per group, not once per query block).
+    pool: bool ``[H]``: heads whose skipped, fully visible key blocks become pooled keys (module docstring);
+      None or all False = no pooled keys.
     Blocks and columns past the causal edge of a query block are dropped, and so are columns inside a kept
     block, so the index never counts a key twice.
     """
@@ -196,7 +218,25 @@ def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: i
     in_block = blocks.gather(-1, columns.clamp(0, k_len - 1) // BLOCK)
     keep = (columns >= 0) & (columns <= last[:, None]) & ~repeated & ~in_block
     col_idx, col_count = compact(keep, columns)
-    return SparseIndex(block_idx, block_count, col_idx, col_count, q_len, k_len)
+    if pool is None or not bool(pool.any()):
+        return SparseIndex(block_idx, block_count, col_idx, col_count, q_len, k_len)
+    in_cols = torch.zeros(*blocks.shape[:3], num_kb + 1, dtype=torch.long, device=device)  # columns per key block
+    in_cols.scatter_add_(-1, torch.where(keep, columns // BLOCK, num_kb), torch.ones_like(columns))
+    size = BLOCK - in_cols[..., :num_kb]  # [B, H, NQB, NKB]
+    visible = kb * BLOCK + BLOCK - 1 <= first[:, None]  # [NQB, NKB]: seen by every row of the query block
+    pooled = visible & ~blocks & (size > 0) & pool.to(device).view(1, -1, 1, 1)
+    pool_idx, pool_count = compact(pooled, kb.expand_as(pooled))
+    pool_size = torch.where(pool_idx >= 0, size.gather(-1, pool_idx.long().clamp(min=0)), 0).to(torch.int32)
+    return SparseIndex(block_idx, block_count, col_idx, col_count, q_len, k_len, pool_idx, pool_count, pool_size)
+
+
+def block_means(x: torch.Tensor) -> torch.Tensor:
+    """Float32 means of ``x [B, Hkv, k_len, D]`` over aligned 64-key blocks: ``[B, Hkv, NKB, D]`` (the last,
+    possibly short, block over its own keys; it is never pooled). The pooled keys and values of an index."""
+    num_kb = -(-x.shape[2] // BLOCK)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, num_kb * BLOCK - x.shape[2]))
+    sizes = (x.shape[2] - torch.arange(num_kb, device=x.device) * BLOCK).clamp(max=BLOCK)
+    return padded.view(*x.shape[:2], num_kb, BLOCK, x.shape[-1]).sum(3) / sizes[:, None]
 
 
 def dense_index(batch: int, heads: int, q_len: int, k_len: int, device: torch.device | str = "cpu") -> SparseIndex:

@@ -1,7 +1,9 @@
 """Triton kernel: mixed block + column sparse flash attention (causal, GQA, cached prefix, online softmax).
 
 One program computes one 64-row query block of one (batch, head): it walks the key blocks of the index, then
-the single key columns 64 at a time (gathered rows), keeping a running max and sum (flash attention).
+the single key columns 64 at a time (gathered rows), then, for a pooled index, its pooled keys 64 at a time
+(gathered rows of the block means, logits raised by ``log(n_b)``), keeping a running max and sum (flash
+attention).
 Inputs of any of fp16 / bf16 / fp32 are converted to fp32 right after loading; ``tl.dot`` runs in IEEE fp32
 for fp32 inputs and TF32 for half inputs. Tiles are 64 x 64 with the head dim a power of two >= 16 (the
 shapes a GPU's ``tl.dot`` needs). Import this module only when triton is installed.
@@ -15,13 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.kernels.index import BLOCK, SparseIndex
+from kvtier.kernels.index import BLOCK, SparseIndex, block_means
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, keep, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
-    # q [BM, D], k [BN, D], v [BN, D]: fp32; keep [BM, BN]: bool; acc [BM, D]; m_i, l_i [BM] (log2 units)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+def _online_softmax_step(q, k, v, keep, bias, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
+    # q [BM, D], k [BN, D], v [BN, D]: fp32; keep [BM, BN]: bool; bias: added to the logits (log2 units), a
+    # scalar or [1, BN]; acc [BM, D]; m_i, l_i [BM] (log2 units)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing seen yet
@@ -36,13 +39,16 @@ def _online_softmax_step(q, k, v, keep, acc, m_i, l_i, qk_scale, PRECISION: tl.c
 def _sparse_attn_fwd(
     Q, K, V, Out,  # [B, H, q_len, D], [B, Hkv, k_len, D] x2, [B, H, q_len, D]; last dim contiguous
     BlockIdx, BlockCount, ColIdx, ColCount,  # int32 [B, H, NQB, MB], [B, H, NQB], [B, H, NQB, MC], [B, H, NQB]
+    KMean, VMean,  # fp32 [B, Hkv, NKB, D]: block means of keys and values (POOLED only)
+    PoolIdx, PoolCount, PoolSize,  # int32 [B, H, NQB, MP], [B, H, NQB], [B, H, NQB, MP] (POOLED only)
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    num_heads, group, q_len, k_len, max_blocks, max_cols,
+    num_heads, group, q_len, k_len, max_blocks, max_cols, max_pool, num_kb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+    POOLED: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: long inputs overflow int32
@@ -71,7 +77,7 @@ def _sparse_attn_fwd(
         k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
         keep = in_range[None, :] & (key[None, :] <= q_pos[:, None])  # [BM, BN]
-        acc, m_i, l_i = _online_softmax_step(q, k, v, keep, acc, m_i, l_i, qk_scale, PRECISION)
+        acc, m_i, l_i = _online_softmax_step(q, k, v, keep, 0.0, acc, m_i, l_i, qk_scale, PRECISION)
 
     n_cols = tl.load(ColCount + row)
     for start in range(0, n_cols, BLOCK_N):
@@ -81,7 +87,22 @@ def _sparse_attn_fwd(
         k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
         keep = in_range[None, :] & (key[None, :] <= q_pos[:, None])  # [BM, BN]
-        acc, m_i, l_i = _online_softmax_step(q, k, v, keep, acc, m_i, l_i, qk_scale, PRECISION)
+        acc, m_i, l_i = _online_softmax_step(q, k, v, keep, 0.0, acc, m_i, l_i, qk_scale, PRECISION)
+
+    if POOLED:  # every row sees every pooled key block of its query block
+        mean_base = (b * (num_heads // group) + kvh) * num_kb * HEAD_DIM
+        n_pool = tl.load(PoolCount + row)
+        for start in range(0, n_pool, BLOCK_N):
+            slot = start + offs_n  # [BN]
+            in_range = slot < n_pool
+            kb = tl.load(PoolIdx + row * max_pool + slot, mask=in_range, other=0)  # [BN] key blocks
+            size = tl.load(PoolSize + row * max_pool + slot, mask=in_range, other=1).to(tl.float32)
+            ptrs = mean_base + kb[:, None] * HEAD_DIM + offs_d[None, :]
+            k = tl.load(KMean + ptrs, mask=in_range[:, None], other=0.0)
+            v = tl.load(VMean + ptrs, mask=in_range[:, None], other=0.0)
+            keep = in_range[None, :] & (q_pos[:, None] >= 0)  # [BM, BN]
+            bias = tl.log2(size)[None, :]
+            acc, m_i, l_i = _online_softmax_step(q, k, v, keep, bias, acc, m_i, l_i, qk_scale, PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key output zeros
     out = acc / l_safe[:, None]
@@ -99,17 +120,24 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
     grid = (index.num_q_blocks, batch * heads)
+    if index.pooled:
+        pooled = (block_means(k).contiguous(), block_means(v).contiguous(),
+                  index.pool_idx, index.pool_count, index.pool_size)
+    else:  # never read (POOLED is off)
+        pooled = (q, q, index.block_idx, index.block_count, index.block_idx)
     _sparse_attn_fwd[grid](
         q, k, v, out,
         index.block_idx, index.block_count, index.col_idx, index.col_count,
+        *pooled,
         scale * math.log2(math.e),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, heads // k.shape[1], q_len, k.shape[2], index.block_idx.shape[-1], index.col_idx.shape[-1],
+        pooled[2].shape[-1], -(-k.shape[2] // BLOCK),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", POOLED=index.pooled,
         num_warps=4, num_stages=2,
     )
     return out

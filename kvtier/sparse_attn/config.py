@@ -9,6 +9,9 @@ A :class:`HeadPattern` says how one head's index is estimated for each input:
 - ``block_sparse``: ``blocks`` key blocks per query block (fixed), or ``mass`` (adaptive; ``blocks`` caps);
 - ``dense``: every causal key (no fields): the head search keeps the few heads no sparse pattern serves well.
 
+``pool: true`` (any kind but ``dense``) adds pooled keys: each key block a query block skips, fully visible to
+it, joins its softmax as one mean key (``kvtier.kernels.index``). Off when absent.
+
 A :class:`SparseConfig` holds one pattern per layer and query head of one model; ``to_json``/``load_config``
 write and read it. ``kvtier/sparse_attn/configs/NAME.json`` ships with the package (``load_config(NAME)``).
 """
@@ -38,16 +41,19 @@ class HeadPattern:
     slash: int | None = None
     blocks: int | None = None
     mass: float | None = None
+    pool: bool | None = None
 
     def __post_init__(self) -> None:
-        allowed = {"a_shape": {"sink", "local"}, "vertical_slash": {"vertical", "slash", "mass"},
-                   "block_sparse": {"blocks", "mass"}, "dense": set()}
+        allowed = {"a_shape": {"sink", "local", "pool"}, "vertical_slash": {"vertical", "slash", "mass", "pool"},
+                   "block_sparse": {"blocks", "mass", "pool"}, "dense": set()}
         if self.kind not in allowed:
             raise SparseConfigError(f"unknown sparse pattern {self.kind!r}; known patterns: {', '.join(KINDS)}")
         given = {k for k, v in asdict(self).items() if k != "kind" and v is not None}
         if given - allowed[self.kind]:
             raise SparseConfigError(f"pattern {self.kind!r} takes {sorted(allowed[self.kind])}, got {sorted(given)}")
-        for name in given - {"mass"}:
+        if self.pool is not None and not isinstance(self.pool, bool):
+            raise SparseConfigError(f"{self.kind}.pool must be true or false, got {self.pool!r}")
+        for name in given - {"mass", "pool"}:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SparseConfigError(f"{self.kind}.{name} must be a non-negative integer, got {value!r}")

@@ -79,3 +79,46 @@ def test_column_groups_equal_columns_per_query_block():
     per_block = build_index(block_mask, columns[:, :, groups], 300, 350)
     assert torch.equal(grouped.to_mask(), per_block.to_mask())
     assert torch.equal(grouped.to_mask(), brute_mask(block_mask, columns[:, :, groups], 300, 350))
+
+
+def brute_pool(block_mask, columns, q_len, k_len, pool):
+    """{(b, h, m): [(key block, n_b), ...]}: blocks not selected, ending at or before the first row of query
+    block m, with n_b = 64 minus the distinct columns inside them (n_b = 0: not pooled)."""
+    prefix, out = k_len - q_len, {}
+    for b in range(block_mask.shape[0]):
+        for h in range(block_mask.shape[1]):
+            for m in range(block_mask.shape[2]):
+                cols = columns[b, h] if columns.dim() == 3 else columns[b, h, m]
+                pooled = []
+                for kb in range(block_mask.shape[3]):
+                    if pool[h] and kb * BLOCK + BLOCK - 1 <= prefix + m * BLOCK and not block_mask[b, h, m, kb]:
+                        n = BLOCK - len({c for c in cols.tolist() if c >= 0 and c // BLOCK == kb})
+                        pooled += [(kb, n)] if n else []
+                out[b, h, m] = pooled
+    return out
+
+
+@pytest.mark.parametrize("q_len,k_len,per_block", [(300, 300, False), (130, 517, True), (70, 70, False)])
+def test_pooled_blocks_and_sizes_match_brute_force(q_len, k_len, per_block):
+    g = torch.Generator().manual_seed(q_len)
+    nqb, nkb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    block_mask = torch.rand(2, 3, nqb, nkb, generator=g) < 0.3
+    shape = (2, 3, nqb, 90) if per_block else (2, 3, 90)
+    columns = torch.randint(-1, k_len, shape, generator=g)
+    columns[..., :64] = torch.arange(64) + 64  # key block 1 wholly read as columns: never pooled
+    pool = torch.tensor([True, False, True])
+    index = build_index(block_mask, columns, q_len, k_len, pool=pool)
+    expected = brute_pool(block_mask, columns, q_len, k_len, pool)
+    for (b, h, m), pooled in expected.items():
+        n = index.pool_count[b, h, m]
+        assert list(zip(index.pool_idx[b, h, m, :n].tolist(), index.pool_size[b, h, m, :n].tolist())) == pooled
+        assert (index.pool_idx[b, h, m, n:] == -1).all() and (index.pool_size[b, h, m, n:] == 0).all()
+    assert index.pool_count.sum() > 0 and all(kb != 1 for pooled in expected.values() for kb, _ in pooled)
+    # density: the exact pairs plus one key per row for every pooled block
+    rows = torch.tensor([min(BLOCK, q_len - m * BLOCK) for m in range(nqb)])
+    extra = (index.pool_count.long() * rows).sum(-1)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len).sum()
+    exact = brute_mask(block_mask, columns, q_len, k_len).sum((-1, -2))
+    torch.testing.assert_close(index.head_density(), (exact + extra).double() / causal)
+    unpooled = build_index(block_mask, columns, q_len, k_len)
+    assert not unpooled.pooled and torch.equal(unpooled.to_mask(), index.to_mask())  # recall counts exact keys only

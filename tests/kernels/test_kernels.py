@@ -126,3 +126,78 @@ def test_cpu_path_batches_the_query_heads_of_a_kv_head(monkeypatch, kv_heads):
     index = build_index(block_mask, columns, 500, 640)
     expected = sparse_attention(q, k, v, index, backend="reference")
     torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)
+
+
+POOLED_CASES = [  # batch, heads, kv_heads, q_len, k_len, dim, dtype
+    (1, 2, 2, 333, 333, 64, torch.float32),
+    (2, 3, 1, 150, 150, 32, torch.float32),  # GQA 3:1, batch 2
+    (1, 4, 2, 200, 517, 64, torch.float32),  # cached prefix of 317 keys
+    (1, 2, 1, 190, 400, 64, torch.float16),  # fp16 + GQA + prefix
+]
+
+
+def pooled_index(batch, heads, q_len, k_len, seed=0):
+    """A random index whose every other head pools; columns fill key block 1 and part of block 2."""
+    g = torch.Generator().manual_seed(seed)
+    block_mask = torch.rand(batch, heads, -(-q_len // 64), -(-k_len // 64), generator=g) < 0.3
+    cols = torch.cat([torch.arange(64, 150).expand(batch, heads, -1),
+                      torch.randint(-1, k_len, (batch, heads, 24), generator=g)], -1)
+    return build_index(block_mask, cols, q_len, k_len, pool=torch.arange(heads) % 2 == 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", POOLED_CASES,
+                         ids=lambda c: f"b{c[0]}h{c[1]}kv{c[2]}q{c[3]}k{c[4]}d{c[5]}{str(c[6])[6:]}")
+def test_pooled_backend_matches_reference(backend, case):
+    batch, heads, kv_heads, q_len, k_len, dim, dtype = case
+    q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, dim, dtype)
+    index = pooled_index(batch, heads, q_len, k_len)
+    assert index.pool_count.sum() > 0
+    expected = sparse_attention(q.float(), k.float(), v.float(), index, backend="reference")
+    got = sparse_attention(q, k, v, index, backend=backend)
+    torch.testing.assert_close(got.float(), expected, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_cpu_pooled_path_with_many_small_runs(monkeypatch):
+    import kvtier.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "CHUNK_SCORES", 64 * 64 * 3)
+    q, k, v = make_inputs(1, 6, 3, 700, 900, 32, torch.float32, seed=2)
+    index = pooled_index(1, 6, 700, 900, seed=2)
+    expected = sparse_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)
+
+
+def brute_pooled_attention(q, k, v, index, scale, pool):
+    """Row by row, batch row 0, ``k``/``v`` with one KV head per query head: softmax over the exact keys of
+    ``to_mask()`` and, for a pooling head, per key block ending at or before the query block's first row with
+    ``n`` of its keys unread by that row (``n > 0``), one key: the block's mean key, logit + ``log(n)``, with its
+    mean value."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    mask = index.to_mask()[0]
+    out = torch.zeros_like(q[0])
+    for h in range(q.shape[1]):
+        for i in range(q_len):
+            first = (i // 64) * 64  # local first row of the query block
+            keys, values, logits = k[0, h], v[0, h], k[0, h] @ q[0, h, i] * scale
+            extra_logits, extra_values = [], []
+            for b in range((k_len - q_len + first + 1) // 64) if pool[h] else []:
+                unread = int((~mask[h, first, 64 * b: 64 * b + 64]).sum())
+                if unread:
+                    extra_logits.append(keys[64 * b: 64 * b + 64].mean(0) @ q[0, h, i] * scale + math.log(unread))
+                    extra_values.append(values[64 * b: 64 * b + 64].mean(0))
+            p = torch.softmax(torch.cat([logits[mask[h, i]], torch.tensor(extra_logits)]), 0)
+            out[h, i] = p @ torch.cat([values[mask[h, i]], torch.stack(extra_values) if extra_values else values[:0]])
+    return out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_pooled_attention_matches_its_definition(backend):
+    """Mean keys of the skipped, fully visible blocks with logit + log(n_b), n_b excluding the columns: dropping
+    the log term or counting the columns (block 1 is all columns, block 2 partly) changes the result."""
+    q, k, v = make_inputs(1, 2, 2, 150, 330, 16, torch.float32, seed=7)
+    index = pooled_index(1, 2, 150, 330, seed=7)
+    assert 0 < index.pool_count.sum() and (index.pool_size[index.pool_count > 0][:, 0] < 64).any()
+    expected = brute_pooled_attention(q, k, v, index, 0.3, [True, False])
+    got = sparse_attention(q, k, v, index, 0.3, backend=backend)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -24,6 +24,8 @@ def test_unknown_pattern_name_is_a_clear_error():
     ({"kind": "vertical_slash", "vertical": -1, "slash": 10}, "non-negative"),
     ({"kind": "block_sparse", "mass": 1.5}, "mass must be in"),
     ({"kind": "block_sparse", "blocks": 2.5}, "non-negative integer"),
+    ({"kind": "block_sparse", "mass": 0.9, "pool": 1}, "pool must be true or false"),
+    ({"kind": "dense", "pool": True}, "takes"),
 ])
 def test_bad_pattern_fields(kwargs, message):
     with pytest.raises(SparseConfigError, match=message):
@@ -32,7 +34,8 @@ def test_bad_pattern_fields(kwargs, message):
 
 def test_config_round_trips_through_json(tmp_path):
     config = SparseConfig("m", 2, [[HeadPattern("a_shape", sink=64, local=128), HeadPattern("vertical_slash", mass=0.9)],
-                                   [HeadPattern("block_sparse", blocks=4), HeadPattern("vertical_slash", vertical=10, slash=20)]],
+                                   [HeadPattern("block_sparse", blocks=4, pool=True),
+                                    HeadPattern("vertical_slash", vertical=10, slash=20)]],
                           {"note": "x"})
     config.save(tmp_path / "c.json")
     again = load_config(tmp_path / "c.json")
@@ -83,3 +86,13 @@ def test_search_picks_the_least_output_error_within_the_budget():
     assert config.layers == [[candidates[1], candidates[0]]]  # head 0 loses more error (0.3) from the costlier one
     assert config.info["mean_error"] == pytest.approx(0.15) and config.info["mean_density"] == pytest.approx(0.2)
     assert search_config(model, torch.zeros(1, 8192), "m", 1.0, candidates, (error, density)).layers == [[candidates[2]] * 2]
+
+
+def test_search_with_pool_gives_every_sparse_head_pooled_keys():
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=2))
+    candidates = (HeadPattern("a_shape", sink=64, local=256), HeadPattern("dense"))
+    error = torch.tensor([[[0.5, 0.1], [0.0, 0.0]]], dtype=torch.float64)
+    density = torch.tensor([[[0.1, 0.1], [1.0, 1.0]]], dtype=torch.float64)
+    config = search_config(model, torch.zeros(1, 8192), "m", 0.55, candidates, (error, density), pool=True)
+    assert config.layers == [[HeadPattern("dense"), HeadPattern("a_shape", sink=64, local=256, pool=True)]]
+    assert config.info["pool"] is True

@@ -170,6 +170,21 @@ def test_mixed_patterns_with_cached_prefix_run_and_match_the_reference():
     assert recall.shape == (1, 1, 2) and (recall > 0).all() and (recall <= 1 + 1e-9).all()
 
 
+def test_pool_flag_adds_pooled_keys_to_its_heads_only():
+    q, k = planted(q_len=200, k_len=650, offset=100)
+    v = torch.randn_like(k)
+    patterns = [HeadPattern("a_shape", sink=64, local=128, pool=True), HeadPattern("vertical_slash", mass=0.9)]
+    index = estimate_index(q, k, patterns)
+    plain = estimate_index(q, k, [HeadPattern("a_shape", sink=64, local=128), patterns[1]])
+    assert index.pooled and not plain.pooled and torch.equal(index.to_mask(), plain.to_mask())
+    assert index.pool_count[0, 0].sum() > 0 and index.pool_count[0, 1].sum() == 0
+    density, plain_density = index.head_density()[0], plain.head_density()[0]
+    assert density[0] > plain_density[0] and density[1] == plain_density[1]
+    expected = sparse_attention(q, k, v, index, backend="reference")
+    torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected[:, 1], sparse_attention(q, k, v, plain, backend="reference")[:, 1])
+
+
 def test_per_block_slash_offsets_equal_one_index_per_block():
     g = torch.Generator().manual_seed(9)
     q_len, k_len = 260, 400
