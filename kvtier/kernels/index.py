@@ -138,6 +138,11 @@ class SparseIndex:
             )
         if self.device != device:
             raise SparseAttentionError(f"the sparse index is on {self.device}; the inputs are on {device}")
+        pool = (self.pool_idx, self.pool_count, self.pool_size)
+        if self.pooled and (any(t is None for t in pool) or tuple(self.pool_count.shape) != want
+                            or self.pool_idx.shape != self.pool_size.shape or tuple(self.pool_idx.shape[:3]) != want):
+            raise SparseAttentionError("the sparse index's pooled keys are inconsistent: pool_idx, pool_count and "
+                                       f"pool_size must all be set, shaped [{batch}, {heads}, {want[2]}, ...]")
 
     def to(self, device: torch.device | str) -> "SparseIndex":
         pool = [None if t is None else t.to(device) for t in (self.pool_idx, self.pool_count, self.pool_size)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -201,3 +202,12 @@ def test_pooled_attention_matches_its_definition(backend):
     expected = brute_pooled_attention(q, k, v, index, 0.3, [True, False])
     got = sparse_attention(q, k, v, index, 0.3, backend=backend)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_inconsistent_pooled_index_is_a_clear_error():
+    q, k, v = make_inputs(1, 2, 2, 150, 330, 16, torch.float32)
+    index = pooled_index(1, 2, 150, 330)
+    for broken in (dataclasses.replace(index, pool_size=None),
+                   dataclasses.replace(index, pool_count=index.pool_count[:, :1])):
+        with pytest.raises(SparseAttentionError, match="pooled keys are inconsistent"):
+            sparse_attention(q, k, v, broken, backend="cpu")
