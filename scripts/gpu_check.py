@@ -7,7 +7,10 @@ PYTHONPATH): ``python scripts/gpu_check.py [--lengths 32768,131072] [--skip-timi
   prefix; every other head with pooled keys), max abs error and pass/fail per case;
 - ``timings``: per length, the sparse kernel (vertical-slash index estimated on the GPU, estimation timed
   separately) against ``scaled_dot_product_attention`` (FlashAttention backend where torch offers it) on
-  the same fp16/bf16 inputs, with the density and the speedup ratio.
+  the same fp16/bf16 inputs, with the density and the speedup ratio;
+- ``tiers``: the store's CUDA paths (a DeviceTier pool in GPU memory, a pinned HostTier and a DiskTier below
+  it; chunks put from and fetched into GPU tensors, demoted and promoted), each get checked equal to what was
+  put and timed against a plain copy of the same bytes between the same memories.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kvtier.kernels import build_index, sparse_attention  # noqa: E402
+from kvtier.kvstore import DeviceTier, DiskTier, HostTier, TieredStore  # noqa: E402
+from kvtier.layout import KVLayout  # noqa: E402
 from kvtier.sparse_attn.config import HeadPattern  # noqa: E402
 from kvtier.sparse_attn.estimate import estimate_index  # noqa: E402
 
@@ -52,14 +59,19 @@ def check_case(device: str, batch, heads, kv_heads, q_len, k_len, dim, dtype) ->
             "max_abs_err": err, "ok": err <= TOL[dtype] * 4}
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeat: int = 3) -> float:
     fn()
-    torch.cuda.synchronize()
+    sync()
     best = math.inf
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -84,16 +96,80 @@ def time_length(device: str, n: int, heads: int = 32, kv_heads: int = 8, dim: in
     dense_s = timed(dense)
     rel_err = float((sparse_attention(q, k, v, index, backend="triton").float() - dense().float()).norm()
                     / dense().float().norm())
-    return {"tokens": n, "shape": f"{heads}q/{kv_heads}kv x {dim} bf16", "density": index.density(),
+    return {"tokens": n, "shape": f"{heads}q/{kv_heads}kv x {dim} bf16", "vertical": vertical, "slash": slash,
+            "density": index.density(),
             "estimate_s": estimate_s, "sparse_kernel_s": sparse_s, "dense_sdpa_s": dense_s,
             "speedup_kernel": dense_s / sparse_s, "speedup_with_estimate": dense_s / (sparse_s + estimate_s),
             "rel_err_vs_dense": rel_err}
 
 
+def check_tiers(device: str, n_chunks: int = 8) -> dict:
+    """Large-layout chunks (32 layers x 8 KV heads x 128 dims, 256 tokens, fp16: 32 MiB each) through the
+    store's CUDA paths. Ratios are store time over baseline time inverted (>= 1: as fast as the copy)."""
+    layout = KVLayout("gpu-check-32x8x128", num_layers=32, kv_heads=8, head_dim=128)
+    room = layout.chunk_bytes + layout.chunk_bytes // 8  # a chunk plus its key summary, with slack
+    n = n_chunks * layout.chunk_tokens
+    tokens = np.arange(n, dtype=np.int32)
+    shape = layout.chunk_shape[:3] + (n, layout.head_dim)
+    kv = torch.randn(shape, device=device, dtype=torch.float16)
+    out = torch.empty_like(kv)
+    gb = kv.numel() * 2 / 1e9
+    result = {}
+
+    # DeviceTier alone: put from and get into GPU memory, against a device-to-device copy of the same bytes.
+    store = TieredStore([DeviceTier(n_chunks * room)], layout=layout)
+    pool = torch.empty_like(kv)
+    put_s = timed(lambda: (store.delete(tokens[: layout.chunk_tokens]), store.put(tokens, kv)))
+    copy_s = timed(lambda: pool.copy_(kv))
+    get_s = timed(lambda: store.get(tokens, out))
+    got = store.get(tokens, out)
+    result["device"] = {"pool_device": str(store.tiers[0].pool.device), "get_equal": bool(torch.equal(out, kv)),
+                        "tiers": sorted(set(got.tiers)), "put_GBps": gb / put_s, "get_GBps": gb / get_s,
+                        "copy_d2d_GBps": gb / copy_s, "put_ratio": copy_s / put_s, "get_ratio": copy_s / get_s}
+    del store, pool
+    # Pinned HostTier: a tier-level get into GPU memory, against a pinned-to-GPU copy of the same bytes.
+    host = HostTier(n_chunks * room)
+    store = TieredStore([host], layout=layout)
+    store.put(tokens, kv)
+    pinned = torch.empty(shape, dtype=torch.float16, pin_memory=device == "cuda")
+    pinned.copy_(kv)
+    get_s = timed(lambda: store.get(tokens, out))
+    copy_s = timed(lambda: out.copy_(pinned))
+    out.zero_()
+    got = store.get(tokens, out)
+    result["host_pinned"] = {"pool_pinned": bool(host.pool.is_pinned()), "get_equal": bool(torch.equal(out, kv)),
+                             "tiers": sorted(set(got.tiers)), "get_GBps": gb / get_s, "copy_h2d_GBps": gb / copy_s,
+                             "get_ratio": copy_s / get_s}
+    del store, host, pinned
+
+    # Device over host over disk: half the chunks fit the device, the rest are demoted; a get promotes.
+    with tempfile.TemporaryDirectory() as folder:
+        store = TieredStore([DeviceTier(n_chunks // 2 * room), HostTier(n_chunks // 4 * room),
+                             DiskTier(folder, n_chunks * room)], layout=layout)
+        store.put(tokens, kv)
+        placed = {t.name: len(t) for t in store.tiers}
+        out.zero_()
+        got = store.get(tokens, out)
+        again = torch.zeros_like(kv)
+        second = store.get(tokens, again)
+        result["device_host_disk"] = {"placed_after_put": placed, "first_get_tiers": got.tiers,
+                                      "first_get_equal": bool(torch.equal(out, kv)),
+                                      "second_get_tiers": second.tiers,
+                                      "second_get_equal": bool(torch.equal(again, kv)), "tokens": got.tokens}
+    result["ok"] = (result["device"]["get_equal"] and result["host_pinned"]["get_equal"]
+                    and result["host_pinned"]["pool_pinned"] == (device == "cuda") and result["device"]["pool_device"].startswith(device)
+                    and result["device_host_disk"]["first_get_equal"] and result["device_host_disk"]["second_get_equal"]
+                    and result["device_host_disk"]["tokens"] == n)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,131072")
+    parser.add_argument("--budgets", default="1000:2000,1000:6096",
+                        help="vertical:slash budgets of the timed vertical-slash index, comma separated")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-tiers", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU")
@@ -103,10 +179,18 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "checks": [check_case(device, *case) for case in CASES], "timings": []}
     result["all_ok"] = all(c["ok"] for c in result["checks"])
+    print(json.dumps(result, indent=1), flush=True)  # the kernel's checks, before the longer parts
+    if not args.skip_tiers:
+        result["tiers"] = check_tiers(device)
+        result["all_ok"] = result["all_ok"] and result["tiers"]["ok"]
+        print(json.dumps(result["tiers"], indent=1), flush=True)
     if not args.skip_timing:
+        budgets = [tuple(int(x) for x in b.split(":")) for b in args.budgets.split(",") if b]
         for n in (int(x) for x in args.lengths.split(",") if x):
-            result["timings"].append(time_length(device, n))
-            torch.cuda.empty_cache()
+            for vertical, slash in budgets:
+                result["timings"].append(time_length(device, n, vertical=vertical, slash=slash))
+                print(json.dumps(result["timings"][-1], indent=1), flush=True)
+                torch.cuda.empty_cache()
     print(json.dumps(result, indent=1))
     sys.exit(0 if result["all_ok"] else 1)
 

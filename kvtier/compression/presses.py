@@ -36,6 +36,10 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvtier.integrations import require_transformers
+
+require_transformers()
+
 RAGGED_ATTENTION = "kvtier_ragged_sdpa"
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
 from kvtier.kvstore.keys import as_tokens, root_key
 from kvtier.kvstore.store import TieredStore
@@ -115,6 +116,7 @@ class HFKVCache:
 
     def __init__(self, model: torch.nn.Module, store: TieredStore, chunk_tokens: int = 256, namespace: str = "",
                  model_id: str | None = None, pad_token_id: int = 0) -> None:
+        require_transformers()
         self.model = model
         self.store = store
         self.namespace = namespace

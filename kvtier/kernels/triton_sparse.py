@@ -4,14 +4,17 @@ One program computes one 64-row query block of one (batch, head): it walks the k
 the single key columns 64 at a time (gathered rows), then, for a pooled index, its pooled keys 64 at a time
 (gathered rows of the block means, logits raised by ``log(n_b)``), keeping a running max and sum (flash
 attention).
-Inputs of any of fp16 / bf16 / fp32 are converted to fp32 right after loading; ``tl.dot`` runs in IEEE fp32
-for fp32 inputs and TF32 for half inputs. Tiles are 64 x 64 with the head dim a power of two >= 16 (the
+Inputs stay in their dtype (fp16 / bf16 / fp32) for both ``tl.dot``s, which accumulate in fp32 (IEEE fp32
+dots for fp32 inputs); the probabilities are cast to the value dtype for the second one, as FlashAttention
+does, and the running max, sum and output accumulator are fp32. Under ``TRITON_INTERPRET=1`` bf16 inputs are
+computed in fp32 instead (the interpreter holds bf16 as uint16 and gets its arithmetic wrong). Tiles are 64 x 64 with the head dim a power of two >= 16 (the
 shapes a GPU's ``tl.dot`` needs). Import this module only when triton is installed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -21,8 +24,15 @@ from kvtier.kernels.index import BLOCK, SparseIndex, block_means
 
 
 @triton.jit
+def _cast(x, UPCAST: tl.constexpr):
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _online_softmax_step(q, k, v, keep, bias, acc, m_i, l_i, qk_scale, PRECISION: tl.constexpr):
-    # q [BM, D], k [BN, D], v [BN, D]: fp32; keep [BM, BN]: bool; bias: added to the logits (log2 units), a
+    # q [BM, D], k [BN, D], v [BN, D]: the input dtype; keep [BM, BN]: bool; bias: added to the logits (log2 units), a
     # scalar or [1, BN]; acc [BM, D]; m_i, l_i [BM] (log2 units)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
     s = tl.where(keep, s, float("-inf"))
@@ -31,7 +41,7 @@ def _online_softmax_step(q, k, v, keep, bias, acc, m_i, l_i, qk_scale, PRECISION
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
@@ -48,7 +58,7 @@ def _sparse_attn_fwd(
     stride_ob, stride_oh, stride_om,
     num_heads, group, q_len, k_len, max_blocks, max_cols, max_pool, num_kb,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-    POOLED: tl.constexpr,
+    POOLED: tl.constexpr, UPCAST: tl.constexpr,
 ):
     qb = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64 offsets: long inputs overflow int32
@@ -62,7 +72,7 @@ def _sparse_attn_fwd(
     offs_d = tl.arange(0, HEAD_DIM)  # [D]
     q_pos = offs_m + (k_len - q_len)  # [BM] absolute positions
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0).to(tl.float32)  # [BM, D]
+    q = _cast(tl.load(q_ptrs, mask=offs_m[:, None] < q_len, other=0.0), UPCAST)  # [BM, D]
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
 
@@ -74,8 +84,8 @@ def _sparse_attn_fwd(
     for i in range(0, n_blocks):
         key = tl.load(BlockIdx + row * max_blocks + i) * BLOCK_N + offs_n  # [BN] key positions
         in_range = key < k_len
-        k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
+        k = _cast(tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0), UPCAST)
+        v = _cast(tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0), UPCAST)
         keep = in_range[None, :] & (key[None, :] <= q_pos[:, None])  # [BM, BN]
         acc, m_i, l_i = _online_softmax_step(q, k, v, keep, 0.0, acc, m_i, l_i, qk_scale, PRECISION)
 
@@ -84,8 +94,8 @@ def _sparse_attn_fwd(
         slot = start + offs_n  # [BN]
         in_range = slot < n_cols
         key = tl.load(ColIdx + row * max_cols + slot, mask=in_range, other=0)  # [BN] key positions
-        k = tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0).to(tl.float32)
+        k = _cast(tl.load(k_base + key[:, None] * stride_kn + offs_d[None, :], mask=in_range[:, None], other=0.0), UPCAST)
+        v = _cast(tl.load(v_base + key[:, None] * stride_vn + offs_d[None, :], mask=in_range[:, None], other=0.0), UPCAST)
         keep = in_range[None, :] & (key[None, :] <= q_pos[:, None])  # [BM, BN]
         acc, m_i, l_i = _online_softmax_step(q, k, v, keep, 0.0, acc, m_i, l_i, qk_scale, PRECISION)
 
@@ -98,8 +108,8 @@ def _sparse_attn_fwd(
             kb = tl.load(PoolIdx + row * max_pool + slot, mask=in_range, other=0)  # [BN] key blocks
             size = tl.load(PoolSize + row * max_pool + slot, mask=in_range, other=1).to(tl.float32)
             ptrs = mean_base + kb[:, None] * HEAD_DIM + offs_d[None, :]
-            k = tl.load(KMean + ptrs, mask=in_range[:, None], other=0.0)
-            v = tl.load(VMean + ptrs, mask=in_range[:, None], other=0.0)
+            k = tl.load(KMean + ptrs, mask=in_range[:, None], other=0.0).to(q.dtype)
+            v = tl.load(VMean + ptrs, mask=in_range[:, None], other=0.0).to(q.dtype)
             keep = in_range[None, :] & (q_pos[:, None] >= 0)  # [BM, BN]
             bias = tl.log2(size)[None, :]
             acc, m_i, l_i = _online_softmax_step(q, k, v, keep, bias, acc, m_i, l_i, qk_scale, PRECISION)
@@ -138,6 +148,7 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         pooled[2].shape[-1], -(-k.shape[2] // BLOCK),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", POOLED=index.pooled,
+        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4, num_stages=2,
     )
     return out

@@ -65,11 +65,12 @@ def key_summary(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
     ``kv``: ``[L, T, H, C, D]`` (tensor 0 is the key, or the latent for MLA) -> ``[L, H, C // page, 3, D]``
     in ``kv``'s dtype. Decode-time retrieval scores pages with it (Quest: ``sum_d max(q_d min_d, q_d max_d)``).
     Reduced in fp32 over ``[pages, page_tokens, D]`` (CPU reductions on fp16, or over a middle dimension of
-    a 5-D view, are several times slower), about 1 MiB of layers at a time: one fp32 copy of a large chunk's
-    keys would land in fresh pages, and the page faults cost more than the arithmetic.
+    a 5-D view, are several times slower), about 1 MiB of layers at a time on CPU: one fp32 copy of a large
+    chunk's keys would land in fresh pages, and the page faults cost more than the arithmetic. On a GPU all layers
+    at once (the kernel launches of 1 MiB steps would cost more than the arithmetic).
     """
     L, _, H, C, D = kv.shape
-    step = max(1, (1 << 20) // (H * C * D * 4))
+    step = L if kv.is_cuda else max(1, (1 << 20) // (H * C * D * 4))
     out = []
     for start in range(0, L, step):
         keys = kv[start : start + step, 0].reshape(-1, page_tokens, D).float()

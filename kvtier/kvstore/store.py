@@ -431,9 +431,11 @@ class TieredStore:
         return [t.name for i, t in enumerate(self.tiers) if node.tiers >> i & 1]
 
     def _check_device(self, kv: torch.Tensor) -> None:
-        allowed = {torch.device("cpu")} | {getattr(t, "device", torch.device("cpu")) for t in self.tiers}
-        if kv.device not in allowed and torch.device(kv.device.type) not in allowed:
-            raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(map(str, allowed))}")
+        """KV may come from the CPU, a CUDA device (every tier copies from it: offloading GPU KV to a host or
+        disk tier is the common case) or a tier's own device."""
+        allowed = {"cpu", "cuda"} | {getattr(t, "device", torch.device("cpu")).type for t in self.tiers}
+        if kv.device.type not in allowed:
+            raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(allowed)}")
 
     @staticmethod
     def _check_out(out: torch.Tensor, layout: KVLayout, layers: range, tokens: int) -> None:

@@ -1,4 +1,5 @@
-"""The CPU path and the Triton kernel (under TRITON_INTERPRET=1) against the reference."""
+"""The CPU path and the Triton kernel (on a CUDA GPU where there is one, else under TRITON_INTERPRET=1) against
+the reference."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ import torch
 from kvtier.kernels import SparseAttentionError, build_index, dense_index, sparse_attention
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def attend(q, k, v, index, scale=None, backend="auto"):
+    """``sparse_attention`` on the backend's device: the Triton kernel runs on CUDA tensors where a GPU is
+    present (the interpreter takes CPU tensors only without one). Returns a CPU tensor."""
+    if backend == "triton" and torch.cuda.is_available():
+        q, k, v, index = q.cuda(), k.cuda(), v.cuda(), index.to("cuda")
+    return sparse_attention(q, k, v, index, scale, backend=backend).cpu()
 
 
 def make_inputs(batch, heads, kv_heads, q_len, k_len, dim, dtype, seed=0):
@@ -45,7 +54,7 @@ def test_backend_matches_reference(backend, case):
     q, k, v = make_inputs(batch, heads, kv_heads, q_len, k_len, dim, dtype)
     index = random_index(batch, heads, q_len, k_len)
     expected = sparse_attention(q.float(), k.float(), v.float(), index, backend="reference")
-    got = sparse_attention(q, k, v, index, backend=backend)
+    got = attend(q, k, v, index, backend=backend)
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), expected, atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -53,7 +62,7 @@ def test_backend_matches_reference(backend, case):
 @pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
 def test_dense_index_equals_sdpa(backend):
     q, k, v = make_inputs(1, 4, 2, 300, 700, 64, torch.float32, seed=3)
-    out = sparse_attention(q, k, v, dense_index(1, 4, 300, 700), scale=0.1, backend=backend)
+    out = attend(q, k, v, dense_index(1, 4, 300, 700), scale=0.1, backend=backend)
     causal = torch.ones(300, 700, dtype=torch.bool).tril(400)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=causal, scale=0.1)
@@ -64,7 +73,7 @@ def test_dense_index_equals_sdpa(backend):
 def test_rows_without_keys_are_zero(backend):
     q, k, v = make_inputs(1, 1, 1, 128, 128, 32, torch.float32)
     block_mask = torch.tensor([[[[False, False], [True, True]]]])  # query block 0 reads nothing
-    out = sparse_attention(q, k, v, build_index(block_mask, None, 128, 128), backend=backend)
+    out = attend(q, k, v, build_index(block_mask, None, 128, 128), backend=backend)
     assert torch.equal(out[0, 0, :64], torch.zeros(64, 32))
     assert out[0, 0, 64:].abs().sum() > 0
 
@@ -90,7 +99,14 @@ def test_bad_inputs_are_clear_errors():
         sparse_attention(q, k, v, index, backend="cuda-magic")
     q48, k48, v48 = make_inputs(1, 4, 2, 100, 100, 48, torch.float32)
     with pytest.raises(SparseAttentionError, match="power of two"):
-        sparse_attention(q48, k48, v48, index, backend="triton")
+        attend(q48, k48, v48, index, backend="triton")
+
+
+def test_triton_on_cpu_tensors_outside_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = make_inputs(1, 2, 2, 64, 64, 32, torch.float32)
+    with pytest.raises(SparseAttentionError, match="needs CUDA tensors"):
+        sparse_attention(q, k, v, random_index(1, 2, 64, 64), backend="triton")
 
 
 def test_default_scale_is_inverse_sqrt_dim():
@@ -155,7 +171,7 @@ def test_pooled_backend_matches_reference(backend, case):
     index = pooled_index(batch, heads, q_len, k_len)
     assert index.pool_count.sum() > 0
     expected = sparse_attention(q.float(), k.float(), v.float(), index, backend="reference")
-    got = sparse_attention(q, k, v, index, backend=backend)
+    got = attend(q, k, v, index, backend=backend)
     torch.testing.assert_close(got.float(), expected, atol=TOL[dtype], rtol=TOL[dtype])
 
 
