@@ -259,17 +259,26 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _layout_chunks(name: str, nbytes: int) -> tuple[KVLayout, list[Chunk], str]:
+    """The layout ``name``, about ``nbytes`` of its chunks (the same every call) and its row label."""
+    layout = LAYOUTS[name]
+    return layout, _chunks(layout, max(2, nbytes // layout.chunk_bytes)), f"[{layout.chunk_bytes / 2**20:.1f} MiB chunks]"
+
+
 def run(args: argparse.Namespace) -> Report:
     report = Report("tiers")
     folder = args.dir or tempfile.mkdtemp(prefix="kvtier-bench-")
     try:
+        # Every layout's disk rows before any memory rows: the memory rows free large pools, which these VMs hand
+        # back to the host in the background for seconds, taking CPU from whichever side of a disk row runs then.
+        disk_rows = {}
         for name in args.layouts.split(","):
-            layout = LAYOUTS[name]
-            n = max(2, args.bytes // layout.chunk_bytes)
-            label = f"[{layout.chunk_bytes / 2**20:.1f} MiB chunks]"
-            chunks = _chunks(layout, n)
+            layout, chunks, label = _layout_chunks(name, args.bytes)
+            disk_rows[name] = _disk_rows(layout, chunks, args.repeat, label, os.path.join(folder, name), args.fsync)
+        for name in args.layouts.split(","):
+            layout, chunks, label = _layout_chunks(name, args.bytes)
             report.extend(_memory_rows(layout, chunks, args.repeat, label))
-            report.extend(_disk_rows(layout, chunks, args.repeat, label, os.path.join(folder, name), args.fsync))
+            report.extend(disk_rows[name])
             if args.redis_url:
                 from kvtier.bench.redis_bw import measure_redis
 

@@ -80,16 +80,26 @@ def test_extent_allocator_coalesces():
     assert a.alloc(2560) == 0
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "swap"])
-def test_disk_corruption_is_a_counted_miss(tmp_path, damage):
+@pytest.mark.parametrize("read_first", [False, True], ids=["unread", "read-before"])  # read: its header is cached
+@pytest.mark.parametrize("damage", ["flip", "header", "tokens", "truncate", "empty", "swap"])
+def test_disk_corruption_is_a_counted_miss(tmp_path, damage, read_first):
     tier = DiskTier(tmp_path, 1 << 20)
     cs = chunks(2)
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
     for c in cs:
         tier.commit(tier.prepare(c, TINY))
+        if read_first:
+            assert tier.get(c.key, out) is not None and torch.equal(out, c.kv)
     path = Path(tier._file(cs[0].key))
     data = bytearray(path.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
     if damage == "flip":
         data[len(data) // 2] ^= 0x40
+    elif damage == "header":
+        i = data.index(b'"layer_xxh3":"') + 14  # a hex digit of layer 0's checksum
+        data[i] = ord("0") if data[i] != ord("0") else ord("1")
+    elif damage == "tokens":
+        data[header_end + 1] ^= 0x01
     elif damage == "truncate":
         data = data[: len(data) // 2]
     elif damage == "empty":
@@ -97,10 +107,28 @@ def test_disk_corruption_is_a_counted_miss(tmp_path, damage):
     else:
         data = bytearray(Path(tier._file(cs[1].key)).read_bytes())  # another chunk's file under this key
     path.write_bytes(bytes(data))
-    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
     assert tier.get(cs[0].key, out) is None
     assert tier.stats.corrupt == 1 and not tier.contains(cs[0].key) and not path.exists()
     assert tier.get(cs[1].key, out) is not None and torch.equal(out, cs[1].kv)
+
+
+def test_disk_header_cache_is_bounded_and_its_tokens_read_only(tmp_path):
+    tier = DiskTier(tmp_path, 1 << 20, header_cache=2)
+    cs = chunks(4)
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    for c in cs:
+        tier.commit(tier.prepare(c, TINY))
+    for _ in range(2):
+        for c in cs:
+            got = tier.get(c.key, out)
+            assert torch.equal(out, c.kv) and np.array_equal(got.tokens, c.tokens)
+            assert len(tier._heads) <= 2
+    with pytest.raises(ValueError, match="read-only"):
+        got.tokens[0] = 7
+    tier.commit(tier.prepare(cs[2], TINY))  # rewritten: its cached header is dropped
+    assert cs[2].key not in tier._heads and tier.get(cs[2].key, out) is not None and torch.equal(out, cs[2].kv)
+    tier.delete(cs[3].key)
+    assert cs[3].key not in tier._heads
 
 
 def test_disk_restart_lists_files_and_cleans_temporaries(tmp_path):

@@ -10,6 +10,10 @@
 - Reads go straight into the caller's buffer (no staging copy for the raw codec), 2 MiB of layers at a
   time, each group hashed right after it is read while it is still in the CPU cache, and verify the per-layer
   checksums of what they read; a corrupt or truncated file is a miss, deleted and counted.
+- The parsed headers and verified tokens of the last ``header_cache`` chunks read are kept in memory with the
+  file bytes they came from: a read whose first bytes (header and tokens) equal those skips parsing and
+  checking them again (about 70 us of a 5.6 MiB chunk's 650), and verifies every KV byte against the digests
+  of that header as always. Any other bytes are parsed afresh.
 - On start-up the folder is listed for sizes; :meth:`scan` reads each header for the store's index.
 """
 
@@ -19,6 +23,7 @@ import logging
 import os
 import shutil
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,8 +93,11 @@ class DiskTier(Tier):
     persistent = True
 
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, codec: Codec | str = "raw",
-                 name: str = "disk", fsync: bool = False) -> None:
+                 name: str = "disk", fsync: bool = False, header_cache: int = 1024) -> None:
         super().__init__(name, capacity_bytes, codec)
+        self._heads: OrderedDict[bytes, tuple[bytes, BlobHeader, np.ndarray]] = OrderedDict()
+        self._heads_max = header_cache
+        self._heads_lock = threading.Lock()
         self.path = Path(path)
         self._root = str(self.path)
         self.fsync = fsync
@@ -169,15 +177,28 @@ class DiskTier(Tier):
         except OSError as exc:  # e.g. the disk is full: leave nothing behind, keep the accounting
             tmp.unlink(missing_ok=True)
             raise TierError(f"disk tier {self.name!r} could not write {final}: {exc}") from exc
+        self._forget_head(prepared.key)
         old = self._sizes.get(prepared.key, 0)
         self._sizes[prepared.key] = prepared.nbytes
         self._used += prepared.nbytes - old
         self.stats.bytes_written += prepared.nbytes
 
-    def _read_header(self, fd: int) -> tuple[BlobHeader, memoryview]:
+    @staticmethod
+    def _read_first(fd: int) -> memoryview:
+        """The file's first bytes (up to ``_FIRST_READ``): the header and, usually, the tokens."""
         first = memoryview(bytearray(_FIRST_READ))
-        n = os.preadv(fd, [first], 0)
-        first = first[:n]
+        return first[: os.preadv(fd, [first], 0)]
+
+    @staticmethod
+    def _check_size(fd: int, header: BlobHeader) -> None:
+        size = os.fstat(fd).st_size
+        if size != header.total_bytes:
+            raise BlobError(f"file is {size} bytes, its header says {header.total_bytes}")
+
+    def _read_header(self, fd: int, first: memoryview | None = None) -> tuple[BlobHeader, memoryview]:
+        """The parsed header of the open file and the bytes read from its start (at least the header, usually
+        also the tokens); ``first``: those bytes, when already read."""
+        first = self._read_first(fd) if first is None else first
         need = header_length(first)
         header_end = need
         if need > len(first):
@@ -185,9 +206,7 @@ class DiskTier(Tier):
             _pread_into(fd, more, 0)
             first = more
         header = parse_header(first[:header_end])
-        size = os.fstat(fd).st_size
-        if size != header.total_bytes:
-            raise BlobError(f"file is {size} bytes, its header says {header.total_bytes}")
+        self._check_size(fd, header)
         return header, first
 
     def _read_tensor(self, fd: int, header: BlobHeader, first: memoryview, name: str) -> torch.Tensor:
@@ -200,15 +219,40 @@ class DiskTier(Tier):
             _pread_into(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), start)
         return out
 
-    def _read_head(self, fd: int, key: bytes) -> tuple[BlobHeader, torch.Tensor]:
-        """The header and the verified tokens of ``key``'s open file; BlobError when either is wrong."""
-        header, first = self._read_header(fd)
+    def _read_head(self, fd: int, key: bytes) -> tuple[BlobHeader, np.ndarray]:
+        """The header and the verified tokens (read-only: they may be shared) of ``key``'s open file; from the
+        header cache when the file starts with the very bytes they were parsed from. BlobError when either is
+        wrong."""
+        first = self._read_first(fd)
+        with self._heads_lock:
+            cached = self._heads.get(key)
+        if cached is not None and first[: len(cached[0])].tobytes() == cached[0]:  # memcmp, unlike memoryview ==
+            header, tokens = cached[1], cached[2]
+            self._check_size(fd, header)
+            with self._heads_lock:
+                if key in self._heads:
+                    self._heads.move_to_end(key)
+            return header, tokens
+        header, first = self._read_header(fd, first)
         if header.key != key:
             raise BlobError(f"file holds key {header.key.hex()}, not {key.hex()}")
-        tokens = self._read_tensor(fd, header, first, "tokens")
-        if checksum(tokens) != header.tokens_xxh3:
+        tensor = self._read_tensor(fd, header, first, "tokens")
+        if checksum(tensor) != header.tokens_xxh3:
             raise BlobError("tokens checksum mismatch")
+        tokens = tensor.numpy()
+        tokens.flags.writeable = False
+        verified = header.data_start + header.tensors["tokens"][3]  # the header and the tokens
+        if self._heads_max and verified <= len(first):
+            with self._heads_lock:
+                self._heads[key] = (bytes(first[:verified]), header, tokens)
+                self._heads.move_to_end(key)
+                while len(self._heads) > self._heads_max:
+                    self._heads.popitem(last=False)
         return header, tokens
+
+    def _forget_head(self, key: bytes) -> None:
+        with self._heads_lock:
+            self._heads.pop(key, None)
 
     def _corrupt(self, key: bytes, why: str) -> None:
         log.warning("disk tier %s: chunk %s is unreadable (%s); deleted", self.name, key.hex(), why)
@@ -238,7 +282,7 @@ class DiskTier(Tier):
             os.close(fd)
         self.stats.hits += 1
         self.stats.bytes_read += self._sizes.get(key, 0)
-        return Chunk(header.key, header.parent, tokens.numpy(), out)
+        return Chunk(header.key, header.parent, tokens, out)
 
     def _read_kv(self, fd: int, header: BlobHeader, out: torch.Tensor, layers: range) -> dict[str, torch.Tensor]:
         """Read the codec parts of ``layers`` and verify their checksums as they arrive, a few layers at a time
@@ -300,7 +344,7 @@ class DiskTier(Tier):
                 continue
             finally:
                 os.close(fd)
-            yield Chunk(key, header.parent, tokens.numpy(), namespace=header.namespace), header.layout
+            yield Chunk(key, header.parent, tokens, namespace=header.namespace), header.layout
 
     def contains(self, key: bytes) -> bool:
         return key in self._sizes
@@ -310,6 +354,7 @@ class DiskTier(Tier):
         self._hasher.shutdown(wait=True)
 
     def delete(self, key: bytes) -> int:
+        self._forget_head(key)
         nbytes = self._sizes.pop(key, None)
         if nbytes is None:
             return 0
