@@ -18,7 +18,7 @@ What keeps it fast:
 
 Pooled keys (``index.pooled``): the block means of each KV head's keys and values are computed once
 (``[NKB, D]`` each, a zero row last for unused slots); a run's pooled slots follow its columns in the same
-buffers, gathered with one ``index_select``, and get ``log(n_b)`` (``-inf`` when unused) added to their scores
+buffers, gathered with one ``index_select``, and get ``log(pool_size)`` (``-inf`` when unused) added to their scores
 before the one softmax: the run's exact keys and its pooled keys are one softmax, as in the reference.
 """
 

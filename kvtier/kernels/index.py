@@ -18,9 +18,12 @@ Pooled keys (optional, per head: ``build_index(..., pool=...)``): every key bloc
 read and that is fully visible to all its rows (``64b + 63 <= P + 64m``) joins its softmax as ONE pseudo-key,
 the mean of the block's 64 keys with the mean of its 64 values, its logit raised by ``log(n_b)``, ``n_b`` the
 block's keys not read as columns (blocks whose keys are all columns are not pooled): a first-order estimate
-of the mass and value of what the query block skips. Listed per query block as ``pool_idx [B, H, NQB, MP]``
-(key blocks, ascending, ``-1`` past ``pool_count [B, H, NQB]``) and ``pool_size`` (``n_b``, 0 past the
-count), all int32; None when no head pools.
+of the mass and value of what the query block skips. A head's ``pool_shift`` (``build_index(...,
+pool_shift=...)``, default 0) lowers its pooled logits by that many nats (raises them if negative):
+``log(n_b) - pool_shift``. Listed per
+query block as ``pool_idx [B, H, NQB, MP]`` (key blocks, ascending, ``-1`` past ``pool_count [B, H, NQB]``),
+both int32, and ``pool_size`` (float32: the pooled key's weight ``n_b * exp(-pool_shift)``, which the kernels
+add to its logit as ``log(pool_size)``; 0 past the count); None when no head pools.
 """
 
 from __future__ import annotations
@@ -183,7 +186,8 @@ def compact(keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: int, k_len: int,
-                column_groups: torch.Tensor | None = None, pool: torch.Tensor | None = None) -> SparseIndex:
+                column_groups: torch.Tensor | None = None, pool: torch.Tensor | None = None,
+                pool_shift: torch.Tensor | None = None) -> SparseIndex:
     """The compact SparseIndex of a block selection plus key columns.
 
     block_mask: bool ``[B, H, NQB, NKB]`` (``NKB = ceil(k_len / 64)``), True = read key block in full.
@@ -193,6 +197,8 @@ def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: i
       ``columns[:, :, column_groups[m]]`` (sorted once per group, not once per query block).
     pool: bool ``[H]``: heads whose skipped, fully visible key blocks become pooled keys (module docstring);
       None or all False = no pooled keys.
+    pool_shift: float ``[H]``: nats taken from the pooled logits of each head (``pool_size = n_b * exp(-shift)``);
+      None = 0.
     Blocks and columns past the causal edge of a query block are dropped, and so are columns inside a kept
     block, so the index never counts a key twice.
     """
@@ -231,7 +237,10 @@ def build_index(block_mask: torch.Tensor, columns: torch.Tensor | None, q_len: i
     visible = kb * BLOCK + BLOCK - 1 <= first[:, None]  # [NQB, NKB]: seen by every row of the query block
     pooled = visible & ~blocks & (size > 0) & pool.to(device).view(1, -1, 1, 1)
     pool_idx, pool_count = compact(pooled, kb.expand_as(pooled))
-    pool_size = torch.where(pool_idx >= 0, size.gather(-1, pool_idx.long().clamp(min=0)), 0).to(torch.int32)
+    weight = size.gather(-1, pool_idx.long().clamp(min=0)).float()
+    if pool_shift is not None:
+        weight = weight * torch.exp(-pool_shift.to(device=device, dtype=torch.float32)).view(1, -1, 1, 1)
+    pool_size = torch.where(pool_idx >= 0, weight, 0.0)
     return SparseIndex(block_idx, block_count, col_idx, col_count, q_len, k_len, pool_idx, pool_count, pool_size)
 
 

@@ -11,7 +11,7 @@ def reference_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                scale: float) -> torch.Tensor:
     """Attention of every query row over exactly the (query, key) pairs of ``index.to_mask()``, plus the pooled
     keys of ``index`` (if any) in the same softmax: one per pooled key block, key and value the block's means,
-    logit ``q . mean * scale + log(n_b)``.
+    logit ``q . mean * scale + log(pool_size)`` (``n_b``, times ``exp(-pool_shift)`` of the head).
 
     q: ``[B, H, q_len, D]``; k, v: ``[B, Hkv, k_len, D]`` with ``H % Hkv == 0`` (query head ``h`` reads KV head
     ``h // (H // Hkv)``). Returns ``[B, H, q_len, D]`` in q's dtype; a row with no key is zero. Builds the full

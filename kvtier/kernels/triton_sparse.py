@@ -50,7 +50,7 @@ def _sparse_attn_fwd(
     Q, K, V, Out,  # [B, H, q_len, D], [B, Hkv, k_len, D] x2, [B, H, q_len, D]; last dim contiguous
     BlockIdx, BlockCount, ColIdx, ColCount,  # int32 [B, H, NQB, MB], [B, H, NQB], [B, H, NQB, MC], [B, H, NQB]
     KMean, VMean,  # fp32 [B, Hkv, NKB, D]: block means of keys and values (POOLED only)
-    PoolIdx, PoolCount, PoolSize,  # int32 [B, H, NQB, MP], [B, H, NQB], [B, H, NQB, MP] (POOLED only)
+    PoolIdx, PoolCount, PoolSize,  # int32 [B, H, NQB, MP], [B, H, NQB]; float32 [B, H, NQB, MP] (POOLED only)
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,

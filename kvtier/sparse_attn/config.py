@@ -10,7 +10,9 @@ A :class:`HeadPattern` says how one head's index is estimated for each input:
 - ``dense``: every causal key (no fields): the head search keeps the few heads no sparse pattern serves well.
 
 ``pool: true`` (any kind but ``dense``) adds pooled keys: each key block a query block skips, fully visible to
-it, joins its softmax as one mean key (``kvtier.kernels.index``). Off when absent.
+it, joins its softmax as one mean key (``kvtier.kernels.index``). Off when absent. ``pool_shift`` (nats, with
+``pool`` only) lowers the head's pooled logits, or raises them if negative: ``log(n_b) - pool_shift`` (0 when
+absent).
 
 A :class:`SparseConfig` holds one pattern per layer and query head of one model; ``to_json``/``load_config``
 write and read it. ``kvtier/sparse_attn/configs/NAME.json`` ships with the package (``load_config(NAME)``).
@@ -19,6 +21,7 @@ write and read it. ``kvtier/sparse_attn/configs/NAME.json`` ships with the packa
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,10 +45,12 @@ class HeadPattern:
     blocks: int | None = None
     mass: float | None = None
     pool: bool | None = None
+    pool_shift: float | None = None
 
     def __post_init__(self) -> None:
-        allowed = {"a_shape": {"sink", "local", "pool"}, "vertical_slash": {"vertical", "slash", "mass", "pool"},
-                   "block_sparse": {"blocks", "mass", "pool"}, "dense": set()}
+        pooling = {"pool", "pool_shift"}
+        allowed = {"a_shape": {"sink", "local"} | pooling, "vertical_slash": {"vertical", "slash", "mass"} | pooling,
+                   "block_sparse": {"blocks", "mass"} | pooling, "dense": set()}
         if self.kind not in allowed:
             raise SparseConfigError(f"unknown sparse pattern {self.kind!r}; known patterns: {', '.join(KINDS)}")
         given = {k for k, v in asdict(self).items() if k != "kind" and v is not None}
@@ -53,7 +58,12 @@ class HeadPattern:
             raise SparseConfigError(f"pattern {self.kind!r} takes {sorted(allowed[self.kind])}, got {sorted(given)}")
         if self.pool is not None and not isinstance(self.pool, bool):
             raise SparseConfigError(f"{self.kind}.pool must be true or false, got {self.pool!r}")
-        for name in given - {"mass", "pool"}:
+        if self.pool_shift is not None and (not self.pool or isinstance(self.pool_shift, bool)
+                                            or not isinstance(self.pool_shift, (int, float))
+                                            or not math.isfinite(self.pool_shift)):
+            raise SparseConfigError(f"{self.kind}.pool_shift must be a finite number on a pattern with pool: true, "
+                                    f"got {self.pool_shift!r}")
+        for name in given - {"mass"} - pooling:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SparseConfigError(f"{self.kind}.{name} must be a non-negative integer, got {value!r}")

@@ -11,7 +11,8 @@
 - block-sparse: softmax attention between 64-token mean-pooled query blocks and key blocks; key block 0 and
   the key blocks on each query block's diagonal are always kept.
 - A-shape, dense: nothing to estimate.
-- Heads with ``pool`` also get one pooled key (block means) per skipped, fully visible key block.
+- Heads with ``pool`` also get one pooled key (block means) per skipped, fully visible key block, its logit
+  lowered by the head's ``pool_shift``.
 - Every head reads every causal key for the last ``DENSE_LAST`` queries (a question at the end of a prompt sees
   the whole context, whatever the pattern); at 8k tokens that is 1.6% of the causal pairs.
 
@@ -80,7 +81,8 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
             block_mask[:, hs_t] = _block_sparse(q[:, hs_t], k[:, hs_t // group], chosen, scale, q_len, k_len)
     block_mask[:, :, max(0, q_len - DENSE_LAST) // BLOCK:] = True
     pool = torch.tensor([bool(p.pool) for p in patterns], device=q.device)
-    return build_index(block_mask, columns, q_len, k_len, groups, pool)
+    shift = torch.tensor([float(p.pool_shift or 0.0) for p in patterns], device=q.device)
+    return build_index(block_mask, columns, q_len, k_len, groups, pool, shift if bool(shift.any()) else None)
 
 
 def _budgets(patterns: list[HeadPattern], count_field: str, limit: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -96,6 +98,19 @@ def brute_pool(block_mask, columns, q_len, k_len, pool):
                         pooled += [(kb, n)] if n else []
                 out[b, h, m] = pooled
     return out
+
+
+def test_pool_shift_scales_the_pooled_weights_of_its_heads():
+    g = torch.Generator().manual_seed(5)
+    block_mask = torch.rand(1, 3, 5, 5, generator=g) < 0.3
+    columns = torch.randint(-1, 300, (1, 3, 40), generator=g)
+    pool = torch.tensor([True, True, False])
+    plain = build_index(block_mask, columns, 300, 300, pool=pool)
+    index = build_index(block_mask, columns, 300, 300, pool=pool, pool_shift=torch.tensor([0.0, 1.0, 3.0]))
+    assert torch.equal(index.pool_idx, plain.pool_idx) and torch.equal(index.pool_count, plain.pool_count)
+    assert index.pool_size.dtype == torch.float32 and plain.pool_count[0, 1].sum() > 0
+    factor = torch.tensor([1.0, math.exp(-1.0), 1.0]).view(1, 3, 1, 1)  # head 2 does not pool: nothing to scale
+    torch.testing.assert_close(index.pool_size, plain.pool_size * factor)
 
 
 @pytest.mark.parametrize("q_len,k_len,per_block", [(300, 300, False), (130, 517, True), (70, 70, False)])

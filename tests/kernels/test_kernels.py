@@ -153,13 +153,14 @@ POOLED_CASES = [  # batch, heads, kv_heads, q_len, k_len, dim, dtype
 ]
 
 
-def pooled_index(batch, heads, q_len, k_len, seed=0):
-    """A random index whose every other head pools; columns fill key block 1 and part of block 2."""
+def pooled_index(batch, heads, q_len, k_len, seed=0, shift=None):
+    """A random index whose every other head pools; columns fill key block 1 and part of block 2; ``shift``:
+    the heads' ``pool_shift`` (``[H]``, None = 0)."""
     g = torch.Generator().manual_seed(seed)
     block_mask = torch.rand(batch, heads, -(-q_len // 64), -(-k_len // 64), generator=g) < 0.3
     cols = torch.cat([torch.arange(64, 150).expand(batch, heads, -1),
                       torch.randint(-1, k_len, (batch, heads, 24), generator=g)], -1)
-    return build_index(block_mask, cols, q_len, k_len, pool=torch.arange(heads) % 2 == 0)
+    return build_index(block_mask, cols, q_len, k_len, pool=torch.arange(heads) % 2 == 0, pool_shift=shift)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -185,11 +186,12 @@ def test_cpu_pooled_path_with_many_small_runs(monkeypatch):
     torch.testing.assert_close(sparse_attention(q, k, v, index, backend="cpu"), expected, atol=1e-5, rtol=1e-5)
 
 
-def brute_pooled_attention(q, k, v, index, scale, pool):
+def brute_pooled_attention(q, k, v, index, scale, pool, shift=None):
     """Row by row, batch row 0, ``k``/``v`` with one KV head per query head: softmax over the exact keys of
     ``to_mask()`` and, for a pooling head, per key block ending at or before the query block's first row with
-    ``n`` of its keys unread by that row (``n > 0``), one key: the block's mean key, logit + ``log(n)``, with its
-    mean value."""
+    ``n`` of its keys unread by that row (``n > 0``), one key: the block's mean key, logit + ``log(n)`` minus the
+    head's ``shift`` (default 0), with its mean value."""
+    shift = [0.0] * q.shape[1] if shift is None else shift
     q_len, k_len = q.shape[2], k.shape[2]
     mask = index.to_mask()[0]
     out = torch.zeros_like(q[0])
@@ -201,7 +203,8 @@ def brute_pooled_attention(q, k, v, index, scale, pool):
             for b in range((k_len - q_len + first + 1) // 64) if pool[h] else []:
                 unread = int((~mask[h, first, 64 * b: 64 * b + 64]).sum())
                 if unread:
-                    extra_logits.append(keys[64 * b: 64 * b + 64].mean(0) @ q[0, h, i] * scale + math.log(unread))
+                    extra_logits.append(keys[64 * b: 64 * b + 64].mean(0) @ q[0, h, i] * scale + math.log(unread)
+                                        - shift[h])
                     extra_values.append(values[64 * b: 64 * b + 64].mean(0))
             p = torch.softmax(torch.cat([logits[mask[h, i]], torch.tensor(extra_logits)]), 0)
             out[h, i] = p @ torch.cat([values[mask[h, i]], torch.stack(extra_values) if extra_values else values[:0]])
@@ -218,6 +221,20 @@ def test_pooled_attention_matches_its_definition(backend):
     expected = brute_pooled_attention(q, k, v, index, 0.3, [True, False])
     got = sparse_attention(q, k, v, index, 0.3, backend=backend)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_pool_shift_lowers_the_pooled_logits(backend):
+    """``pool_shift`` per head: pooled logit ``log(n_b) - shift``; the pooled head 0 shifted by 1.5 nats (its
+    result changes), head 1 does not pool, so its shift does nothing."""
+    q, k, v = make_inputs(1, 2, 2, 150, 330, 16, torch.float32, seed=7)
+    plain = pooled_index(1, 2, 150, 330, seed=7)
+    index = pooled_index(1, 2, 150, 330, seed=7, shift=torch.tensor([1.5, 2.0]))
+    assert index.pool_size.dtype == torch.float32
+    expected = brute_pooled_attention(q, k, v, index, 0.3, [True, False], [1.5, 2.0])
+    got = attend(q, k, v, index, 0.3, backend=backend)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[0], attend(q, k, v, plain, 0.3, backend=backend)[0, 0], atol=1e-3)
 
 
 def test_inconsistent_pooled_index_is_a_clear_error():

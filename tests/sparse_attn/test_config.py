@@ -26,6 +26,10 @@ def test_unknown_pattern_name_is_a_clear_error():
     ({"kind": "block_sparse", "blocks": 2.5}, "non-negative integer"),
     ({"kind": "block_sparse", "mass": 0.9, "pool": 1}, "pool must be true or false"),
     ({"kind": "dense", "pool": True}, "takes"),
+    ({"kind": "block_sparse", "mass": 0.9, "pool_shift": 1.0}, "pool_shift must be a finite number"),
+    ({"kind": "block_sparse", "mass": 0.9, "pool": True, "pool_shift": float("nan")}, "pool_shift must be a finite"),
+    ({"kind": "block_sparse", "mass": 0.9, "pool": True, "pool_shift": "1"}, "pool_shift must be a finite number"),
+    ({"kind": "dense", "pool_shift": 1.0}, "takes"),
 ])
 def test_bad_pattern_fields(kwargs, message):
     with pytest.raises(SparseConfigError, match=message):
@@ -34,8 +38,8 @@ def test_bad_pattern_fields(kwargs, message):
 
 def test_config_round_trips_through_json(tmp_path):
     config = SparseConfig("m", 2, [[HeadPattern("a_shape", sink=64, local=128), HeadPattern("vertical_slash", mass=0.9)],
-                                   [HeadPattern("block_sparse", blocks=4, pool=True),
-                                    HeadPattern("vertical_slash", vertical=10, slash=20)]],
+                                   [HeadPattern("block_sparse", blocks=4, pool=True, pool_shift=1.0),
+                                    HeadPattern("vertical_slash", vertical=10, slash=20, pool=True, pool_shift=-0.5)]],
                           {"note": "x"})
     config.save(tmp_path / "c.json")
     again = load_config(tmp_path / "c.json")
