@@ -64,11 +64,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeat: int = 3) -> float:
+def timed(fn, repeat: int = 3, setup=None) -> float:
+    """Best wall time of ``fn`` over ``repeat`` calls after a warm-up; ``setup`` runs untimed before each."""
     fn()
     sync()
     best = math.inf
     for _ in range(repeat):
+        if setup is not None:
+            setup()
+            sync()
         start = time.perf_counter()
         fn()
         sync()
@@ -119,7 +123,7 @@ def check_tiers(device: str, n_chunks: int = 8) -> dict:
     # DeviceTier alone: put from and get into GPU memory, against a device-to-device copy of the same bytes.
     store = TieredStore([DeviceTier(n_chunks * room)], layout=layout)
     pool = torch.empty_like(kv)
-    put_s = timed(lambda: (store.delete(tokens[: layout.chunk_tokens]), store.put(tokens, kv)))
+    put_s = timed(lambda: store.put(tokens, kv), setup=lambda: store.delete(tokens[: layout.chunk_tokens]))
     copy_s = timed(lambda: pool.copy_(kv))
     get_s = timed(lambda: store.get(tokens, out))
     got = store.get(tokens, out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import torch
 
@@ -53,9 +52,6 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: S
     if backend == "triton":
         if not triton_available():
             raise SparseAttentionError("backend 'triton' needs the triton package, which is not installed")
-        if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise SparseAttentionError(f"backend 'triton' needs CUDA tensors, got {q.device} "
-                                       "(CPU tensors run only in Triton's interpreter, TRITON_INTERPRET=1)")
         dim = q.shape[-1]
         if dim < 16 or dim > 256 or dim & (dim - 1):
             raise SparseAttentionError(f"the Triton kernel needs a head dim that is a power of two in [16, 256], got {dim}")

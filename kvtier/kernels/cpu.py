@@ -104,7 +104,7 @@ def _attend_run(queries: torch.Tensor, padded: torch.Tensor, blocks: torch.Tenso
     blocks: ``[G, n, nb]`` key blocks, unused = NKB; cols: ``[G, n, nc]`` key positions, unused = NKB * 64;
     rows: ``[n, 64]`` absolute query positions; lo: every slot before it is a key all rows may see;
     pooled: None, or (block means ``[2, NKB + 1, D]`` of keys and values, a zero row last; pooled key blocks
-    ``[G, n, np]``, unused = NKB; their ``log(n_b)`` ``[G, n, np]``, unused = -inf).
+    ``[G, n, np]``, unused = NKB; their ``log(pool_size)`` ``[G, n, np]``, unused = -inf).
     Row ``r = m * G + g`` of the run's batch is query block ``m`` of head ``g``; its slots are the ``nb`` blocks'
     keys, then the columns, then the pooled keys, each part padded to a whole number of blocks.
     """

@@ -31,7 +31,7 @@ def reference_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _pool_bias(index: SparseIndex) -> torch.Tensor:
-    """``log(n_b)`` for every row and pooled key block, ``-inf`` elsewhere: float32 ``[B, H, q_len, NKB]``."""
+    """``log(pool_size)`` for every row and pooled key block, ``-inf`` elsewhere: float32 ``[B, H, q_len, NKB]``."""
     num_kb = -(-index.k_len // BLOCK)
     size = torch.zeros(*index.pool_idx.shape[:3], num_kb + 1, device=index.device)
     size.scatter_(-1, torch.where(index.pool_idx >= 0, index.pool_idx.long(), num_kb), index.pool_size.float())

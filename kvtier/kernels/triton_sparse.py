@@ -2,7 +2,7 @@
 
 One program computes one 64-row query block of one (batch, head): it walks the key blocks of the index, then
 the single key columns 64 at a time (gathered rows), then, for a pooled index, its pooled keys 64 at a time
-(gathered rows of the block means, logits raised by ``log(n_b)``), keeping a running max and sum (flash
+(gathered rows of the block means, logits raised by ``log(pool_size)``), keeping a running max and sum (flash
 attention).
 Inputs stay in their dtype (fp16 / bf16 / fp32) for both ``tl.dot``s, which accumulate in fp32 (IEEE fp32
 dots for fp32 inputs); the probabilities are cast to the value dtype for the second one, as FlashAttention
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtier.kernels.index import BLOCK, SparseIndex, block_means
+from kvtier.kernels.index import BLOCK, SparseAttentionError, SparseIndex, block_means
 
 
 @triton.jit
@@ -126,6 +126,10 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
 
     q: ``[B, H, q_len, D]``; k, v: ``[B, Hkv, k_len, D]``; D a power of two in [16, 256]. Returns q's dtype.
     """
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.device.type != "cuda" and not interpreted:
+        raise SparseAttentionError(f"backend 'triton' needs CUDA tensors, got {q.device} "
+                                   "(CPU tensors run only in Triton's interpreter, TRITON_INTERPRET=1)")
     batch, heads, q_len, dim = q.shape
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
@@ -148,7 +152,7 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         pooled[2].shape[-1], -(-k.shape[2] // BLOCK),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, HEAD_DIM=dim,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", POOLED=index.pooled,
-        UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        UPCAST=q.dtype == torch.bfloat16 and interpreted,
         num_warps=4, num_stages=2,
     )
     return out

@@ -82,7 +82,7 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
     block_mask[:, :, max(0, q_len - DENSE_LAST) // BLOCK:] = True
     pool = torch.tensor([bool(p.pool) for p in patterns], device=q.device)
     shift = torch.tensor([float(p.pool_shift or 0.0) for p in patterns], device=q.device)
-    return build_index(block_mask, columns, q_len, k_len, groups, pool, shift if bool(shift.any()) else None)
+    return build_index(block_mask, columns, q_len, k_len, groups, pool, shift)
 
 
 def _budgets(patterns: list[HeadPattern], count_field: str, limit: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,8 @@ the least total output error for that total cost. The output error, unlike the s
 layers see; with it the search buys more greedy agreement with dense per unit of density than with recall.
 With ``pool``, every sparse head of the chosen config also gets pooled keys (``HeadPattern.pool``: one mean key
 per skipped block); the budget is spent on exact keys, the pooled ones add about 0.01 of density at 8k.
+``pool_shift`` (first layer, other layers) sets their ``HeadPattern.pool_shift``: the shipped config lowers the
+first layer's pooled logits by 2 nats and raises the others' by 0.5 (measured, see docs/sparse_attention.md).
 
 Run ``python -m kvtier.sparse_attn.search`` to rebuild the shipped SmolLM2-135M config.
 """
@@ -94,20 +96,24 @@ def choose(score: torch.Tensor, density: torch.Tensor, max_density: float) -> to
 
 def search_config(model, input_ids: torch.Tensor, model_name: str, max_density: float = MAX_DENSITY,
                   candidates=CANDIDATES, measured: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  pool: bool = False) -> SparseConfig:
+                  pool: bool = False, pool_shift: tuple[float, float] = (0.0, 0.0)) -> SparseConfig:
     """The searched SparseConfig of ``model`` on ``input_ids`` ``[1, tokens]`` (``measured``: the output of
     ``measure_candidates`` for these inputs, to choose again under another budget without measuring; ``pool``:
-    give every chosen pattern but ``dense`` pooled keys)."""
+    give every chosen pattern but ``dense`` pooled keys, their logits lowered by ``pool_shift[0]`` nats in the
+    first layer and ``pool_shift[1]`` in the others)."""
     error, density = measured or measure_candidates(model, input_ids, candidates)
     choice = choose(-error, density, max_density)
-    layers = [[replace(candidates[c], pool=True) if pool and candidates[c].kind != "dense" else candidates[c]
-               for c in row.tolist()] for row in choice]
+    layers = [[replace(candidates[c], pool=True, pool_shift=pool_shift[min(layer, 1)] or None)
+               if pool and candidates[c].kind != "dense" else candidates[c] for c in row.tolist()]
+              for layer, row in enumerate(choice)]
     picked_error = error.gather(1, choice[:, None])
     picked_density = density.gather(1, choice[:, None])
     info = {"tokens": int(input_ids.shape[1]), "max_density": max_density,
             "candidates": [c.label() for c in candidates],
             "mean_error": round(float(picked_error.mean()), 4), "max_error": round(float(picked_error.max()), 4),
             "mean_density": round(float(picked_density.mean()), 4), "pool": pool}
+    if pool and any(pool_shift):
+        info["pool_shift"] = list(pool_shift)
     return SparseConfig(model_name, model.config.num_attention_heads, layers, info)
 
 
@@ -121,6 +127,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(CONFIG_DIR / "smollm2-135m.json"))
     parser.add_argument("--pool", action=argparse.BooleanOptionalAction, default=True,
                         help="give every sparse head pooled keys (default: on, as shipped)")
+    parser.add_argument("--pool-shift", default="2.0,-0.5",
+                        help="nats taken from the pooled logits: first layer,other layers (default: as shipped)")
     parser.add_argument("--measured", help="a .safetensors file: reuse its measurements if it exists, else save "
                                            "them there")
     args = parser.parse_args()
@@ -135,7 +143,9 @@ def main() -> None:
         except FileNotFoundError:
             measured = measure_candidates(model, ids)
             save_file(dict(zip(("error", "density"), measured)), args.measured)
-    config = search_config(model, ids, MODEL_ID, args.max_density, measured=measured, pool=args.pool)
+    first, rest = (float(x) for x in args.pool_shift.split(","))
+    config = search_config(model, ids, MODEL_ID, args.max_density, measured=measured, pool=args.pool,
+                           pool_shift=(first, rest))
     config.info["text"] = "kvtier.bench.text.english_text('tune')"
     config.info["seconds"] = round(time.time() - start, 1)
     config.save(args.out)

@@ -100,3 +100,14 @@ def test_search_with_pool_gives_every_sparse_head_pooled_keys():
     config = search_config(model, torch.zeros(1, 8192), "m", 0.55, candidates, (error, density), pool=True)
     assert config.layers == [[HeadPattern("dense"), HeadPattern("a_shape", sink=64, local=256, pool=True)]]
     assert config.info["pool"] is True
+
+
+def test_search_pool_shift_sets_the_first_layer_apart():
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=1))
+    candidates = (HeadPattern("a_shape", sink=64, local=256), HeadPattern("dense"))
+    error = torch.tensor([[[0.1], [0.0]]] * 3, dtype=torch.float64)  # 3 layers, one head
+    density = torch.tensor([[[0.1], [1.0]]] * 3, dtype=torch.float64)
+    config = search_config(model, torch.zeros(1, 8192), "m", 0.2, candidates, (error, density), pool=True,
+                           pool_shift=(2.0, -0.5))
+    assert [layer[0].pool_shift for layer in config.layers] == [2.0, -0.5, -0.5]
+    assert config.info["pool_shift"] == [2.0, -0.5]
