@@ -56,6 +56,9 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(default=256 << 20, gt=0)
     max_tokens_per_request: int = Field(default=1 << 20, gt=0)
     max_chunks_per_batch: int = Field(default=64, gt=0)
+    max_bytes_in_flight: int = Field(default=1 << 30, gt=0, description=(
+        "chunk bytes held at once over all requests (put bodies, fetched chunks); a request that does not fit "
+        "waits its turn, first come first served; one larger than this runs alone (see kvtier/api/budget.py)"))
     torch_threads: int | None = Field(default=1, gt=0,
                                       description="torch intra-op threads of `kvtier serve` (None: torch's default): "
                                                   "requests already run in parallel, and spinning intra-op threads "

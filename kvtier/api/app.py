@@ -9,7 +9,8 @@ tenant's namespace: any other key, cached or not, gets the same 409. Layouts are
 Chunk data travels in the blob format (:mod:`kvtier.kvstore.chunk`), framed by :mod:`kvtier.api.wire`. A put
 is decoded and verified entirely (framing, checksums, layout, key chain) before anything is stored; a fetch
 copies each chunk once, into its own buffer, and streams the blobs from there with a Content-Length.
-Store calls run in worker threads, never on the event loop.
+Store calls run in worker threads, never on the event loop. The chunk bytes that puts and fetches hold at once
+are bounded by ``server.max_bytes_in_flight`` (:mod:`kvtier.api.budget`): a request that does not fit waits.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from starlette.responses import Response
 
 from kvtier.api import schemas
 from kvtier.api.auth import ANONYMOUS, Authenticator, Principal, tenant_namespace
+from kvtier.api.budget import ByteBudget
 from kvtier.api.metrics import Metrics
 from kvtier.api.partitions import Partitions, merged_stats
 from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frames
@@ -88,8 +90,10 @@ class FramesResponse(Response):
 
     media_type = CONTENT_TYPE
 
-    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str]) -> None:
+    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str],
+                 on_close: Callable[[], None] | None = None) -> None:
         self.parts = parts
+        self.on_close = on_close  # called once the response is sent, or failed
         self.status_code = 200
         self.background = None
         nbytes = sum(len(p) for p in parts)
@@ -97,10 +101,14 @@ class FramesResponse(Response):
         self.raw_headers += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for part in self.parts:
-            await send({"type": "http.response.body", "body": part, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for part in self.parts:
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if self.on_close is not None:
+                self.on_close()
 
 
 class Service:
@@ -111,7 +119,8 @@ class Service:
         self.limits = config.server
         self.partitions = partitions
         self.auth = Authenticator(config)
-        self.metrics = Metrics(partitions.stores)
+        self.budget = ByteBudget(config.server.max_bytes_in_flight)
+        self.metrics = Metrics(partitions.stores, self.budget)
         self.codec = get_codec("raw")
         self._attached: dict[str, set[str]] = {}
         self._counters: dict[str, _TenantCounters] = {}
@@ -206,6 +215,11 @@ class Service:
     def _owns(self, principal: Principal, layout: KVLayout, key: bytes) -> bool:
         node = self.store(principal).index.get(key)
         return node is not None and node.namespace == principal.namespace and node.layout == layout.fingerprint
+
+    def fetch_bytes(self, layout: KVLayout, req: schemas.FetchRequest) -> int:
+        """The most chunk bytes ``fetch`` can hold for ``req``: its chunks' KV, of the layers asked for."""
+        chunks = min(len(req.tokens) // layout.chunk_tokens - req.start_chunk, self.limits.max_chunks_per_batch)
+        return max(0, chunks) * layer_slice(layout, _layers(layout, req.layer_start, req.layer_stop)).chunk_bytes
 
     def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest) -> Fetched:
         """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on, each into its
@@ -478,7 +492,12 @@ def create_app(config: KVTierConfig) -> FastAPI:
                          who: Principal = Depends(tenant)) -> schemas.PutResponse:
         """Store a batch of chunks (idempotent: chunks already cached are counted as present)."""
         kv_layout = service.layout(who, layout)
-        return await run(service.put, who, kv_layout, await service.receive(request))
+        declared = request.headers.get("content-length")  # the middleware checked it against max_body_bytes
+        held = await service.budget.acquire(int(declared) if declared else service.limits.max_body_bytes)
+        try:
+            return await run(service.put, who, kv_layout, await service.receive(request))
+        finally:
+            service.budget.release(held)
 
     @app.post("/v1/chunks/fetch", response_class=FramesResponse, status_code=200, tags=["chunks"],
               responses={200: {"content": {CONTENT_TYPE: _BINARY},
@@ -490,9 +509,14 @@ def create_app(config: KVTierConfig) -> FastAPI:
         max_chunks_per_batch from chunk start_chunk on."""
         layout = service.layout(who, body.layout)
         service.check_tokens(len(body.tokens))
-        fetched = await run(service.fetch, who, layout, body)
+        held = await service.budget.acquire(service.fetch_bytes(layout, body))
+        try:
+            fetched = await run(service.fetch, who, layout, body)
+        except BaseException:
+            service.budget.release(held)
+            raise
         headers = {"x-kvtier-tokens": str(fetched.tokens), "x-kvtier-tiers": ",".join(fetched.tiers)}
-        return FramesResponse(fetched.parts, headers)
+        return FramesResponse(fetched.parts, headers, on_close=partial(service.budget.release, held))
 
     def count_endpoint(path: str, method: Callable[[Principal, KVLayout, list[int]], int], doc: str) -> None:
         async def endpoint(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.CountResponse:

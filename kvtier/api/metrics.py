@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from kvtier.api.budget import ByteBudget
 from kvtier.kvstore.store import TieredStore
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -19,7 +20,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     """The service's metrics; ``registry`` is what ``/metrics`` exposes."""
 
-    def __init__(self, stores: dict[str, TieredStore]) -> None:
+    def __init__(self, stores: dict[str, TieredStore], budget: ByteBudget) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("kvtier_requests", "requests served", ["endpoint", "status"], registry=r)
@@ -31,6 +32,10 @@ class Metrics:
         self.store_queue = Gauge("kvtier_store_queue_depth",
                                  "store operations waiting for or holding the store's lock", registry=r)
         self.chunks_moved = Counter("kvtier_chunks", "chunks moved through the API", ["direction"], registry=r)
+        Gauge("kvtier_bytes_in_flight", "chunk bytes held by requests (see server.max_bytes_in_flight)",
+              registry=r).set_function(lambda: budget.held)
+        Gauge("kvtier_requests_waiting_for_bytes", "requests waiting for room under server.max_bytes_in_flight",
+              registry=r).set_function(lambda: budget.waiting)
         r.register(_StoreCollector(stores))
 
 
