@@ -32,6 +32,8 @@ class ByteBudget:
         """Wait until ``nbytes`` (at most the whole budget) fit behind every earlier request, and hold them.
         Returns the bytes held, to be given to :meth:`release`."""
         n = min(max(0, nbytes), self.limit)
+        if n == 0:  # nothing to hold (a fetch past the prompt's last chunk): no need to queue
+            return 0
         if not self._queue and self.held + n <= self.limit:
             self.held += n
             return n

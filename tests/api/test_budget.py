@@ -98,6 +98,19 @@ def test_a_cancelled_waiter_gives_up_its_place():
     asyncio.run(main())
 
 
+def test_nothing_to_hold_never_waits():
+    async def main() -> None:
+        budget = ByteBudget(10)
+        held = await budget.acquire(10)
+        waiter = asyncio.create_task(budget.acquire(5))
+        await asyncio.sleep(0)
+        assert await asyncio.wait_for(budget.acquire(0), timeout=1) == 0  # not behind the waiter
+        budget.release(held)
+        assert await waiter == 5
+
+    asyncio.run(main())
+
+
 def test_a_budget_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         ByteBudget(0)
