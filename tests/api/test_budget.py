@@ -42,7 +42,7 @@ def test_concurrent_holders_never_exceed_the_limit():
 
 
 def test_first_come_first_served_and_oversized_requests_run_alone():
-    async def main() -> list[str]:
+    async def main() -> None:
         budget = ByteBudget(10)
         order: list[str] = []
 
@@ -75,7 +75,6 @@ def test_first_come_first_served_and_oversized_requests_run_alone():
         go["d"].set()
         await asyncio.gather(a, b, c, d)
         assert budget.held == 0
-        return order
 
     asyncio.run(main())
 
