@@ -4,7 +4,8 @@ Needs only torch, triton and numpy besides kvtier itself (run from the repositor
 PYTHONPATH): ``python scripts/gpu_check.py [--lengths 32768,131072] [--skip-timing]``. Prints one JSON object:
 
 - ``checks``: the kernel against the PyTorch reference (fp16, bf16, fp32; awkward lengths, GQA, a cached
-  prefix; every other head with pooled keys), max abs error and pass/fail per case;
+  prefix; every other head with pooled keys), max abs error and pass/fail per case; and the index estimated on
+  the GPU against the one estimated on the CPU;
 - ``timings``: per length, the sparse kernel (vertical-slash index estimated on the GPU, estimation timed
   separately) against ``scaled_dot_product_attention`` (FlashAttention backend where torch offers it) on
   the same fp16/bf16 inputs, with the density and the speedup ratio;
@@ -59,6 +60,31 @@ def check_case(device: str, batch, heads, kv_heads, q_len, k_len, dim, dtype) ->
             "max_abs_err": err, "ok": err <= TOL[dtype] * 4}
 
 
+ESTIMATION_PATTERNS = [
+    HeadPattern("vertical_slash", vertical=300, slash=500), HeadPattern("vertical_slash", mass=0.9),
+    HeadPattern("block_sparse", blocks=8), HeadPattern("a_shape", sink=64, local=512),
+    HeadPattern("vertical_slash", mass=0.95, pool=True, pool_shift=1.0), HeadPattern("block_sparse", mass=0.9),
+    HeadPattern("dense"), HeadPattern("vertical_slash", vertical=100, slash=200, pool=True),
+]
+
+
+def check_estimation(device: str) -> list[dict]:
+    """The index estimated on the GPU against the one estimated on the CPU (every pattern kind, fixed and
+    adaptive budgets, pooled keys; 4,000 tokens): the share of (row, key) pairs on which their masks agree.
+    fp32 runs the same arithmetic on both; bf16 runs the probe's GEMM in bf16 on the GPU, in fp32 on the CPU."""
+    from kvtier.bench.sparse import synthetic_qkv
+
+    q, k, _ = synthetic_qkv(len(ESTIMATION_PATTERNS), 2, 4000, 64)
+    out = []
+    for dtype, need in ((torch.float32, 0.999), (torch.bfloat16, 0.99)):
+        on_cpu = estimate_index(q.to(dtype), k.to(dtype), ESTIMATION_PATTERNS)
+        on_gpu = estimate_index(q.to(device, dtype), k.to(device, dtype), ESTIMATION_PATTERNS).to("cpu")
+        agree = float((on_cpu.to_mask() == on_gpu.to_mask()).float().mean())
+        out.append({"case": f"estimate_index cpu vs {device}, {str(dtype)[6:]}", "mask_agreement": agree,
+                    "density_cpu": on_cpu.density(), "density_gpu": on_gpu.density(), "ok": agree >= need})
+    return out
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -88,7 +114,7 @@ def time_length(device: str, n: int, heads: int = 32, kv_heads: int = 8, dim: in
     q, k, v = (x.to(device, torch.bfloat16) for x in synthetic_qkv(heads, kv_heads, n, dim))
     patterns = [HeadPattern("vertical_slash", vertical=vertical, slash=slash)] * heads
     index = estimate_index(q, k, patterns)
-    estimate_s = timed(lambda: estimate_index(q, k, patterns), repeat=1)
+    estimate_s = timed(lambda: estimate_index(q, k, patterns))
     sparse_s = timed(lambda: sparse_attention(q, k, v, index, backend="triton"))
 
     group = heads // kv_heads
@@ -181,7 +207,7 @@ def main() -> None:
 
     device = "cuda"
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "checks": [check_case(device, *case) for case in CASES], "timings": []}
+              "checks": [check_case(device, *case) for case in CASES] + check_estimation(device), "timings": []}
     result["all_ok"] = all(c["ok"] for c in result["checks"])
     print(json.dumps(result, indent=1), flush=True)  # the kernel's checks, before the longer parts
     if not args.skip_tiers:

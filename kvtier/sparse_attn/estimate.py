@@ -56,12 +56,13 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
     group = heads // k.shape[1]
     num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
     block_mask = torch.zeros(batch, heads, num_qb, num_kb, dtype=torch.bool, device=q.device)
-    groups = probe_groups(q_len)[1].to(q.device)  # columns per probe group: [B, H, groups, C]
-    columns = torch.full((batch, heads, int(groups[-1]) + 1, 1), -1, dtype=torch.long, device=q.device)
+    ends, groups = probe_groups(q_len)  # columns per probe group: [B, H, groups, C]
+    groups = _to_device(groups, q.device)
+    columns = torch.full((batch, heads, len(ends), 1), -1, dtype=torch.long, device=q.device)
     for kind in sorted({p.kind for p in patterns}):
         hs = [h for h, p in enumerate(patterns) if p.kind == kind]
         chosen = [patterns[h] for h in hs]
-        hs_t = torch.tensor(hs, device=q.device)
+        hs_t = _to_device(hs, q.device)
         if kind == "dense":
             block_mask[:, hs_t] = True
         elif kind == "a_shape":
@@ -72,24 +73,34 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
                 part = [i for i, p in enumerate(chosen) if (p.mass is not None) == adaptive]
                 if not part:
                     continue
-                cols, offsets = _vertical_slash(q, k, hs_t[part], [chosen[i] for i in part], scale, adaptive)
-                block_mask[:, hs_t[part]] = slash_blocks(offsets, q_len, k_len)
+                part_t = _to_device([hs[i] for i in part], q.device)
+                cols, offsets = _vertical_slash(q, k, part_t, [chosen[i] for i in part], scale, adaptive)
+                block_mask[:, part_t] = slash_blocks(offsets, q_len, k_len)
                 width = max(columns.shape[-1], cols.shape[-1])
                 columns = torch.nn.functional.pad(columns, (0, width - columns.shape[-1]), value=-1)
-                columns[:, hs_t[part]] = torch.nn.functional.pad(cols.long(), (0, width - cols.shape[-1]), value=-1)
+                columns[:, part_t] = torch.nn.functional.pad(cols.long(), (0, width - cols.shape[-1]), value=-1)
         else:
             block_mask[:, hs_t] = _block_sparse(q[:, hs_t], k[:, hs_t // group], chosen, scale, q_len, k_len)
     block_mask[:, :, max(0, q_len - DENSE_LAST) // BLOCK:] = True
-    pool = torch.tensor([bool(p.pool) for p in patterns], device=q.device)
-    shift = torch.tensor([float(p.pool_shift or 0.0) for p in patterns], device=q.device)
+    pool = shift = None  # checked here, not by build_index on the device (a sync)
+    if any(p.pool for p in patterns):
+        pool = _to_device([bool(p.pool) for p in patterns], q.device)
+        shift = _to_device([float(p.pool_shift or 0.0) for p in patterns], q.device)
     return build_index(block_mask, columns, q_len, k_len, groups, pool, shift)
+
+
+def _to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small tensor of ``values`` (a list or array) on ``device``. To a GPU it goes from pinned memory without
+    blocking: a plain copy would wait for the device to finish its queue, and the estimation makes a dozen."""
+    t = torch.as_tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _budgets(patterns: list[HeadPattern], count_field: str, limit: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per head: the count (cap) and the mass target (inf for fixed budgets): ``[H']`` each."""
     counts = [limit if getattr(p, count_field) is None else getattr(p, count_field) for p in patterns]
     masses = [math.inf if p.mass is None else p.mass for p in patterns]
-    return torch.tensor(counts, device=device), torch.tensor(masses, device=device, dtype=torch.float64)
+    return _to_device(counts, device), _to_device(masses, device, torch.float64)
 
 
 def select(scores: torch.Tensor, forced: torch.Tensor, count: torch.Tensor, mass: torch.Tensor,
@@ -133,24 +144,10 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
     group's probe (``probe_groups(q_len)``; slash offsets per query block, ``[B, H', NQB, S]``, when there is more
     than one group); fixed heads: those of the one probe at the end. ``G = len(probe_groups(q_len)[0])``: one
     group's columns are repeated."""
-    (batch, num_heads, q_len, dim), (kv_heads, k_len) = q.shape, k.shape[1:3]
+    q_len, k_len = q.shape[2], k.shape[2]
     ends, groups = probe_groups(q_len, PROBES if adaptive else 1)
     keys = torch.arange(k_len, device=q.device)
-    key_t = k.float().transpose(-1, -2)  # [B, Hkv, D, k_len]
-    vertical = torch.zeros(batch, len(heads), len(ends), k_len, device=q.device)  # [B, H', groups, k_len]
-    slash = torch.zeros_like(vertical)
-    for g, end in enumerate(ends):
-        start = max(0, end - PROBE_QUERIES)
-        pos = torch.arange(start, end, device=q.device) + (k_len - q_len)
-        rows = (q[:, :, start:end].float() * scale).reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
-        scores = torch.matmul(rows, key_t).view(batch, num_heads, end - start, k_len)
-        if len(heads) < num_heads:
-            scores = scores[:, heads]
-        scores.masked_fill_(keys > pos[:, None], float("-inf"))  # [B, H', rows, k_len]
-        probs = torch.softmax(scores, dim=-1)
-        vertical[:, :, g] = probs.sum(-2)
-        offsets = (pos[:, None] - keys).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
-        slash[:, :, g].scatter_add_(-1, offsets, probs.flatten(-2))
+    vertical, slash = probe_scores(q, k, heads, ends, scale)
     cap_cols, mass = _budgets(patterns, "vertical", k_len, q.device)
     cap_slash, _ = _budgets(patterns, "slash", k_len, q.device)
     keep_cols = select(vertical, keys < SINK_COLUMNS, cap_cols, torch.full_like(mass, math.inf))
@@ -162,7 +159,37 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
     cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
     if len(ends) == 1:
         return cols.expand(-1, -1, len(probe_groups(q_len)[0]), -1), diags
-    return cols, diags[:, :, groups.to(q.device)]
+    return cols, diags[:, :, _to_device(groups, q.device)]
+
+
+def probe_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, ends: list[int],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal scores of query heads ``heads`` (``[H']``) of q ``[B, H, q_len, D]`` over k
+    ``[B, Hkv, k_len, D]``, one probe per group end in ``ends`` (local rows, exclusive; the probe is the
+    ``PROBE_QUERIES`` rows before it): each probe row's causal softmax, summed over the probe's rows per key
+    (vertical) and per offset ``position - key`` (slash). Returns float32 ``[B, H', len(ends), k_len]`` each."""
+    (batch, num_heads, q_len, dim), (kv_heads, k_len) = q.shape, k.shape[1:3]
+    keys = torch.arange(k_len, device=q.device)
+    work = q.dtype if q.is_cuda else torch.float32  # half-precision GEMMs on a GPU (as MInference); CPU ones are slow
+    key_t = k.to(work).transpose(-1, -2)  # [B, Hkv, D, k_len]
+    vertical = torch.zeros(batch, len(heads), len(ends), k_len, device=q.device)
+    slash = torch.zeros_like(vertical)
+    for g, end in enumerate(ends):
+        start = max(0, end - PROBE_QUERIES)
+        pos = torch.arange(start, end, device=q.device) + (k_len - q_len)
+        # The probe sees keys [0, seen) only. Computing just those halves the work of 8 probes, and on a GPU the
+        # unseen keys' zeros would all be added to offset 0: one address, 18x slower at 32k.
+        seen = k_len - q_len + end
+        rows = (q[:, :, start:end].float() * scale).to(work).reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
+        scores = torch.matmul(rows, key_t[..., :seen]).float().view(batch, num_heads, end - start, seen)
+        if len(heads) < num_heads:
+            scores = scores[:, heads]
+        scores.masked_fill_(keys[:seen] > pos[:, None], float("-inf"))  # [B, H', rows, seen]
+        probs = torch.softmax(scores, dim=-1)
+        vertical[:, :, g, :seen] = probs.sum(-2)
+        offsets = (pos[:, None] - keys[:seen]).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
+        slash[:, :, g].scatter_add_(-1, offsets, probs.flatten(-2))
+    return vertical, slash
 
 
 def _adaptive_selection(vertical: torch.Tensor, slash: torch.Tensor, keep_cols: torch.Tensor, cap_slash: torch.Tensor,

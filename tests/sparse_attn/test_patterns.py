@@ -10,7 +10,7 @@ import torch
 from kvtier.kernels import BLOCK, sparse_attention
 from kvtier.sparse_attn.config import HeadPattern
 from kvtier.sparse_attn.estimate import (DENSE_LAST, GROUP_BLOCKS, SINK_COLUMNS, _adaptive_selection, estimate_index,
-                                         probe_groups, select)
+                                         probe_groups, probe_scores, select)
 from kvtier.sparse_attn.metrics import attention_recall, output_error
 from kvtier.sparse_attn.patterns import a_shape_index, block_sparse_index, slash_blocks, vertical_slash_index
 
@@ -192,6 +192,29 @@ def test_per_block_slash_offsets_equal_one_index_per_block():
     per_block = slash_blocks(offsets, q_len, k_len)
     for m in range(5):
         assert torch.equal(per_block[:, :, m], slash_blocks(offsets[:, :, m], q_len, k_len)[:, :, m])
+
+
+@pytest.mark.parametrize("q_len,k_len,heads", [(2100, 2100, [0, 1, 2, 3]), (2200, 2477, [3, 1])])
+def test_probe_scores_match_a_dense_softmax(q_len, k_len, heads):
+    """Column and diagonal scores against every probe row's full causal softmax, summed by key and by offset
+    (GQA: 4 query heads over 2 KV heads; a cached prefix; a subset of the heads, out of order)."""
+    g = torch.Generator().manual_seed(k_len)
+    q = torch.randn(1, 4, q_len, 16, generator=g, dtype=torch.float64).float()
+    k = torch.randn(1, 2, k_len, 16, generator=g, dtype=torch.float64).float()
+    ends = probe_groups(q_len)[0]
+    assert len(ends) > 1
+    vertical, slash = probe_scores(q, k, torch.tensor(heads), ends, 0.3)
+    for gi, end in enumerate(ends):
+        for hi, h in enumerate(heads):
+            want_v = torch.zeros(k_len, dtype=torch.float64)
+            want_s = torch.zeros(k_len, dtype=torch.float64)
+            for i in range(max(0, end - 64), end):
+                p = k_len - q_len + i
+                probs = torch.softmax(k[0, h // 2, : p + 1].double() @ q[0, h, i].double() * 0.3, dim=0)
+                want_v[: p + 1] += probs
+                want_s[: p + 1] += probs.flip(0)  # offset p - j for key j
+            assert torch.allclose(vertical[0, hi, gi].double(), want_v, atol=1e-5)
+            assert torch.allclose(slash[0, hi, gi].double(), want_s, atol=1e-5)
 
 
 @pytest.mark.parametrize("q_len,probes,want", [(8192, 8, 8), (1200, 8, 1), (2100, 8, 2), (8192, 1, 1), (40, 8, 1)])
