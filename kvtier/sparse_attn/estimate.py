@@ -56,7 +56,7 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
     group = heads // k.shape[1]
     num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
     block_mask = torch.zeros(batch, heads, num_qb, num_kb, dtype=torch.bool, device=q.device)
-    ends, groups = probe_groups(q_len)  # columns per probe group: [B, H, groups, C]
+    ends, groups = probe_groups(q_len, PROBES)  # columns per probe group: [B, H, groups, C]
     groups = _to_device(groups, q.device)
     columns = torch.full((batch, heads, len(ends), 1), -1, dtype=torch.long, device=q.device)
     for kind in sorted({p.kind for p in patterns}):
@@ -74,7 +74,8 @@ def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern]
                 if not part:
                     continue
                 part_t = _to_device([hs[i] for i in part], q.device)
-                cols, offsets = _vertical_slash(q, k, part_t, [chosen[i] for i in part], scale, adaptive)
+                cols, offsets = _vertical_slash(q, k, part_t, [chosen[i] for i in part], scale, adaptive,
+                                                (ends, groups))
                 block_mask[:, part_t] = slash_blocks(offsets, q_len, k_len)
                 width = max(columns.shape[-1], cols.shape[-1])
                 columns = torch.nn.functional.pad(columns, (0, width - columns.shape[-1]), value=-1)
@@ -137,15 +138,15 @@ def probe_groups(q_len: int, probes: int = PROBES) -> tuple[list[int], torch.Ten
 
 
 def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patterns: list[HeadPattern], scale: float,
-                    adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    adaptive: bool, probes: tuple[list[int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Columns ``[B, H', G, C]`` and slash offsets ``[B, H', 1, S]`` (int32, -1 padded) of query heads ``heads``
     (``[H']``) of q ``[B, H, q_len, D]`` over k ``[B, Hkv, k_len, D]``; ``patterns`` all adaptive (``mass``) or
     all fixed, as ``adaptive`` says. Adaptive heads: every query block uses the columns and diagonals of its
     group's probe (``probe_groups(q_len)``; slash offsets per query block, ``[B, H', NQB, S]``, when there is more
-    than one group); fixed heads: those of the one probe at the end. ``G = len(probe_groups(q_len)[0])``: one
-    group's columns are repeated."""
+    than one group); fixed heads: those of the one probe at the end. ``probes``: ``probe_groups(q_len)``, its
+    groups on q's device; ``G`` is its number of groups (a fixed head's one group of columns is repeated)."""
     q_len, k_len = q.shape[2], k.shape[2]
-    ends, groups = probe_groups(q_len, PROBES if adaptive else 1)
+    ends = probes[0] if adaptive else probe_groups(q_len, 1)[0]
     keys = torch.arange(k_len, device=q.device)
     vertical, slash = probe_scores(q, k, heads, ends, scale)
     cap_cols, mass = _budgets(patterns, "vertical", k_len, q.device)
@@ -158,8 +159,8 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
         diags, _ = compact(keep_slash, keys.expand_as(keep_slash))
     cols, _ = compact(keep_cols, keys.expand_as(keep_cols))
     if len(ends) == 1:
-        return cols.expand(-1, -1, len(probe_groups(q_len)[0]), -1), diags
-    return cols, diags[:, :, _to_device(groups, q.device)]
+        return cols.expand(-1, -1, len(probes[0]), -1), diags
+    return cols, diags[:, :, probes[1]]
 
 
 def probe_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, ends: list[int],

@@ -79,12 +79,18 @@ def test_first_come_first_served_and_oversized_requests_run_alone():
     asyncio.run(main())
 
 
+async def full_budget_with_waiter(nbytes: int) -> tuple[ByteBudget, int, asyncio.Task]:
+    """A budget of 10 bytes, all held, and a request for ``nbytes`` queued behind."""
+    budget = ByteBudget(10)
+    held = await budget.acquire(10)
+    waiter = asyncio.create_task(budget.acquire(nbytes))
+    await asyncio.sleep(0)
+    return budget, held, waiter
+
+
 def test_a_cancelled_waiter_gives_up_its_place():
     async def main() -> None:
-        budget = ByteBudget(10)
-        held = await budget.acquire(10)
-        waiter = asyncio.create_task(budget.acquire(8))
-        await asyncio.sleep(0)
+        budget, held, waiter = await full_budget_with_waiter(8)
         behind = asyncio.create_task(budget.acquire(5))
         await asyncio.sleep(0)
         waiter.cancel()
@@ -99,10 +105,7 @@ def test_a_cancelled_waiter_gives_up_its_place():
 
 def test_nothing_to_hold_never_waits():
     async def main() -> None:
-        budget = ByteBudget(10)
-        held = await budget.acquire(10)
-        waiter = asyncio.create_task(budget.acquire(5))
-        await asyncio.sleep(0)
+        budget, held, waiter = await full_budget_with_waiter(5)
         assert await asyncio.wait_for(budget.acquire(0), timeout=1) == 0  # not behind the waiter
         budget.release(held)
         assert await waiter == 5
