@@ -193,6 +193,20 @@ def check_tiers(device: str, n_chunks: int = 8) -> dict:
     return result
 
 
+def time_estimation(device: str, n: int, heads: int = 32, kv_heads: int = 8, dim: int = 128) -> dict:
+    """Adaptive estimation alone (block-sparse mass 0.95; vertical-slash mass 0.9) against dense SDPA, bf16."""
+    from kvtier.bench.sparse import synthetic_qkv
+
+    q, k, v = (x.to(device, torch.bfloat16) for x in synthetic_qkv(heads, kv_heads, n, dim))
+    group = heads // kv_heads
+    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    dense_s = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_full, v_full, is_causal=True))
+    out = {"tokens": n, "shape": f"{heads}q/{kv_heads}kv x {dim} bf16", "dense_sdpa_s": dense_s}
+    for pattern in (HeadPattern("block_sparse", mass=0.95), HeadPattern("vertical_slash", mass=0.9)):
+        out[f"estimate_{pattern.kind}_s"] = timed(lambda: estimate_index(q, k, [pattern] * heads))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,131072")
@@ -221,6 +235,10 @@ def main() -> None:
                 result["timings"].append(time_length(device, n, vertical=vertical, slash=slash))
                 print(json.dumps(result["timings"][-1], indent=1), flush=True)
                 torch.cuda.empty_cache()
+        for n in (int(x) for x in args.lengths.split(",") if x):
+            result["timings"].append(time_estimation(device, n))
+            print(json.dumps(result["timings"][-1], indent=1), flush=True)
+            torch.cuda.empty_cache()
     print(json.dumps(result, indent=1))
     sys.exit(0 if result["all_ok"] else 1)
 

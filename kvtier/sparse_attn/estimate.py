@@ -1,15 +1,18 @@
 """Online estimation: the sparse index of one input, head by head, from its queries and keys.
 
 - vertical-slash: the query blocks are cut into ``PROBES`` contiguous groups of at least ``GROUP_BLOCKS``
-  blocks each; the last 64 queries of each group (its probe; the last group's probe is the last 64 queries of
-  the input) attend softmax over all causal keys, column scores are their sums per key, diagonal scores their
+  blocks each; 64 queries of each group (its probe: 64 rows spread evenly over the group, its last row
+  included) attend softmax over all causal keys, column scores are their sums per key, diagonal scores their
   sums per offset ``query position - key position``, and the group's query blocks read the columns and
   diagonals chosen from those (one probe at the end misses what earlier queries attend to: the columns of
-  nearby paragraphs, say). Fixed budgets use one group, MInference's setting: a fixed count per group would
-  make the short early groups nearly dense. The first ``SINK_COLUMNS`` keys and the ``LOCAL_DIAGONALS``
-  nearest diagonals are always kept.
-- block-sparse: softmax attention between 64-token mean-pooled query blocks and key blocks; key block 0 and
-  the key blocks on each query block's diagonal are always kept.
+  nearby paragraphs, say; a probe at the group's end misses what the group's first rows attend to). Fixed
+  budgets use one group whose probe is the last 64 queries, MInference's setting: a fixed count per group
+  would make the short early groups nearly dense. An input too short for two groups probes its last 64
+  queries too. The first ``SINK_COLUMNS`` keys and the ``LOCAL_DIAGONALS`` nearest diagonals are always kept;
+  the sink columns' weight counts toward the column scores only.
+- block-sparse: per query block, the exact causal softmax of every ``BLOCK_SAMPLE``-th of its rows, summed
+  per key block and averaged (``block_scores``: a quarter of the score matrix); key block 0 and the key blocks
+  on each query block's diagonal are always kept.
 - A-shape, dense: nothing to estimate.
 - Heads with ``pool`` also get one pooled key (block means) per skipped, fully visible key block, its logit
   lowered by the head's ``pool_shift``.
@@ -43,6 +46,9 @@ SINK_COLUMNS = 64
 LOCAL_DIAGONALS = 64
 BIN_COST = 64.0
 """The cost of a bin of 64 diagonals in the ranking of adaptive vertical-slash heads (a column costs 1)."""
+BLOCK_SAMPLE = 4
+"""Block-sparse heads score key blocks with the exact causal softmax of every ``BLOCK_SAMPLE``-th query row."""
+_SCORE_ELEMENTS = 1 << 24  # score elements per step of block_scores on the CPU (64 MiB in fp32)
 
 
 def estimate_index(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float | None = None) -> SparseIndex:
@@ -148,7 +154,7 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
     q_len, k_len = q.shape[2], k.shape[2]
     ends = probes[0] if adaptive else probe_groups(q_len, 1)[0]
     keys = torch.arange(k_len, device=q.device)
-    vertical, slash = probe_scores(q, k, heads, ends, scale)
+    vertical, slash = probe_scores(q, k, heads, ends, scale, spread=len(ends) > 1)
     cap_cols, mass = _budgets(patterns, "vertical", k_len, q.device)
     cap_slash, _ = _budgets(patterns, "slash", k_len, q.device)
     keep_cols = select(vertical, keys < SINK_COLUMNS, cap_cols, torch.full_like(mass, math.inf))
@@ -164,11 +170,16 @@ def _vertical_slash(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, patte
 
 
 def probe_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, ends: list[int],
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float, spread: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Column and diagonal scores of query heads ``heads`` (``[H']``) of q ``[B, H, q_len, D]`` over k
-    ``[B, Hkv, k_len, D]``, one probe per group end in ``ends`` (local rows, exclusive; the probe is the
-    ``PROBE_QUERIES`` rows before it): each probe row's causal softmax, summed over the probe's rows per key
-    (vertical) and per offset ``position - key`` (slash). Returns float32 ``[B, H', len(ends), k_len]`` each."""
+    ``[B, Hkv, k_len, D]``, one probe per group end in ``ends`` (local rows, exclusive): each probe row's causal
+    softmax, summed over the probe's rows per key (vertical) and, for the keys after the ``SINK_COLUMNS`` that
+    are always kept, per offset ``position - key`` (slash). Returns float32 ``[B, H', len(ends), k_len]`` each.
+    A probe is ``probe_rows(start, end, spread)`` of its group, the group starting at the previous end.
+
+    Counted under their diagonals as well, the sink's weight (often a large share of a row's) would rank the
+    diagonals that only cross the sink: from a probe spread over a group, every diagonal bin; from the last
+    rows, the farthest ones."""
     (batch, num_heads, q_len, dim), (kv_heads, k_len) = q.shape, k.shape[1:3]
     keys = torch.arange(k_len, device=q.device)
     work = q.dtype if q.is_cuda else torch.float32  # half-precision GEMMs on a GPU (as MInference); CPU ones are slow
@@ -176,21 +187,33 @@ def probe_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, ends: li
     vertical = torch.zeros(batch, len(heads), len(ends), k_len, device=q.device)
     slash = torch.zeros_like(vertical)
     for g, end in enumerate(ends):
-        start = max(0, end - PROBE_QUERIES)
-        pos = torch.arange(start, end, device=q.device) + (k_len - q_len)
+        local = _to_device(probe_rows(ends[g - 1] if g else 0, end, spread), q.device)
+        pos = local + (k_len - q_len)
         # The probe sees keys [0, seen) only. Computing just those halves the work of 8 probes, and on a GPU the
         # unseen keys' zeros would all be added to offset 0: one address, 18x slower at 32k.
         seen = k_len - q_len + end
-        rows = (q[:, :, start:end].float() * scale).to(work).reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
-        scores = torch.matmul(rows, key_t[..., :seen]).float().view(batch, num_heads, end - start, seen)
+        picked = q[:, :, end - len(local) : end] if not spread else q[:, :, local]
+        rows = (picked.float() * scale).to(work).reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
+        scores = torch.matmul(rows, key_t[..., :seen]).float().view(batch, num_heads, len(local), seen)
         if len(heads) < num_heads:
             scores = scores[:, heads]
         scores.masked_fill_(keys[:seen] > pos[:, None], float("-inf"))  # [B, H', rows, seen]
         probs = torch.softmax(scores, dim=-1)
         vertical[:, :, g, :seen] = probs.sum(-2)
-        offsets = (pos[:, None] - keys[:seen]).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
-        slash[:, :, g].scatter_add_(-1, offsets, probs.flatten(-2))
+        if seen > SINK_COLUMNS:  # the sink columns are always kept: their weight counts as columns only
+            offsets = (pos[:, None] - keys[SINK_COLUMNS:seen]).clamp(min=0).flatten().expand(*probs.shape[:2], -1)
+            slash[:, :, g].scatter_add_(-1, offsets, probs[..., SINK_COLUMNS:].flatten(-2))
     return vertical, slash
+
+
+def probe_rows(start: int, end: int, spread: bool) -> np.ndarray:
+    """The local query rows of the probe of group ``[start, end)``, ascending (int64): its last
+    ``PROBE_QUERIES`` rows, or (``spread``) ``PROBE_QUERIES`` rows evenly spaced over it, its last row
+    included, so that the probe sees what the whole group attends to, not only its end."""
+    if not spread:
+        return np.arange(max(start, end - PROBE_QUERIES), end)
+    stride = max(1, (end - start) // PROBE_QUERIES)
+    return np.arange(end - 1, start - 1, -stride)[:PROBE_QUERIES][::-1].copy()
 
 
 def _adaptive_selection(vertical: torch.Tensor, slash: torch.Tensor, keep_cols: torch.Tensor, cap_slash: torch.Tensor,
@@ -228,24 +251,43 @@ def _adaptive_selection(vertical: torch.Tensor, slash: torch.Tensor, keep_cols: 
 
 def _block_sparse(q: torch.Tensor, k: torch.Tensor, patterns: list[HeadPattern], scale: float,
                   q_len: int, k_len: int) -> torch.Tensor:
-    """Key-block selection ``[B, H', NQB, NKB]`` from mean-pooled queries and keys."""
-    num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    """Key-block selection ``[B, H', NQB, NKB]`` by ``block_scores``; key block 0 and the diagonal blocks always."""
+    num_kb = -(-k_len // BLOCK)
     first, last = row_positions(q_len, k_len, q.device)
-    pooled_q = _mean_pool(q.float(), num_qb)
-    pooled_k = _mean_pool(k.float(), num_kb)
-    scores = torch.matmul(pooled_q, pooled_k.transpose(-1, -2)) * scale  # [B, H', NQB, NKB]
     kb = torch.arange(num_kb, device=q.device)
-    scores.masked_fill_(kb * BLOCK > last[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
     forced = (kb == 0) | ((kb >= first[:, None] // BLOCK) & (kb <= last[:, None] // BLOCK))
     count, mass = _budgets(patterns, "blocks", num_kb, q.device)
-    return select(probs, forced, count, mass)
+    return select(block_scores(q, k, scale), forced, count, mass)
 
 
-def _mean_pool(x: torch.Tensor, num_blocks: int) -> torch.Tensor:
-    """Means over 64-token blocks (the last one may be short): ``[B, H, N, D] -> [B, H, ceil(N / 64), D]``."""
-    n = x.shape[2]
-    padded = torch.nn.functional.pad(x, (0, 0, 0, num_blocks * BLOCK - n))
-    sums = padded.view(*x.shape[:2], num_blocks, BLOCK, x.shape[-1]).sum(3)
-    sizes = (n - torch.arange(num_blocks, device=x.device) * BLOCK).clamp(max=BLOCK)
-    return sums / sizes[:, None]
+def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The estimated attention mass of every key block for every query block: float32 ``[B, H, NQB, NKB]``, each
+    query block's scores summing to 1. Per query block, the mean over its sampled rows (every
+    ``BLOCK_SAMPLE``-th row, the last of each run of ``BLOCK_SAMPLE``; past the end of a short last block, its
+    last row again) of the row's causal softmax summed per key block.
+
+    q: ``[B, H, q_len, D]`` (the last q_len of k_len positions); k: ``[B, H, k_len, D]``, one per query head.
+    Computed a few query blocks at a time, over the keys those blocks see.
+    """
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[2]
+    num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    per_block = BLOCK // BLOCK_SAMPLE
+    rows = torch.arange(BLOCK_SAMPLE - 1, num_qb * BLOCK, BLOCK_SAMPLE, device=q.device).clamp(max=q_len - 1)
+    work = q.dtype if q.is_cuda else torch.float32
+    key_t = k.to(work).transpose(-1, -2)  # [B, H, D, k_len]
+    keys = torch.arange(k_len, device=q.device)
+    out = torch.zeros(batch, heads, num_qb, num_kb, device=q.device)
+    elements = _SCORE_ELEMENTS << 4 if q.is_cuda else _SCORE_ELEMENTS  # a GPU step: 1 GiB, not 512 small GEMMs at 32k
+    step = max(1, elements // (batch * heads * per_block * k_len))  # query blocks at a time
+    for m0 in range(0, num_qb, step):
+        m1 = min(num_qb, m0 + step)
+        r = rows[m0 * per_block : m1 * per_block]
+        seen = k_len - q_len + min(q_len, m1 * BLOCK)
+        scores = torch.matmul((q[:, :, r].float() * scale).to(work), key_t[..., :seen]).float()
+        scores.masked_fill_(keys[:seen] > r[:, None] + (k_len - q_len), float("-inf"))
+        probs = torch.softmax(scores, dim=-1)  # [B, H, rows, seen]
+        seen_kb = -(-seen // BLOCK)
+        probs = torch.nn.functional.pad(probs, (0, seen_kb * BLOCK - seen))
+        out[:, :, m0:m1, :seen_kb] = probs.view(batch, heads, m1 - m0, per_block, seen_kb, BLOCK).sum((3, 5))
+    return out / per_block

@@ -9,8 +9,8 @@ import torch
 
 from kvtier.kernels import BLOCK, sparse_attention
 from kvtier.sparse_attn.config import HeadPattern
-from kvtier.sparse_attn.estimate import (DENSE_LAST, GROUP_BLOCKS, SINK_COLUMNS, _adaptive_selection, estimate_index,
-                                         probe_groups, probe_scores, select)
+from kvtier.sparse_attn.estimate import (BLOCK_SAMPLE, DENSE_LAST, GROUP_BLOCKS, SINK_COLUMNS, _adaptive_selection,
+                                         block_scores, estimate_index, probe_groups, probe_rows, probe_scores, select)
 from kvtier.sparse_attn.metrics import attention_recall, output_error
 from kvtier.sparse_attn.patterns import a_shape_index, block_sparse_index, slash_blocks, vertical_slash_index
 
@@ -194,27 +194,60 @@ def test_per_block_slash_offsets_equal_one_index_per_block():
         assert torch.equal(per_block[:, :, m], slash_blocks(offsets[:, :, m], q_len, k_len)[:, :, m])
 
 
+@pytest.mark.parametrize("spread", [False, True])
 @pytest.mark.parametrize("q_len,k_len,heads", [(2100, 2100, [0, 1, 2, 3]), (2200, 2477, [3, 1])])
-def test_probe_scores_match_a_dense_softmax(q_len, k_len, heads):
-    """Column and diagonal scores against every probe row's full causal softmax, summed by key and by offset
-    (GQA: 4 query heads over 2 KV heads; a cached prefix; a subset of the heads, out of order)."""
+def test_probe_scores_match_a_dense_softmax(q_len, k_len, heads, spread):
+    """Column and diagonal scores against every probe row's full causal softmax, summed by key and (past the sink
+    columns) by offset (GQA: 4 query heads over 2 KV heads; a cached prefix; a subset of the heads, out of order)."""
     g = torch.Generator().manual_seed(k_len)
     q = torch.randn(1, 4, q_len, 16, generator=g, dtype=torch.float64).float()
     k = torch.randn(1, 2, k_len, 16, generator=g, dtype=torch.float64).float()
     ends = probe_groups(q_len)[0]
     assert len(ends) > 1
-    vertical, slash = probe_scores(q, k, torch.tensor(heads), ends, 0.3)
+    vertical, slash = probe_scores(q, k, torch.tensor(heads), ends, 0.3, spread)
     for gi, end in enumerate(ends):
         for hi, h in enumerate(heads):
             want_v = torch.zeros(k_len, dtype=torch.float64)
             want_s = torch.zeros(k_len, dtype=torch.float64)
-            for i in range(max(0, end - 64), end):
+            for i in probe_rows(ends[gi - 1] if gi else 0, end, spread).tolist():
                 p = k_len - q_len + i
                 probs = torch.softmax(k[0, h // 2, : p + 1].double() @ q[0, h, i].double() * 0.3, dim=0)
                 want_v[: p + 1] += probs
+                probs[:SINK_COLUMNS] = 0  # the always-kept sink columns count as columns only
                 want_s[: p + 1] += probs.flip(0)  # offset p - j for key j
             assert torch.allclose(vertical[0, hi, gi].double(), want_v, atol=1e-5)
             assert torch.allclose(slash[0, hi, gi].double(), want_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("start,end", [(0, 1024), (1088, 2100), (0, 100), (0, 40), (3000, 3077)])
+def test_probe_rows(start, end):
+    last = probe_rows(start, end, spread=False).tolist()
+    assert last == list(range(max(start, end - 64), end))
+    rows = probe_rows(start, end, spread=True).tolist()
+    assert len(rows) == min(64, end - start) and rows[-1] == end - 1 and rows[0] >= start
+    stride = max(1, (end - start) // 64)
+    assert {b - a for a, b in zip(rows, rows[1:])} <= {stride}  # evenly spaced over the group
+    assert rows[0] - start < stride + 64  # reaching back to the group's start
+
+
+@pytest.mark.parametrize("q_len,k_len", [(300, 300), (250, 470), (64, 64), (1, 130)])
+def test_block_scores_match_a_dense_softmax(q_len, k_len):
+    """Per query block: the mean over its sampled rows of each row's causal softmax summed per key block."""
+    g = torch.Generator().manual_seed(q_len + k_len)
+    q = torch.randn(1, 2, q_len, 16, generator=g, dtype=torch.float64).float()
+    k = torch.randn(1, 2, k_len, 16, generator=g, dtype=torch.float64).float()
+    got = block_scores(q, k, 0.4)
+    num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
+    assert got.shape == (1, 2, num_qb, num_kb)
+    for h in range(2):
+        for m in range(num_qb):
+            rows = [min(r, q_len - 1) for r in range(m * BLOCK + BLOCK_SAMPLE - 1, (m + 1) * BLOCK, BLOCK_SAMPLE)]
+            want = torch.zeros(num_kb, dtype=torch.float64)
+            for i in rows:
+                p = k_len - q_len + i
+                probs = torch.softmax(k[0, h, : p + 1].double() @ q[0, h, i].double() * 0.4, dim=0)
+                want.index_add_(0, torch.arange(p + 1) // BLOCK, probs)
+            assert torch.allclose(got[0, h, m].double(), want / len(rows), atol=1e-6), (h, m)
 
 
 @pytest.mark.parametrize("q_len,probes,want", [(8192, 8, 8), (1200, 8, 1), (2100, 8, 2), (8192, 1, 1), (40, 8, 1)])
