@@ -106,23 +106,29 @@ def timed(fn, repeat: int = 3, setup=None) -> float:
     return best
 
 
-def time_length(device: str, n: int, heads: int = 32, kv_heads: int = 8, dim: int = 128,
-                vertical: int = 1000, slash: int = 6096) -> dict:
-    """Synthetic distance-decaying inputs (as ``kvtier bench sparse`` uses), bf16."""
+def long_inputs(device: str, n: int, heads: int, kv_heads: int, dim: int):
+    """Synthetic distance-decaying bf16 q, k, v on ``device`` (as ``kvtier bench sparse`` uses) and the dense
+    causal SDPA over them (KV heads repeated, which keeps SDPA on FlashAttention): the timings' baseline."""
     from kvtier.bench.sparse import synthetic_qkv
 
     q, k, v = (x.to(device, torch.bfloat16) for x in synthetic_qkv(heads, kv_heads, n, dim))
-    patterns = [HeadPattern("vertical_slash", vertical=vertical, slash=slash)] * heads
-    index = estimate_index(q, k, patterns)
-    estimate_s = timed(lambda: estimate_index(q, k, patterns))
-    sparse_s = timed(lambda: sparse_attention(q, k, v, index, backend="triton"))
-
     group = heads // kv_heads
-    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # keeps SDPA on FlashAttention
+    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
     def dense():
         return torch.nn.functional.scaled_dot_product_attention(q, k_full, v_full, is_causal=True)
 
+    return q, k, v, dense
+
+
+def time_length(device: str, n: int, heads: int = 32, kv_heads: int = 8, dim: int = 128,
+                vertical: int = 1000, slash: int = 6096) -> dict:
+    """The sparse kernel over a fixed-budget vertical-slash index, and its estimation, against dense SDPA."""
+    q, k, v, dense = long_inputs(device, n, heads, kv_heads, dim)
+    patterns = [HeadPattern("vertical_slash", vertical=vertical, slash=slash)] * heads
+    index = estimate_index(q, k, patterns)
+    estimate_s = timed(lambda: estimate_index(q, k, patterns))
+    sparse_s = timed(lambda: sparse_attention(q, k, v, index, backend="triton"))
     dense_s = timed(dense)
     rel_err = float((sparse_attention(q, k, v, index, backend="triton").float() - dense().float()).norm()
                     / dense().float().norm())
@@ -195,13 +201,8 @@ def check_tiers(device: str, n_chunks: int = 8) -> dict:
 
 def time_estimation(device: str, n: int, heads: int = 32, kv_heads: int = 8, dim: int = 128) -> dict:
     """Adaptive estimation alone (block-sparse mass 0.95; vertical-slash mass 0.9) against dense SDPA, bf16."""
-    from kvtier.bench.sparse import synthetic_qkv
-
-    q, k, v = (x.to(device, torch.bfloat16) for x in synthetic_qkv(heads, kv_heads, n, dim))
-    group = heads // kv_heads
-    k_full, v_full = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    dense_s = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k_full, v_full, is_causal=True))
-    out = {"tokens": n, "shape": f"{heads}q/{kv_heads}kv x {dim} bf16", "dense_sdpa_s": dense_s}
+    q, k, _, dense = long_inputs(device, n, heads, kv_heads, dim)
+    out = {"tokens": n, "shape": f"{heads}q/{kv_heads}kv x {dim} bf16", "dense_sdpa_s": timed(dense)}
     for pattern in (HeadPattern("block_sparse", mass=0.95), HeadPattern("vertical_slash", mass=0.9)):
         out[f"estimate_{pattern.kind}_s"] = timed(lambda: estimate_index(q, k, [pattern] * heads))
     return out

@@ -182,8 +182,7 @@ def probe_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, ends: li
     rows, the farthest ones."""
     (batch, num_heads, q_len, dim), (kv_heads, k_len) = q.shape, k.shape[1:3]
     keys = torch.arange(k_len, device=q.device)
-    work = q.dtype if q.is_cuda else torch.float32  # half-precision GEMMs on a GPU (as MInference); CPU ones are slow
-    key_t = k.to(work).transpose(-1, -2)  # [B, Hkv, D, k_len]
+    key_t = _keys_for_scores(k)
     vertical = torch.zeros(batch, len(heads), len(ends), k_len, device=q.device)
     slash = torch.zeros_like(vertical)
     for g, end in enumerate(ends):
@@ -193,8 +192,8 @@ def probe_scores(q: torch.Tensor, k: torch.Tensor, heads: torch.Tensor, ends: li
         # unseen keys' zeros would all be added to offset 0: one address, 18x slower at 32k.
         seen = k_len - q_len + end
         picked = q[:, :, end - len(local) : end] if not spread else q[:, :, local]
-        rows = (picked.float() * scale).to(work).reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
-        scores = torch.matmul(rows, key_t[..., :seen]).float().view(batch, num_heads, len(local), seen)
+        rows = picked.reshape(batch, kv_heads, -1, dim)  # a KV head's heads share keys
+        scores = _scores(rows, key_t[..., :seen], scale).view(batch, num_heads, len(local), seen)
         if len(heads) < num_heads:
             scores = scores[:, heads]
         scores.masked_fill_(keys[:seen] > pos[:, None], float("-inf"))  # [B, H', rows, seen]
@@ -274,8 +273,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor
     num_qb, num_kb = -(-q_len // BLOCK), -(-k_len // BLOCK)
     per_block = BLOCK // BLOCK_SAMPLE
     rows = torch.arange(BLOCK_SAMPLE - 1, num_qb * BLOCK, BLOCK_SAMPLE, device=q.device).clamp(max=q_len - 1)
-    work = q.dtype if q.is_cuda else torch.float32
-    key_t = k.to(work).transpose(-1, -2)  # [B, H, D, k_len]
+    key_t = _keys_for_scores(k)
     keys = torch.arange(k_len, device=q.device)
     out = torch.zeros(batch, heads, num_qb, num_kb, device=q.device)
     elements = _SCORE_ELEMENTS << 4 if q.is_cuda else _SCORE_ELEMENTS  # a GPU step: 1 GiB, not 512 small GEMMs at 32k
@@ -284,10 +282,22 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor
         m1 = min(num_qb, m0 + step)
         r = rows[m0 * per_block : m1 * per_block]
         seen = k_len - q_len + min(q_len, m1 * BLOCK)
-        scores = torch.matmul((q[:, :, r].float() * scale).to(work), key_t[..., :seen]).float()
+        scores = _scores(q[:, :, r], key_t[..., :seen], scale)
         scores.masked_fill_(keys[:seen] > r[:, None] + (k_len - q_len), float("-inf"))
         probs = torch.softmax(scores, dim=-1)  # [B, H, rows, seen]
         seen_kb = -(-seen // BLOCK)
         probs = torch.nn.functional.pad(probs, (0, seen_kb * BLOCK - seen))
         out[:, :, m0:m1, :seen_kb] = probs.view(batch, heads, m1 - m0, per_block, seen_kb, BLOCK).sum((3, 5))
     return out / per_block
+
+
+def _keys_for_scores(k: torch.Tensor) -> torch.Tensor:
+    """``k`` ``[B, H, N, D]`` as the right operand of ``_scores``: ``[B, H, D, N]`` in the GEMM's dtype, the
+    inputs' half precision on a GPU (as MInference) and fp32 on the CPU (where half-precision GEMMs are slow)."""
+    return k.to(k.dtype if k.is_cuda else torch.float32).transpose(-1, -2)
+
+
+def _scores(rows: torch.Tensor, key_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled logits, float32 ``[..., R, N]``, of query rows ``[..., R, D]`` against ``key_t`` ``[..., D, N]``
+    (``_keys_for_scores``): the rows are scaled before the GEMM, ``R x D`` values instead of ``R x N``."""
+    return torch.matmul((rows.float() * scale).to(key_t.dtype), key_t).float()
