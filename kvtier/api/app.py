@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -39,7 +39,8 @@ from kvtier.api.auth import ANONYMOUS, Authenticator, Principal, tenant_namespac
 from kvtier.api.budget import ByteBudget
 from kvtier.api.metrics import Metrics
 from kvtier.api.partitions import Partitions, merged_stats
-from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice, split_frames
+from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
+from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, TierError
@@ -179,36 +180,86 @@ class Service:
         return schemas.LookupResponse(tokens=result.tokens, chunks=[
             schemas.ChunkInfo(index=c.index, key=c.key.hex(), tiers=c.tiers) for c in result.chunks])
 
-    def put(self, principal: Principal, layout: KVLayout, body: memoryview) -> schemas.PutResponse:
-        """Verify every blob of ``body`` (a chain of chunks), then store them; nothing is stored on a refusal."""
-        blobs = list(split_frames(body))
-        if len(blobs) > self.limits.max_chunks_per_batch:
-            raise Refusal(413, "too_many_chunks",
-                           f"{len(blobs)} chunks in one batch; the limit is {self.limits.max_chunks_per_batch}")
-        self.check_tokens(len(blobs) * layout.chunk_tokens)
+    async def put(self, principal: Principal, layout: KVLayout, request: Request,
+                  run: Callable[..., Awaitable[Any]]) -> schemas.PutResponse:
+        """Receive a batch of blobs (a chain of chunks), verify every one, then store them; nothing is stored or
+        evicted on a refusal. Each blob lands in free bytes lent by the first tier, which keeps them (no copy), or
+        else in a buffer of its own. Verifying and storing run on the event loop when they cannot block (the
+        layers were hashed as they arrived; the put only touches lent memory and the lock is free), else in a
+        thread (``run``). The store then evicts to keep as many bytes free as this body took, for the next put.
+        """
+        store = self.store(principal)
+        lent: list[torch.Tensor] = []
+
+        def destination(nbytes: int) -> torch.Tensor:
+            buffer = store.lend(nbytes, layout, wait=False)
+            if buffer is None:
+                return torch.empty(nbytes, dtype=torch.uint8)
+            lent.append(buffer)
+            return buffer
+
+        declared = request.headers.get("content-length")  # the middleware checked it against max_body_bytes
+        receiver = BlobReceiver(destination, int(declared) if declared else self.limits.max_body_bytes,
+                                self.limits.max_chunks_per_batch)
+        try:
+            async for piece in request.stream():
+                receiver.feed(piece)
+            try:
+                blobs = receiver.finish()
+            except TooManyBlobs as exc:
+                raise Refusal(413, "too_many_chunks", f"{exc}; the limit is {self.limits.max_chunks_per_batch}") from None
+            self.check_tokens(len(blobs) * layout.chunk_tokens)
+            if all(b.layer_xxh3 is not None for b in blobs):
+                chunks = self.verify(principal, layout, blobs)
+            else:
+                chunks = await run(self.verify, principal, layout, blobs)
+            handed, lent = lent, []  # the put gives back what it does not keep
+            room = receiver.received  # afterwards the tier has room to lend to the next put of this size
+            result = (self.store_chunks(principal, layout, chunks, handed, room, wait=False)
+                      or await run(self.store_chunks, principal, layout, chunks, handed, room, True))
+            self.count(principal.tenant, bytes_in=receiver.received)
+            return result
+        finally:
+            if lent:
+                with anyio.CancelScope(shield=True):
+                    await run(store.take_back, lent)
+
+    def verify(self, principal: Principal, layout: KVLayout, blobs: list[ReceivedBlob]) -> list[Chunk]:
+        """The chunks of ``blobs``, each verified (checksums, layout); the first one's parent must be this tenant's
+        root or one of its cached chunks."""
         chunks = []
-        for i, blob in enumerate(blobs):
-            try:  # in place when the body holds the KV as it is
-                header, chunk = decode_blob(blob, in_place=True)
+        for i, b in enumerate(blobs):
+            try:  # in place: the KV stays where it was received
+                header, chunk = decode_blob(b.blob, in_place=True, layer_xxh3=b.layer_xxh3)
             except BlobError as exc:
                 raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
             if header.layout.fingerprint != layout.fingerprint:
                 raise Refusal(400, "wrong_layout", f"blob {i} has layout {header.layout.fingerprint}, "
                                                     f"the request names {layout.fingerprint}")
             chunks.append(chunk)
+        if chunks and chunks[0].parent != root_key(layout.fingerprint, principal.namespace) \
+                and not self._owns(principal, layout, chunks[0].parent):
+            raise _parent_missing(chunks[0].parent)
+        return chunks
+
+    def store_chunks(self, principal: Principal, layout: KVLayout, chunks: list[Chunk], lent: list[torch.Tensor],
+                     headroom: int, wait: bool) -> schemas.PutResponse | None:
+        """Store verified chunks (``lent``: the bytes lent for them, given back unless kept; ``headroom``: bytes
+        to keep free for lending); None when ``wait=False`` and that would block."""
         if not chunks:
             return schemas.PutResponse(stored=0, present=0, dropped=0)
         root = root_key(layout.fingerprint, principal.namespace)
         parent = chunks[0].parent
-        if parent != root and not self._owns(principal, layout, parent):
-            raise _parent_missing(parent)
         try:
-            result = self.store(principal).put_chunks(chunks, root, principal.namespace, layout)
+            result = self.store(principal).put_chunks(chunks, root, principal.namespace, layout, wait=wait, lent=lent,
+                                                      headroom=headroom)
         except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
             if parent != root and not self._owns(principal, layout, parent):
-                raise _parent_missing(parent) from None  # evicted since the check above
+                raise _parent_missing(parent) from None  # evicted since the check
             raise Refusal(400, "bad_chunk", str(exc)) from None
-        self.count(principal.tenant, put_chunks=result.stored, bytes_in=body.nbytes)
+        if result is None:
+            return None
+        self.count(principal.tenant, put_chunks=result.stored)
         self.metrics.chunks_moved.labels("in").inc(result.stored)
         return schemas.PutResponse(stored=result.stored, present=result.present, dropped=result.dropped)
 
@@ -248,18 +299,6 @@ class Service:
         self.count(principal.tenant, fetched_chunks=fetched.chunks, bytes_out=sum(len(p) for p in fetched.parts))
         self.metrics.chunks_moved.labels("out").inc(fetched.chunks)
         return fetched
-
-    async def receive(self, request: Request) -> memoryview:
-        """The request body, written into one buffer as it arrives (writable: a raw blob decodes in place)."""
-        declared = request.headers.get("content-length")
-        if declared is None:  # chunked transfer: the size is unknown up front
-            return memoryview(bytearray(await request.body()))
-        view = memoryview(torch.empty(int(declared), dtype=torch.uint8).numpy())  # the middleware checked it
-        pos = 0
-        async for piece in request.stream():
-            view[pos : pos + len(piece)] = piece  # h11 never passes more than Content-Length
-            pos += len(piece)
-        return view[:pos]
 
     def pin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
         return self.store(principal).pin(tokens, principal.namespace, layout)
@@ -495,7 +534,7 @@ def create_app(config: KVTierConfig) -> FastAPI:
         declared = request.headers.get("content-length")  # the middleware checked it against max_body_bytes
         held = await service.budget.acquire(int(declared) if declared else service.limits.max_body_bytes)
         try:
-            return await run(service.put, who, kv_layout, await service.receive(request))
+            return await service.put(who, kv_layout, request, run)
         finally:
             service.budget.release(held)
 

@@ -15,6 +15,7 @@ from kvtier.layout import KVLayout
 
 CONTENT_TYPE = "application/x-kvtier-chunks"
 _LEN = struct.Struct("<Q")
+FRAME_PREFIX = _LEN.size
 
 
 def frame_prefix(nbytes: int) -> bytes:
@@ -22,17 +23,23 @@ def frame_prefix(nbytes: int) -> bytes:
     return _LEN.pack(nbytes)
 
 
+def frame_length(prefix: bytes | bytearray | memoryview, index: int, left: int) -> int:
+    """The length a frame's prefix gives, checked against the ``left`` bytes of the body after it."""
+    (n,) = _LEN.unpack_from(prefix)
+    if n > left:
+        raise BlobError(f"frame {index}: length {n} runs past the end of the body ({left} bytes left)")
+    return n
+
+
 def split_frames(body: memoryview) -> Iterator[memoryview]:
     """The blobs of a batch body, as views of it; BlobError if the framing is broken."""
     pos = 0
     index = 0
     while pos < len(body):
-        if len(body) - pos < _LEN.size:
-            raise BlobError(f"frame {index}: {len(body) - pos} trailing bytes, a length prefix needs {_LEN.size}")
-        (n,) = _LEN.unpack_from(body, pos)
-        pos += _LEN.size
-        if n > len(body) - pos:
-            raise BlobError(f"frame {index}: length {n} runs past the end of the body ({len(body) - pos} bytes left)")
+        if len(body) - pos < FRAME_PREFIX:
+            raise BlobError(f"frame {index}: {len(body) - pos} trailing bytes, a length prefix needs {FRAME_PREFIX}")
+        n = frame_length(body[pos:], index, len(body) - pos - FRAME_PREFIX)
+        pos += FRAME_PREFIX
         yield body[pos : pos + n]
         pos += n
         index += 1

@@ -236,6 +236,12 @@ def _codec(name: str, params: str) -> Codec:
     return get_codec(name, **json.loads(params))
 
 
+def max_blob_bytes(layout: KVLayout) -> int:
+    """The most bytes a blob of ``layout`` can take with the raw codec (the largest header included)."""
+    summary = math.prod(layout.summary_shape) * layout.torch_dtype.itemsize
+    return 8 + _MAX_HEADER + 4 * layout.chunk_tokens + layout.chunk_bytes + summary
+
+
 def header_length(prefix: bytes | memoryview) -> int:
     """Bytes taken by the header, given at least the blob's first 8 bytes."""
     if len(prefix) < 8:
@@ -302,13 +308,15 @@ def _tensor(data: memoryview, header: BlobHeader, name: str) -> torch.Tensor:
 
 
 def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None = None,
-                layers: range | None = None, in_place: bool = False) -> tuple[BlobHeader, Chunk]:
+                layers: range | None = None, in_place: bool = False,
+                layer_xxh3: list[str] | None = None) -> tuple[BlobHeader, Chunk]:
     """Verify and decode a blob. Returns the header and a Chunk whose ``kv`` is ``out`` (filled) or new.
 
     ``layers``: decode only these layers (``out`` then has ``len(layers)`` layers); only their checksums
     are checked. Raises BlobError on any corruption: a bad header, a truncated body, a checksum mismatch.
     The returned ``tokens``/``summary`` may share memory with ``data``. ``in_place`` (without ``out``): a
-    raw-codec blob in writable ``data`` decodes to a view of its own bytes, with no copy.
+    raw-codec blob in writable ``data`` decodes to a view of its own bytes, with no copy. ``layer_xxh3``: the
+    digests of all KV layers as computed from ``data``'s bytes while they arrived (they are not hashed again).
     """
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     header = parse_header(view)
@@ -328,7 +336,7 @@ def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None =
         if part.dim() == 0 or part.shape[0] != layout.num_layers:
             raise BlobError(f"blob KV part of shape {tuple(part.shape)} is not layer-major over {layout.num_layers} layers")
     sub = {name: p[layers.start : layers.stop : layers.step] for name, p in parts.items()}
-    sums = layer_checksums(sub)
+    sums = layer_checksums(sub) if layer_xxh3 is None else layer_xxh3[layers.start : layers.stop : layers.step]
     if sums != header.layer_xxh3[layers.start : layers.stop : layers.step]:
         raise BlobError("blob checksum mismatch in its KV")
     shape = (len(layers),) + layout.chunk_shape[1:]

@@ -16,6 +16,15 @@ Eviction is leaf-first: a chunk is not evicted from a tier while a child of it i
 store while it has children anywhere, so the cache never holds a chunk whose prefix it lost. Pinned chunks
 are never evicted. One lock serialises every operation, copies included.
 
+Key summaries (per page min/max/mean of the keys, for retrieval attention) are made when first needed: a
+memory tier holds a chunk with an empty slot for its summary, filled when :meth:`TieredStore.summaries` asks
+for it; a chunk gets its summary before it is written to a tier that stores it with the chunk (disk, Redis).
+
+A receiver of blobs (the service) can :meth:`TieredStore.lend` bytes of the first tier's memory, receive a
+blob into them, and :meth:`TieredStore.put_chunks` a chunk whose KV lies there: the tier takes the bytes
+over instead of copying them. With ``wait=False`` both return None instead of waiting for the lock or doing
+I/O, so an event loop may call them.
+
 Every request also has a turn (:meth:`TieredStore.turn_of`: how many earlier prompts its prompt continues),
 which the store keeps on the nodes it uses and, for a while, on the keys it dropped. The store counts how
 often a prompt at each turn was continued and tells the tier policies the request's chance of being
@@ -37,7 +46,7 @@ import numpy as np
 import torch
 
 from kvtier.errors import CapacityError, LayoutError, TierError
-from kvtier.kvstore.chunk import Chunk, key_summary
+from kvtier.kvstore.chunk import Chunk, key_summary, max_blob_bytes
 from kvtier.kvstore.index import Node, PrefixIndex
 from kvtier.kvstore.keys import TokenLike, as_tokens, chain_key, chunk_keys, root_key
 from kvtier.kvstore.policies import EvictionPolicy, make_policy
@@ -148,6 +157,8 @@ class TieredStore:
         self.quotas: dict[str, int] = {}
         self.counters = _Counters(tier_hits={t.name: 0 for t in self.tiers})
         self._scratch: dict[str, torch.Tensor] = {}
+        for t in self.tiers:
+            t.keep_summaries = self.keep_summaries
         self._recover()
 
     # ------------------------------------------------------------------ public API
@@ -271,10 +282,74 @@ class TieredStore:
         return GetResult(len(fetched) * C, out, names)
 
     def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",
-                   layout: KVLayout | None = None) -> PutResult:
+                   layout: KVLayout | None = None, wait: bool = True, lent: Sequence[torch.Tensor] = (),
+                   headroom: int = 0) -> PutResult | None:
         """Store a chain of chunks built elsewhere (e.g. received by the service). Each chunk's parent must be
-        the previous chunk's key (the first's: ``root`` or a cached chunk) and its key ``H(parent || tokens)``."""
+        the previous chunk's key (the first's: ``root`` or a cached chunk) and its key ``H(parent || tokens)``.
+        Chunks whose KV lies in bytes from :meth:`lend` are taken over; of ``lent`` (bytes lent for this put),
+        the rest is given back. Then the first tier evicts until it could lend ``headroom`` bytes again (the
+        next put of this size is received in place; a lend itself never evicts).
+
+        ``wait=False``: None (and nothing done) when the lock is taken or the put might do I/O: a chunk not in
+        lent bytes, a write-through tier, or the namespace's quota to make room in; the headroom is then
+        made by evicting only chunks that need no demotion.
+        """
         layout = self._layout(layout)
+        if wait:  # the summaries a disk or Redis tier needs are made outside the lock
+            try:
+                return self._put_verified(list(chunks), root, namespace, layout)
+            finally:
+                self._after_put(lent, headroom, layout, demote=True)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._in_memory_only(chunks, namespace, layout):
+                return None
+            try:
+                return self._put_verified(list(chunks), root, namespace, layout)
+            finally:
+                self._after_put(lent, headroom, layout, demote=False)
+        finally:
+            self._lock.release()
+
+    def lend(self, nbytes: int, layout: KVLayout | None = None, wait: bool = True) -> torch.Tensor | None:
+        """``nbytes`` bytes (uint8 ``[nbytes]``) of the first tier's free memory to receive a raw blob of
+        ``layout`` into, with room for its key summary after them; :meth:`put_chunks` of a chunk whose KV lies
+        there stores it without a copy. Nothing is evicted for it: None when ``nbytes`` cannot be a raw blob of
+        ``layout``, the first tier cannot lend (not a CPU memory tier with the raw codec) or has no free extent
+        that large, and with ``wait=False`` when the lock is taken. Bytes no put took are given back with :meth:`take_back` (or by the put)."""
+        layout = self._layout(layout)
+        if not layout.chunk_bytes <= nbytes <= max_blob_bytes(layout) or not self._lock.acquire(blocking=wait):
+            return None  # not the size of a raw blob of this layout
+        try:
+            return self.tiers[0].lend(nbytes, layout)
+        finally:
+            self._lock.release()
+
+    def take_back(self, buffers: Sequence[torch.Tensor]) -> None:
+        """Return bytes from :meth:`lend` that no put took over."""
+        with self._lock:
+            for b in buffers:
+                self.tiers[0].take_back(b)
+
+    def _after_put(self, lent: Sequence[torch.Tensor], headroom: int, layout: KVLayout, demote: bool) -> None:
+        """Give back the lent bytes no chunk took over; evict until ``headroom`` bytes could be lent again."""
+        with self._lock:
+            for b in lent:
+                self.tiers[0].take_back(b)
+            room = self.tiers[0].lend_nbytes(headroom, layout) if headroom else 0
+            if room and room <= self.tiers[0].capacity_bytes:
+                self._make_room(0, room, demote)
+
+    def _in_memory_only(self, chunks: Sequence[Chunk], namespace: str, layout: KVLayout) -> bool:
+        """Whether a put of ``chunks`` surely writes to the first tier's lent bytes only (and evicts nothing for a
+        quota)."""
+        quota = self.quotas.get(namespace)
+        return (not any(self.write_through[1:])
+                and all(c.kv is not None and self.tiers[0].lent(c.kv) for c in chunks)
+                and (quota is None or self.namespace_bytes.get(namespace, 0) + len(chunks) * layout.chunk_bytes <= quota))
+
+    def _put_verified(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout) -> PutResult:
         expected = chunks[0].parent if chunks else root
         if chunks and expected != root and expected not in self.index:
             raise ValueError(f"parent {expected.hex()} of the first chunk is neither the root nor cached")
@@ -348,7 +423,10 @@ class TieredStore:
         with self._lock:
             out = []
             for node in self.index.match(keys):
-                s = self._summary(node, _lowest_bit(node.tiers))
+                t = _lowest_bit(node.tiers)
+                s = self._summary(node, t)
+                if s is None and self.keep_summaries and node.tiers >> t & 1 and self.tiers[t].summary_on_demand:
+                    s = self._summary_from_kv(node, t)
                 if s is None:
                     break
                 out.append(s)
@@ -453,9 +531,10 @@ class TieredStore:
         return buf
 
     def _put_chain(self, chunks: list[Chunk], root: bytes, layout: KVLayout, namespace: str, n_full: int) -> PutResult:
-        for chunk in chunks:  # outside the lock, so that concurrent puts overlap; the unlocked peek at the index
-            if chunk.key not in self.index:  # costs at worst a summary of a chunk that another put stores meanwhile
-                self._summarise(chunk, layout)
+        if any(not self.tiers[i].summary_on_demand for i in self._put_tiers()):
+            for chunk in chunks:  # outside the lock, so that concurrent puts overlap; the unlocked peek at the index
+                if chunk.key not in self.index:  # costs at worst a summary of a chunk another put stores meanwhile
+                    self._summarise(chunk, layout)
         with self._lock:
             nodes = self.index.match([c.key for c in chunks])
             new = chunks[len(nodes):]
@@ -475,7 +554,6 @@ class TieredStore:
             added: list[Node] = []
             try:
                 for chunk in new:
-                    self._summarise(chunk, layout)  # evicted since the peek above
                     if not self._quota_room(namespace, layout):
                         break
                     chunk.namespace = namespace
@@ -502,10 +580,20 @@ class TieredStore:
             self.counters.put_bytes += len(added) * layout.chunk_bytes
         return PutResult(stored=len(added), present=len(nodes), dropped=n_full - len(nodes) - len(added))
 
+    def _put_tiers(self) -> list[int]:
+        """The tiers a put writes to when the first tier takes the chunk."""
+        return [0] + [i for i in range(1, len(self.tiers)) if self.write_through[i]]
+
     def _summarise(self, chunk: Chunk, layout: KVLayout) -> None:
         """Give ``chunk`` its key summary, unless it has one or this store keeps none."""
         if self.keep_summaries and chunk.kv is not None and chunk.summary is None:
             chunk.summary = key_summary(chunk.kv, layout.page_tokens)
+
+    def _prepare(self, t: int, chunk: Chunk, layout: KVLayout):
+        """Encode ``chunk`` for tier ``t``, with its summary first if that tier stores it with the chunk."""
+        if not self.tiers[t].summary_on_demand:
+            self._summarise(chunk, layout)
+        return self.tiers[t].prepare(chunk, layout)
 
     def _check_capacity(self, n_new: int, layout: KVLayout) -> None:
         if n_new == 0:
@@ -523,8 +611,8 @@ class TieredStore:
         for i, tier in enumerate(self.tiers):
             if mask and not self.write_through[i]:
                 continue
-            prepared = tier.prepare(chunk, layout)
-            if prepared.nbytes > tier.capacity_bytes or not self._make_room(i, prepared.nbytes):
+            prepared = self._prepare(i, chunk, layout)
+            if not prepared.reserved and (prepared.nbytes > tier.capacity_bytes or not self._make_room(i, prepared.nbytes)):
                 continue
             if self._commit(i, prepared):
                 mask |= 1 << i
@@ -545,11 +633,14 @@ class TieredStore:
             return False
         return True
 
-    def _make_room(self, t: int, nbytes: int) -> bool:
+    def _make_room(self, t: int, nbytes: int, demote: bool = True) -> bool:
+        """Evict from tier ``t`` until ``nbytes`` fit; ``demote=False``: only chunks that need no demotion."""
         tier = self.tiers[t]
         failed: set[bytes] = set()
+        last = t + 1 == len(self.tiers)
         while not tier.can_fit(nbytes):
-            key = self.policies[t].victim(lambda k: k not in failed and self._evictable(k, t))
+            key = self.policies[t].victim(lambda k: k not in failed and self._evictable(k, t) and (
+                demote or last or bool(self.index.nodes[k].tiers >> (t + 1))))
             if key is None:
                 return False
             if not self._evict(self.index.nodes[key], t):
@@ -587,7 +678,7 @@ class TieredStore:
             chunk.summary = self._summary(node, t)
             chunk.namespace = node.namespace
         target = self.tiers[t + 1]
-        prepared = target.prepare(chunk, layout)
+        prepared = self._prepare(t + 1, chunk, layout)
         if prepared.nbytes > target.capacity_bytes:
             return False
         node.pins += 1
@@ -660,6 +751,17 @@ class TieredStore:
             self._forget(node, t)
         return summary
 
+    def _summary_from_kv(self, node: Node, t: int) -> torch.Tensor | None:
+        """Compute ``node``'s key summary from its KV in tier ``t`` and keep it there."""
+        layout = self.layouts[node.layout]
+        buf = self._scratch_for(layout)
+        if self.tiers[t].get(node.key, buf) is None:
+            self._forget(node, t)
+            return None
+        summary = key_summary(buf, layout.page_tokens)
+        self.tiers[t].set_summary(node.key, summary)
+        return summary
+
     def _fetch(self, node: Node, parent: bytes, out: torch.Tensor | None, layers: range) -> tuple[int, Chunk] | None:
         """Read ``node``'s chunk from the fastest tier holding it into ``out`` and verify it: its parent must be
         ``parent`` and its key ``H(parent || tokens)``. A copy that fails is deleted and the next tier tried.
@@ -711,7 +813,7 @@ class TieredStore:
         if self.keep_summaries:
             chunk.summary = self._summary(node, source)
         top = self.tiers[0]
-        prepared = top.prepare(chunk, layout)
+        prepared = self._prepare(0, chunk, layout)
         if prepared.nbytes > top.capacity_bytes or not self._make_room(0, prepared.nbytes):
             return False
         if not self._commit(0, prepared):

@@ -46,9 +46,11 @@ def root(url) -> bytes:
     return bytes.fromhex(httpx.post(url + "/v1/layouts", json=LAYOUT.to_dict(), headers=AUTH).json()["root"])
 
 
-def used(url: str) -> tuple[int, int]:
+def used(url: str) -> tuple[int, int, list[int]]:
+    """Chunks, chunks put, and the bytes each tier holds (lent bytes included: a refusal gives them back)."""
     stats = httpx.get(url + "/v1/admin/stats", headers={"Authorization": f"Bearer {KEYS['admin']}"}).json()
-    return stats["store"]["chunks"], stats["store"]["put_chunks"]
+    tiers = [t["used_bytes"] for part in stats["store"]["partitions"].values() for t in part["tiers"]]
+    return stats["store"]["chunks"], stats["store"]["put_chunks"], tiers
 
 
 def refused(reply: httpx.Response, status: int, *words: str) -> None:

@@ -12,7 +12,7 @@ from kvtier.api import AsyncClient, Client
 from kvtier.api.client import AuthenticationError, NotFoundError, PermissionDeniedError
 from kvtier.errors import LayoutError
 
-from .helpers import KEYS, LAYOUT, kv_for, prompt
+from .helpers import KEYS, LAYOUT, kv_for, make_config, prompt, serve
 
 
 
@@ -129,3 +129,22 @@ def test_keys_are_checked(url):
         with Client(url, LAYOUT, api_key=key) as c, pytest.raises(AuthenticationError) as err:
             c.lookup(prompt(16))
         assert err.value.status == 401 and "API key" in err.value.detail
+
+
+def test_a_memory_only_service_stores_in_place_past_its_capacity(tmp_path):
+    """Host tier only: puts are received into lent host memory and stored on the event loop; a full tier evicts
+    after each put to keep room for the next, and every chunk still cached reads back as put."""
+    config = make_config(tmp_path, tiers=[{"kind": "host", "capacity_bytes": 48 << 10}])
+    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        prompts = [prompt(4 * LAYOUT.chunk_tokens, seed=s) for s in range(12)]
+        for s, p in enumerate(prompts):
+            assert c.put(p, kv_for(len(p), seed=s)).stored == 4
+        stats = httpx.get(url + "/v1/admin/stats", headers={"Authorization": f"Bearer {KEYS['admin']}"}).json()["store"]
+        host = max((part["tiers"][0] for part in stats["partitions"].values()), key=lambda t: t["used_bytes"])
+        assert 0 < host["used_bytes"] <= host["capacity_bytes"] and host["evictions"] > 0
+        cached = 0
+        for s, p in enumerate(prompts):
+            got = c.get(p)
+            assert torch.equal(got.kv[:, :, :, : got.tokens], kv_for(len(p), seed=s)[:, :, :, : got.tokens])
+            cached += got.tokens > 0
+        assert cached >= 2

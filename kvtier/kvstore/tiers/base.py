@@ -3,13 +3,21 @@
 A tier stores encoded chunks under their keys and accounts the bytes they take. Primitives:
 
 - ``prepare(chunk, layout) -> Prepared``: encode the chunk with the tier's codec; changes nothing, and the
-  result says how many bytes a commit will take here (``Prepared.nbytes``);
+  result says how many bytes a commit will take here (``Prepared.nbytes``), and whether they are taken
+  already (``Prepared.reserved``: the chunk lies in an extent a memory tier lent);
 - ``can_fit(nbytes) -> bool``: whether a commit of that size succeeds now (the store evicts until it does);
 - ``commit(prepared)``: store it;
 - ``get(key, out, layers=None) -> Chunk | None``: decode the KV of ``layers`` (default all) into ``out``
   (``[len(layers), T, H, C, D]``) and return the chunk's key, parent and tokens for the caller to verify;
   None is a miss, also for a chunk found corrupt (then it is deleted and counted in ``stats.corrupt``);
-- ``summary(key) -> Tensor | None``: the chunk's key summary without its KV;
+- ``summary(key) -> Tensor | None``: the chunk's key summary without its KV; a tier with
+  ``summary_on_demand`` may hold a chunk whose summary comes later, through ``set_summary(key, summary)``
+  (the store computes it when it is first needed); other tiers get it with the chunk when the store keeps
+  summaries (``keep_summaries``, set by the store);
+- ``lend(nbytes, layout) -> Tensor | None``, ``lend_nbytes(nbytes, layout)``, ``take_back(buffer)``,
+  ``lent(tensor) -> bool``: a tier that can take a chunk over in place (a CPU memory tier storing raw KV)
+  lends free bytes to receive a blob into (``lend_nbytes``: what lending them takes, 0 for a tier that
+  lends nothing);
 - ``contains(key)``, ``delete(key) -> bytes freed``, ``__len__``;
 - ``scan() -> Iterator[(Chunk without KV, KVLayout)]``: for persistent tiers, what is there at start-up;
 - batch forms ``get_many`` and ``commit_many`` (loops here; a networked tier pipelines them).
@@ -40,6 +48,7 @@ class Prepared:
     key: bytes
     nbytes: int
     payload: Any = None
+    reserved: bool = False
 
 
 @dataclass
@@ -54,6 +63,8 @@ class TierStats:
 
 class Tier(ABC):
     persistent: bool = False
+    summary_on_demand: bool = False
+    keep_summaries: bool = False
 
     def __init__(self, name: str, capacity_bytes: int, codec: Codec | str = "raw") -> None:
         if capacity_bytes < 0:
@@ -81,6 +92,22 @@ class Tier(ABC):
 
     @abstractmethod
     def summary(self, key: bytes) -> torch.Tensor | None: ...
+
+    def lend_nbytes(self, nbytes: int, layout: KVLayout) -> int:
+        return 0
+
+    def lend(self, nbytes: int, layout: KVLayout) -> torch.Tensor | None:
+        return None
+
+    def take_back(self, buffer: torch.Tensor) -> None:
+        """Free the extent ``lend`` returned as ``buffer`` (that very object), unless a commit took it over."""
+
+    def lent(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lies in an extent this tier lent and no commit took over yet."""
+        return False
+
+    def set_summary(self, key: bytes, summary: torch.Tensor) -> None:
+        raise NotImplementedError(f"tier {self.name!r} takes a chunk's summary with the chunk")
 
     @abstractmethod
     def contains(self, key: bytes) -> bool: ...

@@ -2,6 +2,11 @@
 
 The buffer is allocated (and its pages touched) once; chunks take extents of it from a first-fit
 allocator that coalesces freed neighbours, so a put or get is a plain copy into or out of the pool.
+
+A chunk can also arrive already in the pool: :meth:`MemoryTier.lend` hands out an extent as a byte buffer
+(the service receives a blob straight into it), and a commit of a chunk whose parts lie in a lent extent
+adopts the extent instead of copying. Key summaries are computed on demand (``summary_on_demand``): when the
+store keeps them, every entry has a slot for its summary, filled by :meth:`MemoryTier.set_summary`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ ALIGN = 256
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
 class ExtentAllocator:
@@ -66,13 +75,16 @@ class _Entry:
     offset: int
     nbytes: int
     parts: dict[str, tuple[torch.dtype, tuple[int, ...], int]]  # name -> (dtype, shape, offset in extent)
-    summary: tuple[torch.dtype, tuple[int, ...], int] | None
+    summary: tuple[torch.dtype, tuple[int, ...], int] | None  # the summary's slot
     parent: bytes
     tokens: np.ndarray
+    summary_ready: bool  # whether the slot holds the summary yet
 
 
 class MemoryTier(Tier):
     """Chunks in a preallocated buffer on ``device``."""
+
+    summary_on_demand = True
 
     def __init__(self, name: str, capacity_bytes: int, codec: Codec | str = "raw",
                  device: str | torch.device = "cpu", pin: bool = False, prefault: bool = True) -> None:
@@ -84,6 +96,7 @@ class MemoryTier(Tier):
         if prefault:
             self.pool.zero_()  # touch every page now, not on the first puts
         self._entries: dict[bytes, _Entry] = {}
+        self._lent: dict[int, tuple[int, torch.Tensor]] = {}  # offset -> (bytes, the buffer lent) until taken over/back
         self._used = 0
 
     @property
@@ -95,34 +108,99 @@ class MemoryTier(Tier):
         tensors = dict(parts)
         if chunk.summary is not None:
             tensors["\0summary"] = chunk.summary
+        slot = None
+        if chunk.summary is None and self.keep_summaries and layout.summary_shape is not None:
+            slot = (layout.torch_dtype, layout.summary_shape)
+        lent = self._lent_extent(next(iter(parts.values())))
+        if lent is not None:
+            return Prepared(chunk.key, self._lent[lent][0], (chunk, tensors, slot, lent), reserved=True)
         nbytes = sum(_aligned(t.numel() * t.element_size()) for t in tensors.values())
-        return Prepared(chunk.key, nbytes, (chunk, tensors))
+        if slot is not None:
+            nbytes += _aligned(_nbytes(*slot))
+        return Prepared(chunk.key, nbytes, (chunk, tensors, slot, None))
 
     def can_fit(self, nbytes: int) -> bool:
         return self._alloc.can_alloc(nbytes)
 
+    def lend_nbytes(self, nbytes: int, layout: KVLayout) -> int:
+        if self.pool.device.type != "cpu" or self.codec.name != "raw":
+            return 0  # a device pool is not written by the receiver; a lossy codec cannot take raw KV over
+        slot = _aligned(_nbytes(layout.torch_dtype, layout.summary_shape)) + ALIGN if self.keep_summaries else 0
+        return _aligned(nbytes) + slot
+
+    def lend(self, nbytes: int, layout: KVLayout) -> torch.Tensor | None:
+        """A free extent for a blob of ``nbytes`` of ``layout`` (and the summary slot after it), as a uint8 tensor
+        ``[nbytes]``; None when no free extent is large enough or the tier lends nothing. A chunk committed with
+        its parts in it takes the extent over; :meth:`take_back` frees one that is not. Lent bytes count as
+        used."""
+        size = self.lend_nbytes(nbytes, layout)
+        offset = self._alloc.alloc(size) if size else None
+        if offset is None:
+            return None
+        buffer = self.pool[offset : offset + nbytes]
+        self._lent[offset] = (size, buffer)
+        self._used += size
+        return buffer
+
+    def take_back(self, buffer: torch.Tensor) -> None:
+        offset = buffer.data_ptr() - self.pool.data_ptr()
+        size, lent = self._lent.get(offset, (0, None))
+        if lent is buffer:  # not a later lend of the same bytes after a commit took this one over
+            del self._lent[offset]
+            self._alloc.free(offset, size)
+            self._used -= size
+
+    def lent(self, t: torch.Tensor) -> bool:
+        return self._lent_extent(t) is not None
+
+    def _lent_extent(self, t: torch.Tensor) -> int | None:
+        """The offset of the lent extent ``t`` lies in, if any."""
+        if not self._lent or t.device != self.pool.device:
+            return None
+        rel = t.data_ptr() - self.pool.data_ptr()
+        return next((o for o, (size, _) in self._lent.items() if o <= rel < o + size), None)
+
     def _view(self, entry: _Entry, spec: tuple[torch.dtype, tuple[int, ...], int]) -> torch.Tensor:
         dtype, shape, rel = spec
-        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         start = entry.offset + rel
-        return self.pool[start : start + n].view(dtype).view(shape)
+        return self.pool[start : start + _nbytes(dtype, shape)].view(dtype).view(shape)
 
     def commit(self, prepared: Prepared) -> None:
-        chunk, tensors = prepared.payload
-        offset = self._alloc.alloc(prepared.nbytes)
+        """Store the chunk: in the extent it was lent (its tensors that lie there stay where they are), or in a
+        new one; the other tensors are copied in after them, then comes the summary slot."""
+        chunk, tensors, slot, lent = prepared.payload
+        offset = lent if lent is not None else self._alloc.alloc(prepared.nbytes)
         if offset is None:
             raise MemoryError(f"tier {self.name!r}: no free extent of {prepared.nbytes} bytes")
-        specs = {}
-        rel = 0
+        base = self.pool.data_ptr() + offset
+        specs, copies, end = {}, [], 0
         for name, t in tensors.items():
-            specs[name] = (t.dtype, tuple(t.shape), rel)
-            rel += _aligned(t.numel() * t.element_size())
+            n = t.numel() * t.element_size()
+            rel = t.data_ptr() - base
+            if lent is not None and t.device == self.pool.device and t.is_contiguous() and 0 <= rel <= prepared.nbytes - n:
+                specs[name] = (t.dtype, tuple(t.shape), rel)
+                end = max(end, rel + n)
+            else:
+                copies.append((name, t))
+        end = _aligned(end)
+        for name, t in copies:
+            specs[name] = (t.dtype, tuple(t.shape), end)
+            end += _aligned(t.numel() * t.element_size())
+        if slot is not None:
+            specs["\0summary"] = (*slot, end)
+            end += _aligned(_nbytes(*slot))
+        if end > prepared.nbytes:
+            raise MemoryError(f"tier {self.name!r}: the chunk needs {end} bytes, its extent has {prepared.nbytes}")
         summary = specs.pop("\0summary", None)
-        entry = _Entry(offset, prepared.nbytes, specs, summary, chunk.parent, np.array(chunk.tokens, dtype=np.int32))
-        for name, t in tensors.items():
+        entry = _Entry(offset, prepared.nbytes, specs, summary, chunk.parent, np.array(chunk.tokens, dtype=np.int32),
+                       summary_ready=slot is None)
+        for name, t in copies:
             self._view(entry, specs[name] if name in specs else summary).copy_(t)
+        if lent is not None:
+            del self._lent[lent]
+        else:
+            self._used += prepared.nbytes
         self._entries[chunk.key] = entry
-        self._used += prepared.nbytes
         self.stats.bytes_written += prepared.nbytes
 
     def get(self, key: bytes, out: torch.Tensor, layers: range | None = None) -> Chunk | None:
@@ -140,9 +218,15 @@ class MemoryTier(Tier):
 
     def summary(self, key: bytes) -> torch.Tensor | None:
         entry = self._entries.get(key)
-        if entry is None or entry.summary is None:
+        if entry is None or entry.summary is None or not entry.summary_ready:
             return None
         return self._view(entry, entry.summary).clone()
+
+    def set_summary(self, key: bytes, summary: torch.Tensor) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry.summary is not None:
+            self._view(entry, entry.summary).copy_(summary)
+            entry.summary_ready = True
 
     def contains(self, key: bytes) -> bool:
         return key in self._entries

@@ -1,0 +1,182 @@
+"""Receiving in place: bytes lent by the first tier, chunks taken over without a copy, summaries on demand."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from kvtier.compression.codec import get_codec
+from kvtier.kvstore import DiskTier, HostTier, TieredStore
+from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary
+from kvtier.kvstore.keys import chunk_keys, root_key
+
+from .helpers import TINY, kv_for_tokens
+
+C = TINY.chunk_tokens
+NS = "tenant"
+ROOT = root_key(TINY.fingerprint, NS)
+
+
+def prompt(seed: int, n_chunks: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1000, n_chunks * C).astype(np.int32)
+
+
+def blobs(tokens: np.ndarray) -> list[bytes]:
+    """The raw blobs of ``tokens``' chunks, chained from the tenant's root."""
+    keys = chunk_keys(ROOT, tokens, C)
+    kv = kv_for_tokens(TINY, tokens)
+    return [blob_bytes(Chunk(k, keys[i - 1] if i else ROOT, tokens[i * C : (i + 1) * C], kv[:, :, :, i * C : (i + 1) * C]),
+                       TINY, get_codec("raw")) for i, k in enumerate(keys)]
+
+
+def receive(store: TieredStore, blob: bytes, wait: bool = False) -> tuple[Chunk, torch.Tensor | None]:
+    """``blob`` received into lent bytes when the store lends them (else into its own buffer), decoded in place."""
+    lent = store.lend(len(blob), TINY, wait=wait)
+    buffer = lent if lent is not None else torch.empty(len(blob), dtype=torch.uint8)
+    memoryview(buffer.numpy())[:] = blob
+    return decode_blob(memoryview(buffer.numpy()), in_place=True)[1], lent
+
+
+def test_a_lent_chunk_is_taken_over_without_a_copy():
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(0, 2)
+    received = [receive(store, b) for b in blobs(tokens)]
+    chunks, lent = [c for c, _ in received], [b for _, b in received]
+    assert all(b is not None for b in lent) and tier.used_bytes == sum(tier.lend_nbytes(b.numel(), TINY) for b in lent)
+    result = store.put_chunks(chunks, ROOT, NS, TINY, wait=False, lent=lent)
+    assert (result.stored, result.present) == (2, 0)
+    for c, b in zip(chunks, lent):  # the entry's KV is where the blob landed
+        entry = tier._entries[c.key]
+        assert tier.pool.data_ptr() + entry.offset == b.data_ptr()
+        assert tier.pool.data_ptr() + entry.offset + entry.parts["kv"][2] == c.kv.data_ptr()
+    assert tier.used_bytes == sum(e.nbytes for e in tier._entries.values())
+    got = store.get(tokens, namespace=NS)
+    assert got.tokens == 2 * C and torch.equal(got.kv, kv_for_tokens(TINY, tokens))
+
+
+def test_what_no_put_takes_is_given_back():
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(1, 1)
+    chunk, lent = receive(store, blobs(tokens)[0])
+    store.put_chunks([chunk], ROOT, NS, TINY, lent=[lent])
+    used = tier.used_bytes
+    again, lent2 = receive(store, blobs(tokens)[0])  # the same chunk: present, so its bytes go back
+    assert tier.used_bytes > used
+    assert store.put_chunks([again], ROOT, NS, TINY, wait=False, lent=[lent2]).present == 1
+    assert tier.used_bytes == used
+    assert store.lend(TINY.chunk_bytes - 1, TINY) is None and store.lend(100 << 20, TINY) is None  # no raw blob
+    refused = store.lend(len(blobs(tokens)[0]), TINY)
+    store.take_back([refused])  # a refused put gives its bytes back itself
+    assert tier.used_bytes == used
+    store.take_back([lent])  # taken over long ago: a stale hand-back frees nothing
+    assert tier.used_bytes == used and len(tier) == 1
+
+
+def test_a_stale_hand_back_never_frees_a_later_lend():
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(2, 1)
+    chunk, lent = receive(store, blobs(tokens)[0])
+    store.put_chunks([chunk], ROOT, NS, TINY, lent=[lent])
+    store.delete(tokens.tolist(), NS)  # its extent is free again...
+    again = store.lend(lent.numel(), TINY)  # ...and lent to someone else, at the same address
+    assert again.data_ptr() == lent.data_ptr()
+    store.take_back([lent])
+    assert tier.used_bytes == tier.lend_nbytes(lent.numel(), TINY)
+    store.take_back([again])
+    assert tier.used_bytes == 0
+
+
+def test_lending_never_evicts_and_a_put_keeps_headroom():
+    one = len(blobs(prompt(0, 1))[0])
+    room = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(one, TINY)
+    tier = HostTier(3 * room, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    for seed in range(3):  # fill it: the third put leaves no room to lend
+        chunk, lent = receive(store, blobs(prompt(seed, 1))[0])
+        assert lent is not None
+        store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent])
+    assert len(tier) == 3 and store.lend(one, TINY) is None  # full: a lend is refused, nothing evicted
+    assert len(tier) == 3
+    chunk, lent = receive(store, blobs(prompt(3, 1))[0])  # received into a buffer of its own
+    assert lent is None
+    assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False) is None  # not in lent bytes: not on the loop
+    assert store.put_chunks([chunk], ROOT, NS, TINY, headroom=one).stored == 1  # copies, evicts, keeps room
+    assert len(tier) == 2 and store.lend(one, TINY) is not None
+
+
+def test_a_put_that_might_block_is_not_done_without_waiting(tmp_path):
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    chunk, lent = receive(store, blobs(prompt(4, 1))[0])
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        assert store.lend(len(blobs(prompt(4, 1))[0]), TINY, wait=False) is None
+        assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]) is None
+    finally:
+        release.set()
+        holder.join()
+    assert len(tier) == 0
+    assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]).stored == 1
+    through = TieredStore([HostTier(1 << 20, prefault=False), DiskTier(tmp_path, 1 << 20)], layout=TINY,
+                          write_through=[False, True])
+    chunk, lent = receive(through, blobs(prompt(5, 1))[0])
+    assert through.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]) is None  # a disk write is I/O
+    assert through.put_chunks([chunk], ROOT, NS, TINY, lent=[lent]).stored == 1
+    assert through.lookup(prompt(5, 1).tolist(), NS).chunks[0].tiers == ["host", "disk"]
+
+
+def footprint() -> int:
+    tier = HostTier(1 << 20, prefault=False)
+    TieredStore([tier], layout=TINY).put(prompt(99, 1).tolist(), kv_for_tokens(TINY, prompt(99, 1)))
+    return tier.used_bytes
+
+
+@pytest.mark.parametrize("how", ["put", "received"])
+@pytest.mark.parametrize("asked", [True, False])
+def test_summaries_are_made_on_first_use_or_on_the_way_to_disk(tmp_path, how, asked):
+    tokens = prompt(6, 3)
+    lend = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(len(blobs(tokens)[0]), TINY)
+    host, disk = HostTier(max(3 * lend, 4 * footprint()), prefault=False), DiskTier(tmp_path, 1 << 20)
+    assert host.capacity_bytes < 7 * footprint()
+    store = TieredStore([host, disk], layout=TINY)
+    if how == "put":
+        store.put(tokens.tolist(), kv_for_tokens(TINY, tokens), NS)
+    else:
+        received = [receive(store, b) for b in blobs(tokens)]
+        assert all(b is not None for _, b in received)
+        store.put_chunks([c for c, _ in received], ROOT, NS, TINY, lent=[b for _, b in received])
+    keys = store.keys(tokens.tolist(), NS)
+    assert all(host.contains(k) and host.summary(k) is None for k in keys)  # none made at put time
+    kv = kv_for_tokens(TINY, tokens)
+    want = [key_summary(kv[:, :, :, i * C : (i + 1) * C], TINY.page_tokens) for i in range(3)]
+    if asked:
+        got = store.summaries(tokens.tolist(), NS)
+        assert len(got) == 3 and all(torch.equal(g, w) for g, w in zip(got, want))
+        assert torch.equal(host.summary(keys[0]), want[0])  # kept in its slot
+    store.put(prompt(7, 4).tolist(), kv_for_tokens(TINY, prompt(7, 4)), NS)  # demotes all three to disk
+    assert not any(host.contains(k) for k in keys)
+    assert all(torch.equal(disk.summary(k), w) for k, w in zip(keys, want))
+    assert all(torch.equal(g, w) for g, w in zip(store.summaries(tokens.tolist(), NS), want))
+
+
+def test_a_store_without_summaries_keeps_no_slot():
+    def used(summaries: bool) -> int:
+        tier = HostTier(1 << 20, prefault=False)
+        TieredStore([tier], layout=TINY, summaries=summaries).put(prompt(8, 1).tolist(), kv_for_tokens(TINY, prompt(8, 1)))
+        return tier.used_bytes
+
+    slot = -(-int(np.prod(TINY.summary_shape)) * 2 // 256) * 256
+    assert used(True) - used(False) == slot
