@@ -230,7 +230,7 @@ class Service:
         chunks = []
         for i, b in enumerate(blobs):
             try:  # in place: the KV stays where it was received
-                header, chunk = decode_blob(b.blob, in_place=True, layer_xxh3=b.layer_xxh3)
+                header, chunk = decode_blob(b.blob, in_place=True, header=b.header, layer_xxh3=b.layer_xxh3)
             except BlobError as exc:
                 raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
             if header.layout.fingerprint != layout.fingerprint:

@@ -21,16 +21,17 @@ import xxhash
 
 from kvtier.api.wire import FRAME_PREFIX, frame_length
 from kvtier.errors import BlobError
-from kvtier.kvstore.chunk import header_length, parse_header
+from kvtier.kvstore.chunk import BlobHeader, header_length, parse_header
 
 
 @dataclass
 class ReceivedBlob:
-    """One blob of the body: its bytes (``blob``, a writable view of ``buffer``) and, for a raw-codec blob,
-    the XXH3-64 of each KV layer computed as the bytes arrived (else None)."""
+    """One blob of the body: its bytes (``blob``, a writable view of ``buffer``), its header once parsed and, for
+    a raw-codec blob, the XXH3-64 of each KV layer computed as the bytes arrived (else None)."""
 
     buffer: torch.Tensor
     blob: memoryview
+    header: BlobHeader | None = None
     layer_xxh3: list[str] | None = None
 
 
@@ -157,6 +158,7 @@ class BlobReceiver:
             self._parsed = True
             return
         self._parsed = True
+        self.blobs[-1].header = header
         parts = [spec for name, spec in header.tensors.items() if name.startswith("kv.")]
         if len(parts) == 1:
             _, shape, lo, hi = parts[0]

@@ -132,7 +132,7 @@ def _memory_rows(layout: KVLayout, chunks: list[Chunk], repeat: int, label: str)
     tier = HostTier(n * (layout.chunk_bytes + layout.chunk_bytes // 8))
     rows = _tier_rows("host tier", tier, chunks, layout, repeat, (copy_in, None), (copy_out, None),
                       ("copy into preallocated buffer", "copy out of preallocated buffer"), label=label)
-    # The whole store path: keys, verification, summaries (put), index bookkeeping.
+    # The whole store path: keys, verification, index bookkeeping (a memory tier makes key summaries on first use).
     store = TieredStore([HostTier(n * (layout.chunk_bytes + layout.chunk_bytes // 8))], layout=layout)
     tokens = np.concatenate([c.tokens for c in chunks])
     kv = torch.cat([c.kv for c in chunks], dim=3)

@@ -308,18 +308,19 @@ def _tensor(data: memoryview, header: BlobHeader, name: str) -> torch.Tensor:
 
 
 def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None = None,
-                layers: range | None = None, in_place: bool = False,
+                layers: range | None = None, in_place: bool = False, header: BlobHeader | None = None,
                 layer_xxh3: list[str] | None = None) -> tuple[BlobHeader, Chunk]:
     """Verify and decode a blob. Returns the header and a Chunk whose ``kv`` is ``out`` (filled) or new.
 
     ``layers``: decode only these layers (``out`` then has ``len(layers)`` layers); only their checksums
     are checked. Raises BlobError on any corruption: a bad header, a truncated body, a checksum mismatch.
     The returned ``tokens``/``summary`` may share memory with ``data``. ``in_place`` (without ``out``): a
-    raw-codec blob in writable ``data`` decodes to a view of its own bytes, with no copy. ``layer_xxh3``: the
-    digests of all KV layers as computed from ``data``'s bytes while they arrived (they are not hashed again).
+    raw-codec blob in writable ``data`` decodes to a view of its own bytes, with no copy. ``header`` and
+    ``layer_xxh3``: the header as parsed from ``data`` and the digests of all KV layers as computed from its
+    bytes while they arrived (neither is done again).
     """
     view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    header = parse_header(view)
+    header = parse_header(view) if header is None else header
     layout = header.layout
     layers = layers if layers is not None else range(layout.num_layers)
     parts = {name[3:]: _tensor(view, header, name) for name in header.tensors if name.startswith("kv.")}

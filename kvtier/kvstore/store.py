@@ -50,7 +50,7 @@ from kvtier.kvstore.chunk import Chunk, key_summary, max_blob_bytes
 from kvtier.kvstore.index import Node, PrefixIndex
 from kvtier.kvstore.keys import TokenLike, as_tokens, chain_key, chunk_keys, root_key
 from kvtier.kvstore.policies import EvictionPolicy, make_policy
-from kvtier.kvstore.tiers.base import Tier
+from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.kvstore.tiers.meta import MetaTier
 from kvtier.layout import KVLayout
 
@@ -317,7 +317,8 @@ class TieredStore:
         ``layout`` into, with room for its key summary after them; :meth:`put_chunks` of a chunk whose KV lies
         there stores it without a copy. Nothing is evicted for it: None when ``nbytes`` cannot be a raw blob of
         ``layout``, the first tier cannot lend (not a CPU memory tier with the raw codec) or has no free extent
-        that large, and with ``wait=False`` when the lock is taken. Bytes no put took are given back with :meth:`take_back` (or by the put)."""
+        that large, and with ``wait=False`` when the lock is taken. Bytes no put takes over go back through
+        :meth:`take_back`, or through the put they were lent for."""
         layout = self._layout(layout)
         if not layout.chunk_bytes <= nbytes <= max_blob_bytes(layout) or not self._lock.acquire(blocking=wait):
             return None  # not the size of a raw blob of this layout
@@ -589,7 +590,7 @@ class TieredStore:
         if self.keep_summaries and chunk.kv is not None and chunk.summary is None:
             chunk.summary = key_summary(chunk.kv, layout.page_tokens)
 
-    def _prepare(self, t: int, chunk: Chunk, layout: KVLayout):
+    def _prepare(self, t: int, chunk: Chunk, layout: KVLayout) -> Prepared:
         """Encode ``chunk`` for tier ``t``, with its summary first if that tier stores it with the chunk."""
         if not self.tiers[t].summary_on_demand:
             self._summarise(chunk, layout)
@@ -640,7 +641,7 @@ class TieredStore:
         last = t + 1 == len(self.tiers)
         while not tier.can_fit(nbytes):
             key = self.policies[t].victim(lambda k: k not in failed and self._evictable(k, t) and (
-                demote or last or bool(self.index.nodes[k].tiers >> (t + 1))))
+                demote or last or bool(self.index.nodes[k].tiers >> (t + 1))))  # no demotion: a lower tier has it
             if key is None:
                 return False
             if not self._evict(self.index.nodes[key], t):

@@ -56,12 +56,18 @@ def test_a_lent_chunk_is_taken_over_without_a_copy():
     assert got.tokens == 2 * C and torch.equal(got.kv, kv_for_tokens(TINY, tokens))
 
 
-def test_what_no_put_takes_is_given_back():
+def one_received(seed: int) -> tuple[TieredStore, HostTier, np.ndarray, torch.Tensor]:
+    """A host-only store holding one chunk received into lent bytes: the store, its tier, the tokens, the bytes."""
     tier = HostTier(1 << 20, prefault=False)
     store = TieredStore([tier], layout=TINY)
-    tokens = prompt(1, 1)
+    tokens = prompt(seed, 1)
     chunk, lent = receive(store, blobs(tokens)[0])
     store.put_chunks([chunk], ROOT, NS, TINY, lent=[lent])
+    return store, tier, tokens, lent
+
+
+def test_what_no_put_takes_is_given_back():
+    store, tier, tokens, lent = one_received(1)
     used = tier.used_bytes
     again, lent2 = receive(store, blobs(tokens)[0])  # the same chunk: present, so its bytes go back
     assert tier.used_bytes > used
@@ -76,11 +82,7 @@ def test_what_no_put_takes_is_given_back():
 
 
 def test_a_stale_hand_back_never_frees_a_later_lend():
-    tier = HostTier(1 << 20, prefault=False)
-    store = TieredStore([tier], layout=TINY)
-    tokens = prompt(2, 1)
-    chunk, lent = receive(store, blobs(tokens)[0])
-    store.put_chunks([chunk], ROOT, NS, TINY, lent=[lent])
+    store, tier, tokens, lent = one_received(2)
     store.delete(tokens.tolist(), NS)  # its extent is free again...
     again = store.lend(lent.numel(), TINY)  # ...and lent to someone else, at the same address
     assert again.data_ptr() == lent.data_ptr()
