@@ -10,6 +10,7 @@ import threading
 import time
 
 import psutil
+import pytest
 import torch
 
 from kvtier.api import Client
@@ -58,10 +59,17 @@ def worker(url: str, tenant: str, seed: int, stop: threading.Event, errors: list
         errors.append(exc)
 
 
-def test_concurrent_clients_under_eviction(tmp_path):
+@pytest.mark.parametrize("below", ["write-through disk", "demoting disk", "nothing"])
+def test_concurrent_clients_under_eviction(tmp_path, below):
+    """Below the host tier: a disk every put writes through (puts stored on a worker thread), a disk the host
+    demotes to (puts stored on the event loop while no demotion is needed), or nothing (all on the event loop)."""
     config = make_config(tmp_path).model_dump(mode="json")
     config["tiers"][0]["capacity_bytes"] = 32 * LAYOUT.chunk_bytes
     config["tiers"][1]["capacity_bytes"] = 96 * LAYOUT.chunk_bytes
+    config["tiers"][1]["write_through"] = below == "write-through disk"
+    if below == "nothing":  # the host tier alone, large enough for the quota
+        del config["tiers"][1]
+        config["tiers"][0]["capacity_bytes"] = 64 * LAYOUT.chunk_bytes
     config["tenants"][1]["quota_bytes"] = 40 * LAYOUT.chunk_bytes
     server = ServerProcess(config)
     try:
