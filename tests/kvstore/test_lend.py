@@ -182,3 +182,21 @@ def test_a_store_without_summaries_keeps_no_slot():
 
     slot = -(-int(np.prod(TINY.summary_shape)) * 2 // 256) * 256
     assert used(True) - used(False) == slot
+
+
+def test_a_put_that_would_evict_for_a_quota_or_demote_waits(tmp_path):
+    store, tier, tokens, lent = one_received(9)
+    store.set_quota(NS, TINY.chunk_bytes)  # full: one more chunk means evicting the namespace's own
+    chunk, lent = receive(store, blobs(prompt(10, 1))[0])
+    assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]) is None
+    assert store.put_chunks([chunk], ROOT, NS, TINY, lent=[lent]).stored == 1 and len(tier) == 1  # the old one went
+    one = len(blobs(prompt(0, 1))[0])
+    host = HostTier(TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(one, TINY),
+                    prefault=False)
+    demoting = TieredStore([host, DiskTier(tmp_path, 1 << 20)], layout=TINY)
+    first, lent = receive(demoting, blobs(prompt(11, 1))[0])
+    assert demoting.put_chunks([first], ROOT, NS, TINY, wait=False, lent=[lent], headroom=one).stored == 1
+    assert demoting.lend(one, TINY) is None  # no room made: that needs a demotion, which is I/O
+    demoting.put_chunks([], ROOT, NS, TINY, headroom=one)  # waiting: the first chunk goes to disk
+    assert demoting.lookup(prompt(11, 1).tolist(), NS).chunks[0].tiers == ["disk"]
+    assert demoting.lend(one, TINY) is not None
