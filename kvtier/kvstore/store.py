@@ -287,8 +287,8 @@ class TieredStore:
         """Store a chain of chunks built elsewhere (e.g. received by the service). Each chunk's parent must be
         the previous chunk's key (the first's: ``root`` or a cached chunk) and its key ``H(parent || tokens)``.
         Chunks whose KV lies in bytes from :meth:`lend` are taken over; of ``lent`` (bytes lent for this put),
-        the rest is given back. Then the first tier evicts until it could lend ``headroom`` bytes again (the
-        next put of this size is received in place; a lend itself never evicts).
+        the rest is given back. Then, unless the put was refused, the first tier evicts until it could lend
+        ``headroom`` bytes again (the next put of this size is received in place; a lend itself never evicts).
 
         ``wait=False``: None (and nothing done) when the lock is taken or the put might do I/O: a chunk not in
         lent bytes, a write-through tier, or the namespace's quota to make room in; the headroom is then
@@ -296,19 +296,13 @@ class TieredStore:
         """
         layout = self._layout(layout)
         if wait:  # the summaries a disk or Redis tier needs are made outside the lock
-            try:
-                return self._put_verified(list(chunks), root, namespace, layout)
-            finally:
-                self._after_put(lent, headroom, layout, demote=True)
+            return self._put_lent(list(chunks), root, namespace, layout, lent, headroom, demote=True)
         if not self._lock.acquire(blocking=False):
             return None
         try:
             if not self._in_memory_only(chunks, namespace, layout):
                 return None
-            try:
-                return self._put_verified(list(chunks), root, namespace, layout)
-            finally:
-                self._after_put(lent, headroom, layout, demote=False)
+            return self._put_lent(list(chunks), root, namespace, layout, lent, headroom, demote=False)
         finally:
             self._lock.release()
 
@@ -333,14 +327,22 @@ class TieredStore:
             for b in buffers:
                 self.tiers[0].take_back(b)
 
-    def _after_put(self, lent: Sequence[torch.Tensor], headroom: int, layout: KVLayout, demote: bool) -> None:
-        """Give back the lent bytes no chunk took over; evict until ``headroom`` bytes could be lent again."""
-        with self._lock:
-            for b in lent:
-                self.tiers[0].take_back(b)
-            room = self.tiers[0].lend_nbytes(headroom, layout) if headroom else 0
-            if room and room <= self.tiers[0].capacity_bytes:
-                self._make_room(0, room, demote)
+    def _put_lent(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout,
+                  lent: Sequence[torch.Tensor], headroom: int, demote: bool) -> PutResult:
+        """Put ``chunks``, give back the lent bytes none of them took over, and (after a put that was not refused)
+        evict until ``headroom`` bytes could be lent again."""
+        stored = False
+        try:
+            result = self._put_verified(chunks, root, namespace, layout)
+            stored = True
+            return result
+        finally:
+            with self._lock:
+                for b in lent:
+                    self.tiers[0].take_back(b)
+                room = self.tiers[0].lend_nbytes(headroom, layout) if headroom and stored else 0
+                if room and room <= self.tiers[0].capacity_bytes:
+                    self._make_room(0, room, demote)
 
     def _in_memory_only(self, chunks: Sequence[Chunk], namespace: str, layout: KVLayout) -> bool:
         """Whether a put of ``chunks`` surely writes to the first tier's lent bytes only (and evicts nothing for a

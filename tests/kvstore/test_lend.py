@@ -200,3 +200,19 @@ def test_a_put_that_would_evict_for_a_quota_or_demote_waits(tmp_path):
     demoting.put_chunks([], ROOT, NS, TINY, headroom=one)  # waiting: the first chunk goes to disk
     assert demoting.lookup(prompt(11, 1).tolist(), NS).chunks[0].tiers == ["disk"]
     assert demoting.lend(one, TINY) is not None
+
+
+def test_a_refused_put_evicts_nothing_for_headroom():
+    one = len(blobs(prompt(0, 1))[0])
+    room = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(one, TINY)
+    tier = HostTier(2 * room, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    for seed in (12, 13):  # full: the headroom a put asks for needs an eviction
+        chunk, lent = receive(store, blobs(prompt(seed, 1))[0])
+        store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent])
+    assert len(tier) == 2
+    chunk, _ = receive(store, blobs(prompt(14, 1))[0])
+    chunk.parent = bytes(16)  # a broken chain: refused
+    with pytest.raises(ValueError):
+        store.put_chunks([chunk], ROOT, NS, TINY, headroom=one)
+    assert len(tier) == 2
