@@ -338,8 +338,7 @@ class TieredStore:
             return result
         finally:
             with self._lock:
-                for b in lent:
-                    self.tiers[0].take_back(b)
+                self.take_back(lent)
                 room = self.tiers[0].lend_nbytes(headroom, layout) if headroom and stored else 0
                 if room and room <= self.tiers[0].capacity_bytes:
                     self._make_room(0, room, demote)
