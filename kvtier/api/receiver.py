@@ -73,7 +73,7 @@ class BlobReceiver:
         self.received = 0  # bytes fed
         self.max_blobs = max_blobs
         self.blobs: list[ReceivedBlob] = []
-        self.error: Exception | None = None
+        self.error: BlobError | None = None
         self.extra = 0  # blobs past max_blobs, counted and dropped
         self._skip = 0  # bytes of such a blob still to drop
         self._prefix = bytearray()

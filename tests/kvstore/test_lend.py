@@ -11,7 +11,7 @@ from kvtier.kvstore import DiskTier, HostTier, TieredStore
 from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary
 from kvtier.kvstore.keys import chunk_keys, root_key
 
-from .helpers import TINY, kv_for_tokens
+from .helpers import TINY, footprint, kv_for_tokens, lend_size
 
 C = TINY.chunk_tokens
 NS = "tenant"
@@ -94,7 +94,7 @@ def test_a_stale_hand_back_never_frees_a_later_lend():
 
 def test_lending_never_evicts_and_a_put_keeps_headroom():
     one = len(blobs(prompt(0, 1))[0])
-    room = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(one, TINY)
+    room = lend_size(TINY, one)
     tier = HostTier(3 * room, prefault=False)
     store = TieredStore([tier], layout=TINY)
     for seed in range(3):  # fill it: the third put leaves no room to lend
@@ -140,19 +140,13 @@ def test_a_put_that_might_block_is_not_done_without_waiting(tmp_path):
     assert through.lookup(prompt(5, 1).tolist(), NS).chunks[0].tiers == ["host", "disk"]
 
 
-def footprint() -> int:
-    tier = HostTier(1 << 20, prefault=False)
-    TieredStore([tier], layout=TINY).put(prompt(99, 1).tolist(), kv_for_tokens(TINY, prompt(99, 1)))
-    return tier.used_bytes
-
-
 @pytest.mark.parametrize("how", ["put", "received"])
 @pytest.mark.parametrize("asked", [True, False])
 def test_summaries_are_made_on_first_use_or_on_the_way_to_disk(tmp_path, how, asked):
     tokens = prompt(6, 3)
-    lend = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(len(blobs(tokens)[0]), TINY)
-    host, disk = HostTier(max(3 * lend, 4 * footprint()), prefault=False), DiskTier(tmp_path, 1 << 20)
-    assert host.capacity_bytes < 7 * footprint()
+    lend = lend_size(TINY, len(blobs(tokens)[0]))
+    host, disk = HostTier(max(3 * lend, 4 * footprint(TINY)), prefault=False), DiskTier(tmp_path, 1 << 20)
+    assert host.capacity_bytes < 7 * footprint(TINY)
     store = TieredStore([host, disk], layout=TINY)
     if how == "put":
         store.put(tokens.tolist(), kv_for_tokens(TINY, tokens), NS)
@@ -191,8 +185,7 @@ def test_a_put_that_would_evict_for_a_quota_or_demote_waits(tmp_path):
     assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]) is None
     assert store.put_chunks([chunk], ROOT, NS, TINY, lent=[lent]).stored == 1 and len(tier) == 1  # the old one went
     one = len(blobs(prompt(0, 1))[0])
-    host = HostTier(TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(one, TINY),
-                    prefault=False)
+    host = HostTier(lend_size(TINY, one), prefault=False)
     demoting = TieredStore([host, DiskTier(tmp_path, 1 << 20)], layout=TINY)
     first, lent = receive(demoting, blobs(prompt(11, 1))[0])
     assert demoting.put_chunks([first], ROOT, NS, TINY, wait=False, lent=[lent], headroom=one).stored == 1
@@ -204,7 +197,7 @@ def test_a_put_that_would_evict_for_a_quota_or_demote_waits(tmp_path):
 
 def test_a_refused_put_evicts_nothing_for_headroom():
     one = len(blobs(prompt(0, 1))[0])
-    room = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY).tiers[0].lend_nbytes(one, TINY)
+    room = lend_size(TINY, one)
     tier = HostTier(2 * room, prefault=False)
     store = TieredStore([tier], layout=TINY)
     for seed in (12, 13):  # full: the headroom a put asks for needs an eviction

@@ -9,21 +9,12 @@ from kvtier.errors import CapacityError, LayoutError, TokenError
 from kvtier.kvstore import DiskTier, HostTier, MetaTier, TieredStore
 from kvtier.layout import KVLayout
 
-from .helpers import TINY, kv_for_tokens
+from .helpers import TINY, footprint, kv_for_tokens
 
 C = TINY.chunk_tokens
 
 
-def footprint(layout=TINY):
-    """Bytes one chunk takes in a HostTier (KV + summary, 256-byte aligned)."""
-    t = HostTier(1 << 20, prefault=False)
-    store = TieredStore([t], layout=layout)
-    tokens = list(range(layout.chunk_tokens))
-    store.put(tokens, kv_for_tokens(layout, tokens))
-    return t.used_bytes
-
-
-FP = footprint()
+FP = footprint(TINY)
 
 
 def prompt(seed, n_chunks, extra=0):

@@ -109,7 +109,7 @@ class MemoryTier(Tier):
         if chunk.summary is not None:
             tensors["\0summary"] = chunk.summary
         slot = None
-        if chunk.summary is None and self.keep_summaries and layout.summary_shape is not None:
+        if chunk.summary is None and self.keep_summaries:
             slot = (layout.torch_dtype, layout.summary_shape)
         lent = self._lent_extent(next(iter(parts.values())))
         if lent is not None:
