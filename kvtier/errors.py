@@ -32,3 +32,8 @@ class ConfigError(KVTierError, ValueError):
 class TierError(KVTierError):
     """A tier failed to store a chunk (disk full, Redis unreachable, ...). The store treats the chunk as
     not taken by that tier and carries on; nothing already stored is affected."""
+
+
+class ParentMissingError(KVTierError, ValueError):
+    """A put whose first chunk's parent is neither the root nor cached (e.g. evicted since the caller saw it):
+    the caller should put from the prompt's start."""

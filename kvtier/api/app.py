@@ -43,7 +43,7 @@ from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
 from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig
-from kvtier.errors import BlobError, CapacityError, KVTierError, TierError
+from kvtier.errors import BlobError, CapacityError, KVTierError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
 from kvtier.kvstore.keys import root_key
 from kvtier.kvstore.store import TieredStore
@@ -253,9 +253,9 @@ class Service:
         try:
             result = self.store(principal).put_chunks(chunks, root, principal.namespace, layout, wait=wait, lent=lent,
                                                       headroom=headroom)
+        except ParentMissingError:
+            raise _parent_missing(parent) from None  # evicted since the check
         except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
-            if parent != root and not self._owns(principal, layout, parent):
-                raise _parent_missing(parent) from None  # evicted since the check
             raise Refusal(400, "bad_chunk", str(exc)) from None
         if result is None:
             return None

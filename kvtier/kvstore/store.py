@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvtier.errors import CapacityError, LayoutError, TierError
+from kvtier.errors import CapacityError, LayoutError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, key_summary, max_blob_bytes
 from kvtier.kvstore.index import Node, PrefixIndex
 from kvtier.kvstore.keys import TokenLike, as_tokens, chain_key, chunk_keys, root_key
@@ -354,7 +354,7 @@ class TieredStore:
     def _put_verified(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout) -> PutResult:
         expected = chunks[0].parent if chunks else root
         if chunks and expected != root and expected not in self.index:
-            raise ValueError(f"parent {expected.hex()} of the first chunk is neither the root nor cached")
+            raise ParentMissingError(f"parent {expected.hex()} of the first chunk is neither the root nor cached")
         for c in chunks:
             if c.parent != expected:
                 raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {expected.hex()}")
@@ -367,7 +367,7 @@ class TieredStore:
                 layout.check_kv(c.kv, layout.chunk_tokens, name=f"kv of chunk {c.key.hex()}")
                 self._check_device(c.kv)
             expected = c.key
-        return self._put_chain(list(chunks), chunks[0].parent if chunks else root, layout, namespace, len(chunks))
+        return self._put_chain(list(chunks), root, layout, namespace, len(chunks))
 
     def put_keys(self, keys: Sequence[bytes], root: bytes, namespace: str = "", layout: KVLayout | None = None) -> PutResult:
         """Metadata-only: store chunks known only by their chained keys (e.g. a trace's block hashes)."""
@@ -544,6 +544,8 @@ class TieredStore:
             parent = nodes[-1] if nodes else None
             if parent is None and chunks and chunks[0].parent != root:
                 parent = self.index.get(chunks[0].parent)
+                if parent is None:  # evicted since _put_verified looked
+                    raise ParentMissingError(f"parent {chunks[0].parent.hex()} of the first chunk was evicted")
             path = list(nodes) + ([parent] if parent is not None and parent not in nodes else [])
             turn, continues = self.turn_of(parent, [c.key for c in new])
             if new or continues:  # a new prompt, or a repeat of a prompt's end (its next turn)

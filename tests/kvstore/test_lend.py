@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvtier.compression.codec import get_codec
+from kvtier.errors import ParentMissingError
 from kvtier.kvstore import DiskTier, HostTier, TieredStore
 from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary
 from kvtier.kvstore.keys import chunk_keys, root_key
@@ -209,3 +210,46 @@ def test_a_refused_put_evicts_nothing_for_headroom():
     with pytest.raises(ValueError):
         store.put_chunks([chunk], ROOT, NS, TINY, headroom=one)
     assert len(tier) == 2
+
+
+class _EvictFirst:
+    """Stands in for the store's lock: the first time it is taken, ``evict`` runs first. This injects the race of
+    an eviction between a put's unlocked look at the index and its locked insert."""
+
+    def __init__(self, lock, evict) -> None:
+        self.lock, self.evict = lock, evict
+
+    def __enter__(self):
+        evict, self.evict = self.evict, None
+        if evict is not None:
+            evict()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def test_a_parent_evicted_during_the_put_is_reported_and_nothing_is_orphaned():
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(15, 2)
+    first, second = (receive(store, b) for b in blobs(tokens))
+    store.put_chunks([first[0]], ROOT, NS, TINY, lent=[first[1]])
+    store._lock = _EvictFirst(store._lock, lambda: store.delete(tokens[:C], namespace=NS))
+    with pytest.raises(ParentMissingError, match="evicted"):
+        store.put_chunks([second[0]], ROOT, NS, TINY, lent=[second[1]])
+    assert len(tier) == 0 and len(store.index) == 0 and tier.used_bytes == 0
+
+
+def test_a_continuation_is_linked_under_its_parent():
+    """A put that starts below the root (the client sends only what the store lacks) hangs its chunks under the
+    cached parent: a delete of the prefix takes them too, and the parent is never evicted before them."""
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(16, 3)
+    received = [receive(store, b) for b in blobs(tokens)]
+    store.put_chunks([received[0][0]], ROOT, NS, TINY, lent=[received[0][1]])
+    store.put_chunks([c for c, _ in received[1:]], ROOT, NS, TINY, lent=[b for _, b in received[1:]])
+    nodes = [store.index.nodes[c.key] for c, _ in received]
+    assert [n.parent for n in nodes] == [None, nodes[0], nodes[1]] and [n.depth for n in nodes] == [0, 1, 2]
+    assert store.delete(tokens[:C], namespace=NS) == 3 and len(tier) == 0
