@@ -32,6 +32,8 @@ from typing import Any
 
 from kvtier.errors import ConfigError
 
+_EPS = 1e-6  # how close to 0 or 1 a reuse probability may come
+
 Evictable = Callable[[bytes], bool]
 
 
@@ -261,6 +263,7 @@ class TurnLRUPolicy(HeapPolicy):
 
     def _used(self, nbytes: int, reuse: float) -> float:
         self._clock += nbytes
+        reuse = min(max(reuse, _EPS), 1 - _EPS)  # a probability strictly inside (0, 1): the logit is finite
         return self._clock + self._scale * math.log(reuse / (1 - reuse))
 
     def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:

@@ -39,7 +39,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,7 +157,7 @@ class TieredStore:
         self.namespace_bytes: dict[str, int] = {}
         self.quotas: dict[str, int] = {}
         self.counters = _Counters(tier_hits={t.name: 0 for t in self.tiers})
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch: dict[str, list[torch.Tensor]] = {}  # free chunk-sized buffers, per layout
         for t in self.tiers:
             t.keep_summaries = self.keep_summaries
         self._recover()
@@ -215,9 +216,10 @@ class TieredStore:
 
     def continuation(self, turn: int) -> float:
         """The fraction of the new prompts at ``turn`` seen so far that a later prompt continued (with one
-        continued and one not continued prompt as a prior)."""
+        continued and one not continued prompt as a prior). A prompt whose chunks were dropped can be counted as
+        continued by more than one later prompt: the count is capped at the prompts', so this stays below 1."""
         t = min(turn, MAX_TURN)
-        return (self._continued[t] + 1) / (self._prompts[t] + 2)
+        return (min(self._continued[t], self._prompts[t]) + 1) / (self._prompts[t] + 2)
 
     def put(self, tokens: TokenLike, kv: torch.Tensor | None, namespace: str = "",
             layout: KVLayout | None = None) -> PutResult:
@@ -448,10 +450,10 @@ class TieredStore:
                 parent = root
                 for node in nodes:
                     if not node.tiers & 1:
-                        buf = None if self.metadata_only else self._scratch_for(layout)
-                        got = self._fetch(node, parent, buf, range(layout.num_layers))
-                        if got is None or not self._promote(node, got[1], layout, got[0]):
-                            break
+                        with self._scratch_for(layout) as buf:
+                            got = self._fetch(node, parent, buf, range(layout.num_layers))
+                            if got is None or not self._promote(node, got[1], layout, got[0]):
+                                break
                         promoted.append(node)
                     parent = node.key
                 return sum(1 for n in nodes if n.tiers & 1)
@@ -526,11 +528,20 @@ class TieredStore:
             raise LayoutError(f"out buffer {shape} does not fit [{want[0]}, {want[1]}, {want[2]}, >={tokens}, "
                               f"{layout.head_dim}] of {layout.torch_dtype}")
 
-    def _scratch_for(self, layout: KVLayout) -> torch.Tensor:
-        buf = self._scratch.get(layout.fingerprint)
-        if buf is None:
-            buf = self._scratch[layout.fingerprint] = torch.empty(layout.chunk_shape, dtype=layout.torch_dtype)
-        return buf
+    @contextmanager
+    def _scratch_for(self, layout: KVLayout) -> Iterator[torch.Tensor | None]:
+        """A chunk buffer (``layout.chunk_shape``; None in metadata-only mode) for one move between tiers, from
+        the read until the commit: a tier's prepared chunk may still view it. A move that makes room by moving
+        another chunk (a demotion that demotes further down, a promotion that demotes) gets a buffer of its own."""
+        if self.metadata_only:
+            yield None
+            return
+        free = self._scratch.setdefault(layout.fingerprint, [])
+        buf = free.pop() if free else torch.empty(layout.chunk_shape, dtype=layout.torch_dtype)
+        try:
+            yield buf
+        finally:
+            free.append(buf)
 
     def _put_chain(self, chunks: list[Chunk], root: bytes, layout: KVLayout, namespace: str, n_full: int) -> PutResult:
         if any(not self.tiers[i].summary_on_demand for i in self._put_tiers()):
@@ -664,6 +675,8 @@ class TieredStore:
         kept = node.tiers & ~(1 << t)
         if not node.tiers >> (t + 1) and t + 1 < len(self.tiers) and self._demote(node, t):
             kept = True
+        if not node.tiers >> t & 1:
+            return True  # found corrupt while demoting: already gone from tier t
         if not kept and node.children:
             return False
         self._drop(node, t)
@@ -671,28 +684,34 @@ class TieredStore:
         return True
 
     def _demote(self, node: Node, t: int) -> bool:
+        """Copy ``node``'s chunk from tier ``t`` to tier t+1. False when it was not copied; a copy in tier ``t``
+        found corrupt on the way is then gone from it too (``node.tiers`` says so)."""
         layout = self.layouts[node.layout]
-        if self.metadata_only:
-            chunk = Chunk(node.key, b"", None)
-        else:
-            buf = self._scratch_for(layout)
-            chunk = self.tiers[t].get(node.key, buf)
-            if chunk is None:
+        with self._scratch_for(layout) as buf:
+            if buf is None:
+                chunk = Chunk(node.key, b"", None)
+            else:
+                chunk = self.tiers[t].get(node.key, buf)
+                if chunk is None:
+                    if not self.tiers[t].contains(node.key):
+                        self._forget(node, t)  # the tier found it corrupt and deleted it
+                    return False
+                chunk.summary = self._summary(node, t)
+                if not node.tiers >> t & 1:
+                    return False  # its summary was corrupt: the tier deleted the chunk
+                chunk.namespace = node.namespace
+            target = self.tiers[t + 1]
+            prepared = self._prepare(t + 1, chunk, layout)
+            if prepared.nbytes > target.capacity_bytes:
                 return False
-            chunk.summary = self._summary(node, t)
-            chunk.namespace = node.namespace
-        target = self.tiers[t + 1]
-        prepared = self._prepare(t + 1, chunk, layout)
-        if prepared.nbytes > target.capacity_bytes:
-            return False
-        node.pins += 1
-        try:
-            if not self._make_room(t + 1, prepared.nbytes):
+            node.pins += 1
+            try:
+                if not self._make_room(t + 1, prepared.nbytes):
+                    return False
+            finally:
+                node.pins -= 1
+            if not self._commit(t + 1, prepared):
                 return False
-        finally:
-            node.pins -= 1
-        if not self._commit(t + 1, prepared):
-            return False
         node.tiers |= 1 << (t + 1)
         self._admit(t + 1, node, layout)
         self.counters.demotions += 1
@@ -758,11 +777,11 @@ class TieredStore:
     def _summary_from_kv(self, node: Node, t: int) -> torch.Tensor | None:
         """Compute ``node``'s key summary from its KV in tier ``t`` and keep it there."""
         layout = self.layouts[node.layout]
-        buf = self._scratch_for(layout)
-        if self.tiers[t].get(node.key, buf) is None:
-            self._forget(node, t)
-            return None
-        summary = key_summary(buf, layout.page_tokens)
+        with self._scratch_for(layout) as buf:
+            if self.tiers[t].get(node.key, buf) is None:
+                self._forget(node, t)
+                return None
+            summary = key_summary(buf, layout.page_tokens)
         self.tiers[t].set_summary(node.key, summary)
         return summary
 
@@ -816,6 +835,8 @@ class TieredStore:
         chunk.namespace = node.namespace
         if self.keep_summaries:
             chunk.summary = self._summary(node, source)
+            if not node.tiers >> source & 1:
+                return False  # its summary was corrupt: the source tier deleted the chunk
         top = self.tiers[0]
         prepared = self._prepare(0, chunk, layout)
         if prepared.nbytes > top.capacity_bytes or not self._make_room(0, prepared.nbytes):

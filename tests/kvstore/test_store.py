@@ -125,6 +125,22 @@ def test_prefetch_promotes(tmp_path):
     assert [r.tiers for r in store.lookup(a).chunks] == [["host", "disk"], ["host", "disk"]]
 
 
+@pytest.mark.parametrize("move", ["prefetch that demotes", "demotion that demotes"])
+def test_a_move_that_makes_room_by_moving_keeps_each_chunk_its_own_kv(tmp_path, move):
+    """A chunk read for a move stays put while making room moves another chunk (which needs its own buffer)."""
+    hosts = [host(1)] if move == "prefetch that demotes" else [host(1), HostTier(FP, prefault=False, name="host1")]
+    store = TieredStore(hosts + [DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    prompts = [prompt(i, 1) for i in range(len(hosts) + 1)]
+    for p in prompts:  # each put demotes the one before (down to the disk)
+        store.put(p, kv_for_tokens(TINY, p))
+    if move == "prefetch that demotes":
+        assert store.prefetch(prompts[0]) == 1  # read from disk, then the host's chunk is demoted to make room
+    for p in prompts:
+        got = store.get(p)
+        assert got.tokens == C and torch.equal(got.kv, kv_for_tokens(TINY, p)), got.tiers
+    check_invariants(store)
+
+
 def test_restart_recovers_from_disk(tmp_path):
     layout2 = KVLayout("other", num_layers=1, kv_heads=1, head_dim=8, dtype="float32", chunk_tokens=16, page_tokens=8)
     store = TieredStore([host(8), DiskTier(tmp_path, 100 * FP)], layout=TINY, write_through=[False, True])
@@ -170,6 +186,43 @@ def test_corrupt_disk_chunk_is_a_miss(tmp_path, damage):
     assert got.tokens == C and torch.equal(got.kv[:, :, :, :C], kv[:, :, :, :C])
     assert store.lookup(a).tokens == C  # the corrupt chunk and its descendant are gone
     assert store.stats()["tiers"][0]["corrupt"] == 1
+    check_invariants(store)
+
+
+def _flip_summary(tier: DiskTier, key: bytes) -> None:
+    """Damage the key summary of ``key``'s file (its last tensor), not its KV."""
+    path = Path(tier._file(key))
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x55
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("move", ["promotion", "demotion"])
+def test_a_summary_found_corrupt_during_a_move_drops_the_chunk_cleanly(tmp_path, move):
+    """The disk tier deletes a chunk whose summary fails its checksum when the move asks for it: the move stops,
+    nothing is left in a tier without an index entry, and later puts evict as usual."""
+    if move == "promotion":
+        store = TieredStore([host(1), DiskTier(tmp_path / "d", 100 * FP)], layout=TINY)
+    else:
+        probe = TieredStore([DiskTier(tmp_path / "probe", 100 * FP)], layout=TINY)
+        probe.put(prompt(9, 1), kv_for_tokens(TINY, prompt(9, 1)))
+        one = probe.tiers[0].used_bytes
+        store = TieredStore([DiskTier(tmp_path / "d0", one, name="d0"), DiskTier(tmp_path / "d1", 100 * one)],
+                            layout=TINY)
+    a, b, c = prompt(1, 1), prompt(2, 1), prompt(3, 1)
+    store.put(a, kv_for_tokens(TINY, a))
+    if move == "promotion":
+        store.put(b, kv_for_tokens(TINY, b))  # a demoted to the disk, with its summary
+        _flip_summary(store.tiers[1], store.keys(a)[0])
+        got = store.get(a)  # served (its KV is good); promoting it reads the summary
+        assert torch.equal(got.kv, kv_for_tokens(TINY, a))
+    else:
+        _flip_summary(store.tiers[0], store.keys(a)[0])
+        store.put(b, kv_for_tokens(TINY, b))  # evicting a demotes it, which reads the summary
+    assert store.lookup(a).tokens == 0
+    check_invariants(store)
+    store.put(c, kv_for_tokens(TINY, c))  # evicts from the tier the move was heading for
+    assert store.lookup(c).tokens == C
     check_invariants(store)
 
 
@@ -250,15 +303,18 @@ def test_metadata_only_mode_matches_tensor_store():
     assert real.stats()["hit_tokens"] == meta.stats()["hit_tokens"] > 0
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete", "pin"]), st.integers(0, 5), st.integers(1, 4)),
-               min_size=1, max_size=40)
+OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "delete", "pin", "prefetch"]), st.integers(0, 5),
+                         st.integers(1, 4)), min_size=1, max_size=40)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=OPS, policy=st.sampled_from(["lru", "lfu", "s3fifo", "cost", "turn-lru", "hit-density"]))
-def test_random_operations_keep_accounting_exact(tmp_path_factory, ops, policy):
+@given(ops=OPS, policy=st.sampled_from(["lru", "lfu", "s3fifo", "cost", "turn-lru", "hit-density"]),
+       hosts=st.sampled_from([[3], [2, 2]]))
+def test_random_operations_keep_accounting_exact(tmp_path_factory, ops, policy, hosts):
+    """One or two host tiers over a disk: demotions that make room by demoting further, promotions that demote."""
     folder = tmp_path_factory.mktemp("disk")
-    store = TieredStore([host(3), DiskTier(folder, 5 * (FP + 2048))], layout=TINY, policy=policy)
+    store = TieredStore([HostTier(n * FP, prefault=False, name=f"host{i}") for i, n in enumerate(hosts)]
+                        + [DiskTier(folder, 5 * (FP + 2048))], layout=TINY, policy=policy)
     base = [prompt(i, 4) for i in range(3)]
     for op, which, n in ops:
         tokens = (base[which % 3][: 2 * C] + prompt(which, 2))[: n * C] if which >= 3 else base[which][: n * C]
@@ -269,6 +325,8 @@ def test_random_operations_keep_accounting_exact(tmp_path_factory, ops, policy):
             assert torch.equal(got.kv[:, :, :, : got.tokens], kv_for_tokens(TINY, tokens)[:, :, :, : got.tokens])
         elif op == "delete":
             store.delete(tokens)
+        elif op == "prefetch":
+            store.prefetch(tokens)
         else:
             store.pin(tokens)
             store.put(prompt(50 + which, 2), kv_for_tokens(TINY, prompt(50 + which, 2)))

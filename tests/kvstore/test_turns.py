@@ -95,6 +95,19 @@ def test_store_remembers_turns_of_dropped_chunks() -> None:
     assert serve(s, [0, 1, 2, 3]) == [2, 2, 2, 2]  # still recognised as its third turn
 
 
+def test_a_prompt_continued_through_several_dropped_chunks_stays_a_probability() -> None:
+    """Prompts that each hold a different dropped chunk of one earlier prompt all count it as continued: the
+    estimate stays below 1 and turn-lru, which takes its logit, keeps working."""
+    s = TieredStore([MetaTier("host", 100 * chunk_nbytes(LAYOUT))], layout=LAYOUT, metadata_only=True,
+                    policy="turn-lru")
+    serve(s, [0, 3])
+    s.delete_namespace("")  # the whole prompt is dropped; its turns are remembered
+    serve(s, [0, 1])  # holds the dropped chunk 0
+    serve(s, [0, 3, 4])  # holds the dropped chunk 3 of the same prompt
+    assert 0 < s.continuation(0) < 1
+    assert len(serve(s, [0, 2])) == 2  # its get touches chunk 0 at turn 0: a finite priority
+
+
 # Capacity 6 blocks; block 0 is a system prompt every prompt starts with. A conversation goes on turn after
 # turn while one-off prompts (never continued) go by: by the last request the store has seen that prompts at
 # turn 0 are seldom continued, and turn-lru evicts the one-off prompts' chunks among themselves. LRU has
