@@ -39,6 +39,10 @@ class TierConfig(BaseModel):
 
 
 _SHA256_HEX = r"^[0-9a-fA-F]{64}$"
+ANONYMOUS_TENANT = "anonymous"  # the one tenant of open access, in the default namespace
+SHARED_PARTITION = "shared"  # the store of the tenants without a quota
+RESERVED_TENANT_NAMES = {ANONYMOUS_TENANT: "the tenant of open access", SHARED_PARTITION: "the partition of the "
+                         "tenants without a quota"}
 
 
 class TenantConfig(BaseModel):
@@ -102,6 +106,9 @@ class KVTierConfig(BaseSettings):
         tenants = [t.name for t in self.tenants]
         if len(set(tenants)) != len(tenants):
             raise ValueError(f"tenant names must be distinct, got {tenants}")
+        for name in tenants:
+            if name in RESERVED_TENANT_NAMES:
+                raise ValueError(f"the tenant name {name!r} is reserved: it names {RESERVED_TENANT_NAMES[name]}")
         total = max(t.capacity_bytes for t in self.tiers)
         reserved = sum(t.quota_bytes or 0 for t in self.tenants)
         if reserved > total:

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from kvtier.api import schemas
@@ -165,6 +166,10 @@ class Service:
     # ------------------------------------------------------------------ tenant operations
 
     def attach(self, principal: Principal, layout: KVLayout) -> schemas.AttachResponse:
+        if layout.chunk_bytes > self.limits.max_body_bytes:
+            raise Refusal(413, "chunk_too_large", f"a chunk of this layout holds {layout.chunk_bytes} bytes of KV, "
+                                                   f"over max_body_bytes ({self.limits.max_body_bytes}): no chunk "
+                                                   "of it could be put")
         fingerprint = self.store(principal).attach(layout)
         with self._lock:
             self._attached.setdefault(principal.tenant, set()).add(fingerprint)
@@ -501,6 +506,11 @@ def create_app(config: KVTierConfig) -> FastAPI:
     async def tier_error(request: Request, exc: TierError) -> JSONResponse:
         return _error_response(503, "tier_unavailable", str(exc))  # the client retries idempotent calls
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # nobody reads this answer: it records the request as the client's doing (nginx's 499), not a 500
+        return _error_response(499, "client_disconnected", "the client closed the connection mid-request")
+
     @app.exception_handler(KVTierError)
     async def kvtier_error(request: Request, exc: KVTierError) -> JSONResponse:
         return _error_response(400, type(exc).__name__, str(exc))
@@ -508,7 +518,7 @@ def create_app(config: KVTierConfig) -> FastAPI:
     @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
     async def health() -> schemas.Health:
         """Liveness: answers without a key."""
-        return schemas.Health(status="ok", tiers=[t.name for t in next(iter(partitions.stores.values())).tiers])
+        return schemas.Health(status="ok", tiers=[t.name or t.kind for t in config.tiers])
 
     @app.post("/v1/layouts", response_model=schemas.AttachResponse, responses=_ERRORS, tags=["chunks"])
     async def attach(body: schemas.Layout, who: Principal = Depends(tenant)) -> schemas.AttachResponse:

@@ -11,9 +11,8 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+from kvtier.config import ANONYMOUS_TENANT as ANONYMOUS
 from kvtier.config import KVTierConfig
-
-ANONYMOUS = "anonymous"
 
 
 def hash_key(api_key: str) -> str:

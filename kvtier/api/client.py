@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import torch
 
-from kvtier.api.wire import CONTENT_TYPE, BufferPool, frame_prefix, layer_slice, split_frames
+from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, BufferPool, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
 from kvtier.errors import BlobError, KVTierError, LayoutError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
@@ -226,10 +226,20 @@ class _Operations:
         return (yield from self._tokens_op(path, tokens, layout, idempotent))["chunks"]
 
     def delete_op(self, tokens: TokenLike, layout: KVLayout | None) -> Op[int]:
-        """The service deletes the prompt's last chunk and what hangs below it: forget that it is cached."""
-        n = yield from self.count_op("/v1/delete", tokens, layout, idempotent=True)
-        self._known.forget((yield from self.keys_op(tokens, layout))[-1:])
-        return n
+        """The service deletes the prompt's last chunk and everything below it, other prompts' chunks included:
+        forget every key known to be cached. Not retried (a retry would count nothing, or delete a prompt put
+        again meanwhile)."""
+        try:
+            return (yield from self.count_op("/v1/delete", tokens, layout, idempotent=False))
+        finally:
+            self._known.clear()
+
+    def flush_op(self, tenant: str | None) -> Op[int]:
+        """Delete every unpinned chunk of ``tenant`` (None: of all); forget every key known to be cached."""
+        try:
+            return (yield from self.json_op("POST", "/v1/admin/flush", {"tenant": tenant}, idempotent=False))["chunks"]
+        finally:
+            self._known.clear()
 
     def put_op(self, tokens: TokenLike, kv: torch.Tensor, layout: KVLayout | None) -> Op[PutResult]:
         att = yield from self._ensure_op(layout)
@@ -243,10 +253,8 @@ class _Operations:
         keys = chunk_keys(att.root, ids, C)
         known = self._known.prefix(keys)  # no lookup: a stale guess costs a 409 and a put from the start
         stored, present, start = 0, known, known
-        per_batch = max(1, min(att.max_chunks, (att.max_body - 4096) // (layout.chunk_bytes + 4096)))
         while start < n_full:
-            end = min(n_full, start + per_batch)
-            parts = self._frames(ids, kv, keys, att, start, end)
+            parts, end = self._batch(ids, kv, keys, att, start, n_full)
             params = {"layout": layout.fingerprint}
             try:
                 resp = yield from self._layout_call(att, lambda: _Call("PUT", "/v1/chunks", parts=parts, params=params))
@@ -265,15 +273,24 @@ class _Operations:
             start = end
         return PutResult(stored, present, n_full - stored - present)
 
-    def _frames(self, ids: np.ndarray, kv: torch.Tensor, keys: list[bytes], att: _Attached, start: int,
-                end: int) -> list[bytes | memoryview]:
+    def _batch(self, ids: np.ndarray, kv: torch.Tensor, keys: list[bytes], att: _Attached, start: int,
+               n_full: int) -> tuple[list[bytes | memoryview], int]:
+        """The framed blobs of chunks ``start``, ``start + 1``, ... that fit one request (the service's
+        max_chunks_per_batch and max_body_bytes; at least one chunk), and the index after the last."""
         C = att.layout.chunk_tokens
         parts: list[bytes | memoryview] = []
-        for i in range(start, end):
+        size, end = 0, start
+        while end < n_full and end - start < att.max_chunks:
+            i = end
             chunk = Chunk(keys[i], keys[i - 1] if i else att.root, ids[i * C : (i + 1) * C], kv[:, :, :, i * C : (i + 1) * C])
             header, buffers = encode_blob(chunk, att.layout, self.codec)
-            parts += [frame_prefix(len(header) + sum(len(b) for b in buffers)), header, *buffers]
-        return parts
+            n = len(header) + sum(len(b) for b in buffers)
+            if end > start and size + FRAME_PREFIX + n > att.max_body:
+                break  # encoded again as the next batch's first
+            parts += [frame_prefix(n), header, *buffers]
+            size += FRAME_PREFIX + n
+            end += 1
+        return parts, end
 
     def get_op(self, tokens: TokenLike, out: torch.Tensor | None, layers: range | None,
                layout: KVLayout | None) -> Op[GetResult]:
@@ -397,6 +414,10 @@ class _KnownKeys:
         with self._lock:
             for key in keys:
                 self._keys.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._keys.clear()
 
     def prefix(self, keys: list[bytes]) -> int:
         """How many leading ``keys`` are known."""
@@ -538,7 +559,7 @@ class Client(_Operations):
 
     def flush(self, tenant: str | None = None) -> int:
         """Delete every unpinned chunk of ``tenant`` (None: of all tenants; admin key)."""
-        return self._run(self.json_op("POST", "/v1/admin/flush", {"tenant": tenant}))["chunks"]
+        return self._run(self.flush_op(tenant))
 
     def close(self) -> None:
         self._http.close()
@@ -634,7 +655,7 @@ class AsyncClient(_Operations):
         return await self._run(self.json_op("GET", "/v1/admin/stats"))
 
     async def flush(self, tenant: str | None = None) -> int:
-        return (await self._run(self.json_op("POST", "/v1/admin/flush", {"tenant": tenant})))["chunks"]
+        return await self._run(self.flush_op(tenant))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -10,10 +10,9 @@ anonymous tenant of open access) share one store over what the quotas leave.
 from __future__ import annotations
 
 from kvtier.api.auth import ANONYMOUS, tenant_namespace
+from kvtier.config import SHARED_PARTITION as SHARED
 from kvtier.config import KVTierConfig, build_store
 from kvtier.kvstore.store import TieredStore
-
-SHARED = "shared"
 
 
 class Partitions:

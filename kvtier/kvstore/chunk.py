@@ -270,6 +270,8 @@ def parse_header(data: bytes | memoryview) -> BlobHeader:
             dtype = _NAME_DTYPES[spec["dtype"]]
             lo, hi = (int(x) for x in spec["data_offsets"])
             shape = tuple(int(s) for s in spec["shape"])
+            if any(not 0 <= d < 1 << 40 for d in shape):
+                raise BlobError(f"blob tensor {name!r} has a dimension out of range in its shape {shape}")
             if lo < 0 or hi < lo or hi - lo != math.prod(shape) * dtype.itemsize:
                 raise BlobError(f"blob tensor {name!r} has inconsistent offsets {lo}..{hi} for shape {shape}")
             tensors[name] = (dtype, shape, lo, hi)

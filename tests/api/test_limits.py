@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from kvtier.kvstore.chunk import Chunk, blob_bytes
 from kvtier.kvstore.keys import chunk_keys
 from kvtier.layout import KVLayout
 
-from .helpers import KEYS, LAYOUT, kv_for, prompt
+from .helpers import KEYS, LAYOUT, kv_for, make_config, prompt, serve
 
 AUTH = {"Authorization": f"Bearer {KEYS['alice']}"}
 C = LAYOUT.chunk_tokens
@@ -93,6 +96,9 @@ def test_limits_say_what_was_wrong(url, root):
     refused(httpx.post(url + "/v1/lookup", json=tokens, headers=AUTH), 413, "4097 tokens", "4096")
     refused(httpx.post(url + "/v1/chunks/fetch", json={**tokens, "tokens": prompt(C), "layer_stop": 3},
                        headers=AUTH), 400, "layers")
+    huge = KVLayout("huge", num_layers=64, kv_heads=64, head_dim=256, chunk_tokens=1 << 20, page_tokens=64)
+    refused(httpx.post(url + "/v1/layouts", json=huge.to_dict(), headers=AUTH), 413, str(huge.chunk_bytes),
+            "max_body_bytes")  # no chunk of it could ever be put
     assert used(url) == before
     with Client(url, LAYOUT, api_key=KEYS["alice"]) as c, pytest.raises(PayloadTooLargeError) as err:
         c.lookup(prompt(5000))
@@ -106,3 +112,36 @@ def test_long_prompts_go_in_several_batches(url):
         assert c.put(tokens, kv).stored == 20
         got = c.get(tokens)
         assert got.tokens == 20 * C and (got.kv == kv).all()
+
+
+def test_a_client_gone_mid_put_changes_nothing_and_is_no_server_error(url, root):
+    """The connection closes after 100 of 5000 announced bytes: nothing stored, every lent byte given back, and
+    the request is counted as the client's (499), not as a 500."""
+    before = used(url)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"PUT /v1/chunks?layout={LAYOUT.fingerprint} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  f"{KEYS['alice']}\r\nContent-Length: 5000\r\n\r\n".encode() + frame_prefix(4992) + b"\0" * 92)
+        time.sleep(0.2)  # the server is reading the body
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    deadline = time.monotonic() + 10
+    while 'endpoint="/v1/chunks",status="499"' not in (metrics := httpx.get(url + "/metrics", headers=admin).text):
+        assert time.monotonic() < deadline, "the disconnected put was not recorded"
+        time.sleep(0.05)
+    assert 'endpoint="/v1/chunks",status="500"' not in metrics
+    assert used(url) == before
+
+
+def test_batches_are_sized_by_their_real_frames(tmp_path):
+    """Chunks of 2048 tokens and little KV: each blob's header and token ids (8.6 KiB) are half its KV (16 KiB),
+    and the client still packs every batch under max_body_bytes (5 frames of 24.6 KiB in 128 KiB)."""
+    wide = KVLayout("wide", num_layers=1, kv_heads=1, head_dim=2, chunk_tokens=2048, page_tokens=64)
+    config = make_config(tmp_path, server={"max_body_bytes": 128 << 10, "max_tokens_per_request": 1 << 16,
+                                           "max_chunks_per_batch": 8})
+    tokens = np.random.default_rng(4).integers(0, 100, 12 * wide.chunk_tokens).tolist()  # short ids: the get's
+    kv = torch.randn(wide.chunk_shape[:3] + (len(tokens), wide.head_dim)).to(wide.torch_dtype)  # JSON fits too
+    with serve(config) as url, Client(url, wide, api_key=KEYS["alice"]) as c:
+        assert c.put(tokens, kv).stored == 12
+        assert c.stats()["requests"]["/v1/chunks"] == 3
+        got = c.get(tokens)
+        assert got.tokens == len(tokens) and torch.equal(got.kv, kv)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvtier.api import AsyncClient, Client
-from kvtier.api.client import AuthenticationError, NotFoundError, PermissionDeniedError
+from kvtier.api.client import AuthenticationError, NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from kvtier.errors import LayoutError
 
 from .helpers import KEYS, LAYOUT, kv_for, make_config, prompt, serve
@@ -148,3 +148,60 @@ def test_a_memory_only_service_stores_in_place_past_its_capacity(tmp_path):
             assert torch.equal(got.kv[:, :, :, : got.tokens], kv_for(len(p), seed=s)[:, :, :, : got.tokens])
             cached += got.tokens > 0
         assert cached >= 2
+
+
+def test_a_service_without_tenants_is_healthy_and_refuses_tenant_calls(tmp_path):
+    """No tenant and no open access (``kvtier serve`` warns): health and the admin's endpoints still answer."""
+    with serve(make_config(tmp_path, tenants=[])) as url:
+        health = httpx.get(url + "/v1/health")
+        assert health.status_code == 200 and health.json()["tiers"] == ["host", "disk"]
+        admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+        assert httpx.get(url + "/v1/admin/stats", headers=admin).status_code == 200
+        assert httpx.post(url + "/v1/lookup", json={"layout": LAYOUT.fingerprint, "tokens": [1]},
+                          headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 401
+
+
+def test_a_put_after_a_delete_sends_what_the_delete_removed(url):
+    """A delete takes the prompt's subtree: the client forgets every chunk it knew cached, so a later put
+    stores them again instead of reporting them present."""
+    C = LAYOUT.chunk_tokens
+    tokens, kv = prompt(4 * C), kv_for(4 * C)
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        assert c.put(tokens, kv).stored == 4
+        assert c.delete(tokens[: 2 * C]) == 3  # chunk 1 and the two below it
+        assert (c.put(tokens[: 2 * C], kv[:, :, :, : 2 * C]).stored, c.put(tokens, kv).stored) == (1, 2)
+        got = c.get(tokens)
+        assert got.tokens == 4 * C and torch.equal(got.kv, kv)
+
+
+class _LoseReply(httpx.BaseTransport):
+    """Forwards every request to the real server, but for the first one to ``path`` it drops the reply, as a
+    connection lost after the server acted would (a fault that cannot be produced on demand)."""
+
+    def __init__(self, path: str) -> None:
+        self.inner, self.path, self.lost = httpx.HTTPTransport(), path, False
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.url.path == self.path and not self.lost:
+            self.lost = True
+            response.read()
+            response.close()
+            raise httpx.ReadError("connection lost before the reply", request=request)
+        return response
+
+
+@pytest.mark.parametrize("call", ["delete", "flush"])
+def test_a_delete_or_flush_whose_reply_is_lost_is_not_repeated(url, call):
+    """Repeating it would report 0 chunks, or delete what another client put back meanwhile: the caller gets
+    the error instead, and the chunks were deleted once."""
+    C = LAYOUT.chunk_tokens
+    tokens = prompt(3 * C)
+    key = KEYS["alice"] if call == "delete" else KEYS["admin"]
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as alice, Client(url, LAYOUT, api_key=key) as c:
+        assert alice.put(tokens, kv_for(3 * C)).stored == 3
+        path = "/v1/delete" if call == "delete" else "/v1/admin/flush"
+        c._http = httpx.Client(base_url=url, headers=c.headers, transport=_LoseReply(path))
+        with pytest.raises(ServiceUnavailableError, match="connection lost"):
+            c.delete(tokens[:C]) if call == "delete" else c.flush("alice")
+        assert alice.lookup(tokens).tokens == 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from kvtier.api import Client
+from kvtier.api.auth import hash_key
 from kvtier.api.wire import frame_prefix
 from kvtier.compression.codec import get_codec
 from kvtier.kvstore.chunk import Chunk, blob_bytes
@@ -95,3 +97,11 @@ def test_another_tenants_traffic_never_evicts_a_partition(tmp_path):
         assert alice.lookup(prompt(8 * C, seed=20)).tokens < 8 * C
         got = bob.get(mine)
         assert got.tokens == 3 * C and torch.equal(got.kv, kv_for(3 * C))
+
+
+@pytest.mark.parametrize(("name", "quota"), [("anonymous", None), ("shared", BOB_QUOTA)])
+def test_reserved_tenant_names_are_refused(tmp_path, name, quota):
+    """``anonymous`` would share open access's keyless namespace; ``shared`` would replace the shared partition."""
+    tenants = [{"name": name, "key_sha256": hash_key("k" * 32), **({"quota_bytes": quota} if quota else {})}]
+    with pytest.raises(ValueError, match=f"tenant name '{name}' is reserved"):
+        make_config(tmp_path, tenants=tenants, open_access=True)

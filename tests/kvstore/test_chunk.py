@@ -1,3 +1,6 @@
+import json
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +95,22 @@ def test_damaged_blob_is_a_blob_error(damage):
         data = bytearray()
     with pytest.raises(BlobError):
         decode_blob(data)
+
+
+@pytest.mark.parametrize(("name", "shape", "offsets"), [("tokens", [-1, -16], None), ("kv.kv", [2, 2, 1, -16, -8], None),
+                                                    ("tokens", [2**64, 0], [0, 0])])
+def test_a_header_with_an_impossible_shape_is_a_blob_error(name, shape, offsets):
+    """Negative dimensions whose product still matches the byte range, or a huge one of an empty tensor."""
+    layout = KVLayout("m", num_layers=2, kv_heads=1, head_dim=8, chunk_tokens=16, page_tokens=8)
+    blob = blob_bytes(chunk_of(layout), layout, get_codec("raw"))
+    n = struct.unpack_from("<Q", blob)[0]
+    header = json.loads(blob[8 : 8 + n])
+    header[name]["shape"] = shape
+    header[name]["data_offsets"] = offsets or header[name]["data_offsets"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with pytest.raises(BlobError, match="dimension out of range"):
+        decode_blob(struct.pack("<Q", len(text)) + text + blob[8 + n :])
 
 
 @pytest.mark.parametrize("part", ["summary_shape", "summary_dtype", "tokens_shape", "tokens_dtype"])
