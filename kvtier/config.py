@@ -20,7 +20,8 @@ from kvtier.errors import ConfigError
 
 class TierConfig(BaseModel):
     kind: Literal["device", "host", "disk", "redis"]
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                             description="letters, digits, '_', '.', '-' (default: the kind)")
     capacity_bytes: int = Field(gt=0)
     codec: str = "raw"
     policy: Literal["lru", "lfu", "s3fifo", "cost", "turn-lru", "hit-density"] = "lru"
