@@ -127,8 +127,8 @@ def blob_tensors(chunk: Chunk, codec: Codec) -> dict[str, torch.Tensor]:
         raise BlobError("a chunk without KV cannot be encoded as a blob")
     kv = chunk.kv if chunk.kv.device.type == "cpu" else chunk.kv.cpu()
     parts = {name: t.contiguous() for name, t in codec.encode(kv).items()}
-    tokens = np.ascontiguousarray(chunk.tokens, dtype=np.int32)
-    tensors = {"tokens": torch.from_numpy(tokens if tokens.flags.writeable else tokens.copy())}  # torch warns on read-only arrays
+    tokens = np.ascontiguousarray(chunk.tokens, dtype=np.int32)  # a read-only array would make torch warn
+    tensors = {"tokens": torch.from_numpy(tokens if tokens.flags.writeable else tokens.copy())}
     tensors.update((f"kv.{name}", t) for name, t in sorted(parts.items()))
     if chunk.summary is not None:
         tensors["summary"] = chunk.summary.cpu().contiguous()
