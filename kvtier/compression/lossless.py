@@ -15,15 +15,19 @@ The padding up to the largest layer's frame is counted in the stored size (it is
 
 from __future__ import annotations
 
+import threading
 from abc import abstractmethod
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from kvtier.compression.codec import Codec, expect_parts, register_codec
 from kvtier.errors import CodecError
+
+T = TypeVar("T")
 
 
 def shuffle_bytes(x: torch.Tensor) -> np.ndarray:
@@ -72,7 +76,7 @@ class LosslessCodec(Codec):
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
         if kv.dim() < 1 or kv.device.type != "cpu":
             raise CodecError(f"codec {self.name!r}: kv must be a CPU tensor [L, ...], got {tuple(kv.shape)} on {kv.device}")
-        frames = list(_pool().map(self._encode_layer, kv.contiguous()))
+        frames = _run_all(self._encode_layer, kv.contiguous())
         width = max((len(f) for f in frames), default=0)
         data = torch.zeros((len(frames), width), dtype=torch.uint8)
         for row, frame in zip(data.numpy(), frames):
@@ -96,7 +100,7 @@ class LosslessCodec(Codec):
             raise CodecError(f"codec {self.name!r}: frame lengths {nbytes.tolist()} do not fit data of width {data.shape[1]}")
         target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
         frames = [memoryview(row[:n]) for row, n in zip(data.contiguous().numpy(), nbytes.tolist())]
-        list(_pool().map(self._decode_layer, frames, target))
+        _run_all(self._decode_layer, frames, target)
         if target is not out:
             out.copy_(target)
 
@@ -113,14 +117,25 @@ class LosslessCodec(Codec):
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
     """Threads that compress layers in parallel (both libraries release the GIL), one per torch thread."""
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="kvtier-codec")
-    return _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="kvtier-codec")
+        return _POOL
+
+
+def _run_all(fn: Callable[..., T], *args: Iterable) -> list[T]:
+    """``fn`` over the layers on the pool; returns once every call has finished (so none still writes into a
+    caller's buffer), then raises the first error if any failed."""
+    pool = _pool()
+    futures = [pool.submit(fn, *a) for a in zip(*args)]
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 @register_codec
@@ -133,7 +148,7 @@ class ZstdCodec(LosslessCodec):
     def _check_level(self) -> None:
         import zstandard
 
-        if not isinstance(self.level, int) or not -(1 << 17) <= self.level <= zstandard.MAX_COMPRESSION_LEVEL:
+        if type(self.level) is not int or not -(1 << 17) <= self.level <= zstandard.MAX_COMPRESSION_LEVEL:
             raise CodecError(f"codec 'zstd': level must be an integer <= {zstandard.MAX_COMPRESSION_LEVEL}, got {self.level!r}")
 
     def _compress(self, data: memoryview) -> bytes:
@@ -160,7 +175,7 @@ class LZ4Codec(LosslessCodec):
     default_level = 0
 
     def _check_level(self) -> None:
-        if not isinstance(self.level, int) or not 0 <= self.level <= 16:
+        if type(self.level) is not int or not 0 <= self.level <= 16:  # a bool is an int, not a level
             raise CodecError(f"codec 'lz4': level must be an integer in [0, 16], got {self.level!r}")
 
     def _compress(self, data: memoryview) -> bytes:

@@ -28,6 +28,7 @@ Presses:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -94,7 +95,9 @@ def forward_continue(model, cache: DynamicCache, input_ids: torch.Tensor, positi
 def greedy_generate(model, cache: DynamicCache, input_ids: torch.Tensor, position: int, steps: int) -> torch.Tensor:
     """Feed ``input_ids`` ``[B, q]`` at ``position`` (see :func:`forward_continue`), then generate ``steps``
     tokens greedily; return them ``[B, steps]``."""
-    tokens = []
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps!r}")
+    tokens = [input_ids.new_empty((input_ids.shape[0], 0))]
     logits = forward_continue(model, cache, input_ids, position)
     position += input_ids.shape[1]
     for step in range(steps):
@@ -257,6 +260,13 @@ class SnapKVPress(Press):
     window: int = 64
     kernel: int = 5
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1:
+            raise ValueError(f"window (the observation window) must be >= 1 token, got {self.window!r}")
+        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be a positive odd number of tokens (a centred pool), got {self.kernel!r}")
+
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         N = inputs.tokens
         scores = inputs.attention_weights(N - min(self.window, N), N).mean(dim=(2, 3))  # [B, H_kv, N]
@@ -271,6 +281,11 @@ class PyramidKVPress(SnapKVPress):
     the last layer keeping ``1 / beta`` of the first's share. The budgets average the uniform one."""
 
     beta: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1.0 <= self.beta < math.inf:
+            raise ValueError(f"beta (the first layer's share over the last's) must be finite and >= 1, got {self.beta!r}")
 
     def layer_budgets(self, tokens: int, layers: int) -> list[int]:
         mean = self.kept(tokens)

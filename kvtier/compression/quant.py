@@ -39,6 +39,20 @@ def _check(cond: bool, codec: str, what: str) -> None:
         raise CodecError(f"codec {codec!r}: {what}")
 
 
+def _check_kv(kv: torch.Tensor, codec: str) -> None:
+    _check(kv.dim() == 5, codec, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
+    _check(bool(torch.isfinite(kv).all()), codec, "kv must be finite: an inf or nan would spoil its whole head")
+
+
+def _copy_in_range(dst: torch.Tensor, x: torch.Tensor) -> None:
+    """``dst <- x`` (fp32), clamped to ``dst``'s dtype's range: a reconstruction may overshoot an input that was
+    at the edge of it (fp16's 65504), which must not become inf."""
+    if dst.dtype != torch.float32:
+        limit = torch.finfo(dst.dtype).max
+        x = x.clamp(-limit, limit)
+    dst.copy_(x)
+
+
 @register_codec
 class FP8Codec(Codec):
     """float8 e4m3 codes of square-law companded KV, one bf16 scale per (layer, tensor, head): 2x smaller
@@ -58,7 +72,7 @@ class FP8Codec(Codec):
 
     Parts: ``data`` uint8 ``[L, T, H, C, D]`` (e4m3 bits); ``scale`` bf16 ``[L, T, H]``; ``key_offset`` int8
     ``[L, H, D]``; ``key_offset_step`` bf16 ``[L, H]``; ``key_raw`` uint8 ``[L, ceil(C / 8)]`` (token ``c``'s
-    flag is bit ``c % 8`` of byte ``c // 8``). Inputs must be finite.
+    flag is bit ``c % 8`` of byte ``c // 8``). Inputs must be finite (else a CodecError).
     """
 
     name = "fp8"
@@ -69,7 +83,7 @@ class FP8Codec(Codec):
         return L * T * H * C * D + L * T * H * 2 + L * H * D + L * H * 2 + L * -(-C // 8)
 
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check(kv.dim() == 5, self.name, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
+        _check_kv(kv, self.name)
         x = kv.to(torch.float32, copy=True)  # transformed in place, then converted to e4m3 in one pass
         keys = x[:, :1]
         mean = keys.mean(dim=3, keepdim=True)  # [L, 1, H, 1, D]
@@ -106,7 +120,7 @@ class FP8Codec(Codec):
         offset = parts["key_offset"].float() * parts["key_offset_step"].float().unsqueeze(2)  # [L, H, D]
         kept = ~_unpack_bits(parts["key_raw"], C)  # [L, C]: tokens stored minus the offset
         x[:, 0].addcmul_(offset.unsqueeze(2), kept.float()[:, None, :, None])
-        out.copy_(x)
+        _copy_in_range(out, x)
 
 
 def _pack_bits(flags: torch.Tensor) -> torch.Tensor:
@@ -193,7 +207,7 @@ class KIVICodec(Codec):
 
     # --- encode ---------------------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> dict[str, torch.Tensor]:
-        _check(kv.dim() == 5, self.name, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
+        _check_kv(kv, self.name)
         parts: dict[str, torch.Tensor] = {}
         for prefix, (L, *_), per_channel in self._split(tuple(kv.shape)):
             src = kv[:, :1] if prefix == "key" else kv[:, 1:]
@@ -285,7 +299,7 @@ class KIVICodec(Codec):
                 else x.view(L, T, H, C, Dp // self.group_size, self.group_size)
             torch.addcmul(zero, x, scale, out=x)
             dst = out[:, :1] if prefix == "key" else out[:, 1:]
-            dst.copy_(x.view(L, T, H, Cp, Dp)[:, :, :, :C, :D])
+            _copy_in_range(dst, x.view(L, T, H, Cp, Dp)[:, :, :, :C, :D])
 
     def _unpack(self, packed: torch.Tensor, n: int) -> torch.Tensor:
         """Inverse of :meth:`_pack`: ``[L, bytes]`` -> ``[L, n]`` fp32 codes."""

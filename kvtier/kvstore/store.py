@@ -236,7 +236,7 @@ class TieredStore:
             layout.check_kv(kv, len(ids))
             if kv.shape[3] != len(ids):
                 raise LayoutError(f"kv holds {kv.shape[3]} tokens but {len(ids)} token ids were given")
-            self._check_device(kv)
+            self._check_kv(kv)
         root = root_key(layout.fingerprint, namespace)
         keys = chunk_keys(root, ids, C)
         chunks = []
@@ -367,7 +367,7 @@ class TieredStore:
                 raise ValueError(f"chunk key {c.key.hex()} is not H(parent || tokens)")
             if not self.metadata_only:
                 layout.check_kv(c.kv, layout.chunk_tokens, name=f"kv of chunk {c.key.hex()}")
-                self._check_device(c.kv)
+                self._check_kv(c.kv)
             expected = c.key
         return self._put_chain(list(chunks), root, layout, namespace, len(chunks))
 
@@ -512,12 +512,15 @@ class TieredStore:
     def _tier_names(self, node: Node) -> list[str]:
         return [t.name for i, t in enumerate(self.tiers) if node.tiers >> i & 1]
 
-    def _check_device(self, kv: torch.Tensor) -> None:
+    def _check_kv(self, kv: torch.Tensor) -> None:
         """KV may come from the CPU, a CUDA device (every tier copies from it: offloading GPU KV to a host or
-        disk tier is the common case) or a tier's own device."""
+        disk tier is the common case) or a tier's own device. With a lossy tier it must be finite: the codec
+        refuses inf and nan, and it would only find out when the chunk is demoted to that tier."""
         allowed = {"cpu", "cuda"} | {getattr(t, "device", torch.device("cpu")).type for t in self.tiers}
         if kv.device.type not in allowed:
             raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(allowed)}")
+        if any(not t.codec.lossless for t in self.tiers) and not bool(torch.isfinite(kv).all()):
+            raise LayoutError("kv holds inf or nan values, which the store's lossy tiers cannot encode")
 
     @staticmethod
     def _check_out(out: torch.Tensor, layout: KVLayout, layers: range, tokens: int) -> None:

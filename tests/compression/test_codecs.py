@@ -3,6 +3,8 @@ codec decodes one layer alone, and bad names, parameters or data raise CodecErro
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -227,6 +229,50 @@ def test_unknown_codec_and_bad_parameters():
         get_codec("fp8", bits=3)
     with pytest.raises(CodecError, match="level"):
         get_codec("lz4", level=99)
+
+
+@pytest.mark.parametrize("name", ["fp8", *QUANT])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_lossy_codecs_refuse_non_finite_kv(name, bad):
+    """One inf or nan would spoil the scales of its whole (layer, tensor, head): refused, not encoded."""
+    kv = random_kv((2, 2, 2, 40, 64), torch.float16)
+    kv[1, 0, 1, 7, 3] = bad
+    with pytest.raises(CodecError, match="finite"):
+        get_codec(name).encode(kv)
+
+
+@pytest.mark.parametrize("name", ["fp8", *QUANT])
+def test_values_at_the_edge_of_fp16_decode_finite(name):
+    """A reconstruction may overshoot its input by part of a step: at fp16's 65504 it is clamped, not inf."""
+    kv = random_kv((1, 2, 2, 40, 64), torch.float16)
+    kv[0, :, 0, :8, :8] = 65504.0
+    kv[0, :, 1, :8, :8] = -65504.0
+    kv[0, 1, 0, 8, 0] = 54912.0
+    out = roundtrip(get_codec(name), kv)[1]
+    assert bool(torch.isfinite(out).all())
+
+
+def test_lossless_levels_are_integers_not_bools():
+    for name in LOSSLESS:
+        with pytest.raises(CodecError, match="level"):
+            get_codec(name, level=True)
+
+
+@pytest.mark.parametrize("name", LOSSLESS)
+def test_a_failed_decode_returns_only_once_every_layer_is_done(name):
+    """A corrupt layer raises; the other layers, decoded in parallel, are finished by then, so nothing writes
+    into the caller's buffer after the error."""
+    codec = get_codec(name)
+    kv = random_kv((4, 2, 2, 512, 64), torch.float16)
+    parts = codec.encode(kv)
+    parts["data"][0, int(parts["nbytes"][0]) // 2] ^= 0x5A
+    for _ in range(5):
+        out = torch.empty_like(kv)
+        with pytest.raises(CodecError):
+            codec.decode(parts, out)
+        out.zero_()
+        time.sleep(0.05)
+        assert not out.any()
 
 
 @pytest.mark.parametrize("name", LOSSLESS)

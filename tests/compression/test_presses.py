@@ -164,3 +164,17 @@ def test_model_continues_from_a_compressed_cache(smollm2, batch, context, refere
     assert (at_once.argmax(-1) == reference_logits.argmax(-1)).float().mean() >= 0.75
     generated = greedy_generate(model, cache, at_once[:, -1:].argmax(-1), N + follow.shape[1], steps=3)
     assert generated.shape == (2, 3)
+    nothing = greedy_generate(model, cache, generated[:, -1:], N + follow.shape[1] + 3, steps=0)  # feeds only
+    assert nothing.shape == (2, 0) and cache.layers[0].keys.shape[2] == lengths[0] + follow.shape[1] + 4
+
+
+@pytest.mark.parametrize(("press", "field"), [
+    (lambda: SnapKVPress(kernel=4), "kernel"), (lambda: SnapKVPress(kernel=0), "kernel"),
+    (lambda: SnapKVPress(window=0), "window"), (lambda: PyramidKVPress(beta=0.5), "beta"),
+    (lambda: PyramidKVPress(beta=float("nan")), "beta"), (lambda: PyramidKVPress(kernel=2), "kernel"),
+])
+def test_parameters_that_cannot_work_are_refused_when_made(press, field):
+    """An even pool has no centre, an empty observation window scores nothing, and beta < 1 turns the pyramid
+    over (budgets beyond the tokens): each is refused when the press is made, not when it compresses."""
+    with pytest.raises(ValueError, match=field):
+        press()

@@ -379,3 +379,17 @@ def test_a_failing_disk_write_is_a_chunk_not_taken(tmp_path):
     check_invariants(store)
     assert torch.equal(store.get(a).kv, kv_for_tokens(TINY, a))
     assert store.put(b, kv_for_tokens(TINY, b)).stored == 2
+
+
+def test_non_finite_kv_is_refused_by_a_store_with_a_lossy_tier(tmp_path):
+    """Only a lossy tier's codec cannot take inf or nan, and it would see the chunk only when demoting it: the
+    put is refused up front instead; a store without one keeps such KV as it is."""
+    tokens = prompt(0, 2)
+    kv = kv_for_tokens(TINY, tokens)
+    kv[0, 1, 0, C + 3, 2] = float("inf")
+    lossy = TieredStore([host(2), DiskTier(tmp_path, 100 * FP, codec="int4")], layout=TINY)
+    with pytest.raises(LayoutError, match="inf or nan"):
+        lossy.put(tokens, kv)
+    assert len(lossy.index) == 0
+    raw = TieredStore([host(2), DiskTier(tmp_path / "raw", 100 * FP)], layout=TINY)
+    assert raw.put(tokens, kv).stored == 2 and torch.equal(raw.get(tokens).kv, kv)
