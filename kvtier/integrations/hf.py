@@ -20,13 +20,16 @@ Exactness: the cached KV is the KV the model computed for the same tokens at the
 result equals a run without the store up to floating-point summation order (fp32 logits within 1e-4 on
 SmolLM2, greedy tokens identical: ``tests/integrations``).
 
-Keys: the layout fingerprint (:func:`model_layout`) names the model id, a digest of its weights, dtype,
-shapes and chunk size, so chunks made by another model or another chunk size are never served.
+Keys: the layout fingerprint (:func:`model_layout`) names the model id, a digest of its weights, buffers and
+config, its attention (dense, or kvtier sparse prefill and its patterns), dtype, shapes and chunk size, so chunks
+made by another model, configuration, attention or chunk size are never served. The attention is read on every
+call: switching sparse prefill on or off switches the chunks served.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtier.errors import ParentMissingError
 from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
 from kvtier.kvstore.keys import as_tokens, root_key
@@ -44,28 +48,53 @@ from kvtier.layout import DTYPES, KVLayout
 Prompt = Sequence[int] | torch.Tensor
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """16 hex characters of BLAKE2b over every parameter's name, shape, dtype and bytes: two checkpoints
-    of one architecture never share a digest (about 0.5 s for 135M fp32 parameters)."""
+# Config fields that name or run the model without changing what it computes: left out of the digest.
+_NOT_COMPUTED = {"_name_or_path", "_commit_hash", "transformers_version", "_attn_implementation",
+                 "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states",
+                 "return_dict", "torchscript", "dtype", "torch_dtype"}
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """16 hex characters of BLAKE2b over every parameter's and buffer's name, shape, dtype and bytes, and the
+    text config's fields that change what the model computes (RoPE scaling, norm epsilon, sliding window, ...):
+    two checkpoints of one architecture, or one checkpoint loaded with another RoPE configuration, never share
+    a digest (about 0.5 s for 135M fp32 parameters)."""
     h = hashlib.blake2b(digest_size=8)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    config = model.config.get_text_config(decoder=True).to_dict()
+    h.update(json.dumps({k: v for k, v in config.items() if k not in _NOT_COMPUTED}, sort_keys=True,
+                        default=str).encode())
     return h.hexdigest()
 
 
-def model_layout(model: torch.nn.Module, chunk_tokens: int = 256, model_id: str | None = None) -> KVLayout:
+def attention_tag(model: torch.nn.Module) -> str:
+    """``""`` for the model's own attention; ``"+sparse@<digest>"`` while kvtier sparse prefill is on (its KV is
+    an approximation, never to be served to a dense run), the digest covering every layer's head patterns and
+    the prefill length from which they apply."""
+    from kvtier.sparse_attn.integration import sparse_state
+
+    layers = [None if s is None or s.patterns is None else (s.patterns, s.min_tokens) for s in sparse_state(model)]
+    if not any(layers):
+        return ""  # dense (an observer alone attends densely)
+    return f"+sparse@{hashlib.blake2b(repr(layers).encode(), digest_size=4).hexdigest()}"
+
+
+def model_layout(model: torch.nn.Module, chunk_tokens: int = 256, model_id: str | None = None,
+                 digest: str | None = None) -> KVLayout:
     """The KVLayout of a decoder-only transformers model: ``model_id`` (default: the last part of the
-    config's name or path) plus a digest of the weights, layers, KV heads, head_dim, the model's dtype and ``chunk_tokens``."""
+    config's name or path) plus :func:`model_digest` (``digest``, when the caller has it) and
+    :func:`attention_tag`, layers, KV heads, head_dim, the model's dtype and ``chunk_tokens``."""
     cfg = model.config.get_text_config(decoder=True)
     dtype = next(name for name, d in DTYPES.items() if d == model.dtype)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     name = model_id or Path(getattr(model.config, "_name_or_path", "")).name or cfg.model_type
     page = min(32, chunk_tokens & -chunk_tokens)  # a power of two that divides chunk_tokens
-    return KVLayout(f"{name}@{weights_digest(model)}", num_layers=cfg.num_hidden_layers, kv_heads=kv_heads,
-                    head_dim=head_dim, dtype=dtype, chunk_tokens=chunk_tokens, page_tokens=page)
+    return KVLayout(f"{name}@{digest or model_digest(model)}{attention_tag(model)}", num_layers=cfg.num_hidden_layers,
+                    kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, chunk_tokens=chunk_tokens, page_tokens=page)
 
 
 def _set_layer(cache, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -95,6 +124,7 @@ class Loaded:
     suffix: int
     fetched: list[int]
     tiers: list[list[str]]
+    layout: KVLayout  # of the attention the batch is run with
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -120,11 +150,24 @@ class HFKVCache:
         self.model = model
         self.store = store
         self.namespace = namespace
-        self.layout = model_layout(model, chunk_tokens, model_id)
-        store.attach(self.layout)
+        self.chunk_tokens = chunk_tokens
+        self.model_id = model_id
+        self._digest = model_digest(model)
+        self._layouts: dict[str, KVLayout] = {}  # by attention tag
         self.pad_token_id = pad_token_id
         self._buffer: torch.Tensor | None = None
         self.timings: dict[str, float] = {}
+
+    @property
+    def layout(self) -> KVLayout:
+        """The layout of the model's current attention (:func:`attention_tag`), attached on first use."""
+        tag = attention_tag(self.model)
+        layout = self._layouts.get(tag)
+        if layout is None:
+            layout = model_layout(self.model, self.chunk_tokens, self.model_id, self._digest)
+            self.store.attach(layout)
+            self._layouts[tag] = layout
+        return layout
 
     # ------------------------------------------------------------------ load
 
@@ -136,15 +179,16 @@ class HFKVCache:
         ids = [as_tokens(p) for p in prompts]
         if not ids or any(len(p) == 0 for p in ids):
             raise ValueError("give at least one prompt, each of at least one token")
-        C = self.layout.chunk_tokens
-        cached = [min(self.store.lookup(p, self.namespace, self.layout).tokens, len(p) - 1) for p in ids]
+        layout = self.layout
+        C = layout.chunk_tokens
+        cached = [min(self.store.lookup(p, self.namespace, layout).tokens, len(p) - 1) for p in ids]
         suffix = max(len(p) - c for p, c in zip(ids, cached))
         wanted = [max(0, len(p) - suffix) for p in ids]
         fetched, tiers, buffers = [], [], []
         for p, w in zip(ids, wanted):
             n = -(-w // C) * C
-            out = self._scratch(n) if len(ids) == 1 else None
-            got = self.store.get(p[:n], out=out, namespace=self.namespace, layout=self.layout) if n else None
+            out = self._scratch(n, layout) if len(ids) == 1 else None
+            got = self.store.get(p[:n], out=out, namespace=self.namespace, layout=layout) if n else None
             fetched.append(got.tokens if got else 0)
             tiers.append(got.tiers if got else [])
             buffers.append(got.kv if got else None)
@@ -161,26 +205,26 @@ class HFKVCache:
             mask[i, total - len(p):] = 1
         cache = DynamicCache(config=self.model.config)
         if prefix:
-            L, _, H, _, D = self.layout.chunk_shape
+            L, _, H, _, D = layout.chunk_shape
             for layer in range(L):
                 if batch == 1:  # no padding: views of the fetch buffer
                     kv = buffers[0][layer, :, :, :prefix].unsqueeze(1)
                 else:
-                    kv = torch.zeros((2, batch, H, prefix, D), dtype=self.layout.torch_dtype)
+                    kv = torch.zeros((2, batch, H, prefix, D), dtype=layout.torch_dtype)
                     for i, (buf, w) in enumerate(zip(buffers, wanted)):
                         if w:
                             kv[:, i, :, prefix - w:] = buf[layer, :, :, :w]
                 _set_layer(cache, layer, kv[0], kv[1])
         self.timings["load_s"] = time.perf_counter() - start
-        return Loaded(input_ids, mask, cache, wanted, suffix, fetched, tiers)
+        return Loaded(input_ids, mask, cache, wanted, suffix, fetched, tiers, layout)
 
-    def _scratch(self, tokens: int) -> torch.Tensor:
+    def _scratch(self, tokens: int, layout: KVLayout) -> torch.Tensor:
         """A reused fetch buffer ``[L, T, H, >= tokens, D]``: allocating (and page-faulting) hundreds of MB per
         request costs more than the copy. A batch-1 cache from :meth:`load` holds views of it until its first
         forward (which concatenates into new tensors), so run it before the next ``load``."""
-        L, T, H, _, D = self.layout.chunk_shape
+        L, T, H, _, D = layout.chunk_shape
         if self._buffer is None or self._buffer.shape[3] < tokens:
-            self._buffer = torch.empty((L, T, H, tokens, D), dtype=self.layout.torch_dtype)
+            self._buffer = torch.empty((L, T, H, tokens, D), dtype=layout.torch_dtype)
         return self._buffer
 
     # ------------------------------------------------------------------ run
@@ -217,27 +261,29 @@ class HFKVCache:
         """Put the new full chunks of every prompt, read from ``cache``: laid out as in ``loaded``, or (None)
         row ``i`` holding prompt ``i`` from position 0. Returns the number of chunks stored."""
         start = time.perf_counter()
-        C = self.layout.chunk_tokens
-        root = root_key(self.layout.fingerprint, self.namespace)
+        layout = self.layout if loaded is None else loaded.layout  # the attention that computed the KV
+        C = layout.chunk_tokens
+        root = root_key(layout.fingerprint, self.namespace)
         stored = 0
         for i, p in enumerate(prompts):
             ids = as_tokens(p)
-            keys = self.store.keys(ids, self.namespace, self.layout)
+            keys = self.store.keys(ids, self.namespace, layout)
             first = 0 if loaded is None else min(loaded.fetched[i] // C, len(keys))
             pad = 0 if loaded is None else loaded.input_ids.shape[1] - len(ids)
-            chunks = [self._chunk(cache, i, pad, ids, keys, j, root) for j in range(first, len(keys))]
+            chunks = [self._chunk(cache, i, pad, ids, keys, j, root, layout) for j in range(first, len(keys))]
             if chunks:
                 try:
-                    stored += self.store.put_chunks(chunks, root, self.namespace, self.layout).stored
-                except ValueError:  # the fetched prefix was evicted meanwhile: store the prompt from its start
-                    chunks = [self._chunk(cache, i, pad, ids, keys, j, root) for j in range(len(keys))]
-                    stored += self.store.put_chunks(chunks, root, self.namespace, self.layout).stored
+                    stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
+                except ParentMissingError:  # the fetched prefix was evicted meanwhile: store from the start
+                    chunks = [self._chunk(cache, i, pad, ids, keys, j, root, layout) for j in range(len(keys))]
+                    stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
         self.timings["store_s"] = time.perf_counter() - start
         return stored
 
-    def _chunk(self, cache, row: int, pad: int, ids: np.ndarray, keys: list[bytes], j: int, root: bytes) -> Chunk:
+    def _chunk(self, cache, row: int, pad: int, ids: np.ndarray, keys: list[bytes], j: int, root: bytes,
+               layout: KVLayout) -> Chunk:
         """Chunk ``j`` of prompt ``row`` (left-padded by ``pad``): its KV ``[L, 2, H, C, D]`` copied from ``cache``."""
-        C = self.layout.chunk_tokens
+        C = layout.chunk_tokens
         a, b = pad + j * C, pad + (j + 1) * C
         kv = torch.stack([torch.stack((layer.keys[row, :, a:b], layer.values[row, :, a:b])) for layer in cache.layers])
-        return Chunk(keys[j], keys[j - 1] if j else root, ids[j * C : (j + 1) * C], kv.to(self.layout.torch_dtype))
+        return Chunk(keys[j], keys[j - 1] if j else root, ids[j * C : (j + 1) * C], kv.to(layout.torch_dtype))

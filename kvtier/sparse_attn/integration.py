@@ -86,6 +86,13 @@ def _attention_modules(model) -> list:
     return [layer.self_attn for layer in layers]
 
 
+def sparse_state(model) -> list[LayerSparse | None]:
+    """Each layer's sparse attention state while ``"kvtier_sparse"`` is the model's attention (None: dense)."""
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        return [None] * model.config.num_hidden_layers
+    return [getattr(m, "_kvtier_sparse", None) for m in _attention_modules(model)]
+
+
 def _set(model, states: list[LayerSparse | None], implementation: str) -> None:
     for module, state in zip(_attention_modules(model), states):
         module._kvtier_sparse = state

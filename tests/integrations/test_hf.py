@@ -12,6 +12,7 @@ from kvtier.integrations.hf import HFKVCache, model_layout
 from kvtier.kvstore.store import TieredStore
 from kvtier.kvstore.tiers.disk import DiskTier
 from kvtier.kvstore.tiers.memory import HostTier
+from kvtier.sparse_attn.integration import disable_sparse_prefill, enable_sparse_prefill
 
 pytestmark = pytest.mark.model
 C = 64  # small chunks keep the prompts (and the model's prefill) short
@@ -106,6 +107,37 @@ def test_chunks_of_another_model_or_chunk_size_are_never_served(smollm2, tokens)
         other.model.layers[3].mlp.down_proj.weight[0, 0] += 1e-3
     assert model_layout(other, C).fingerprint != model_layout(model, C).fingerprint
     assert adapter(other, store).load([tokens]).reused == [0]
+
+
+def test_chunks_of_another_configuration_are_never_served(smollm2, tokens) -> None:
+    """Same weights, other computation: a RoPE buffer (rope scaling) or a config field (the norm's epsilon)."""
+    model, _ = smollm2
+    store = TieredStore([HostTier(256 << 20)])
+    adapter(model, store).prefill([tokens[:200]])
+    scaled = copy.deepcopy(model)
+    scaled.model.rotary_emb.inv_freq /= 4  # what linear rope scaling by 4 computes
+    eps = copy.deepcopy(model)
+    eps.config.rms_norm_eps *= 10
+    for other in (scaled, eps):
+        assert model_layout(other, C).fingerprint != model_layout(model, C).fingerprint
+        assert adapter(other, store).load([tokens]).reused == [0]
+
+
+def test_kv_of_a_sparse_prefill_is_never_served_to_a_dense_one(smollm2, tokens) -> None:
+    """Sparse prefill's KV approximates the dense KV: the adapter keys it apart, following the switch."""
+    model, _ = smollm2
+    a = adapter(model)
+    enable_sparse_prefill(model, min_tokens=64)
+    try:
+        a.prefill([tokens[:200]])  # 3 chunks computed with sparse attention
+        sparse = a.layout
+        assert a.load([tokens]).reused == [192]
+    finally:
+        disable_sparse_prefill(model)
+    assert a.layout.fingerprint != sparse.fingerprint
+    assert a.load([tokens]).reused == [0]
+    pre = a.prefill([tokens[:200]])  # dense chunks of their own, exact
+    assert pre.loaded.reused == [0] and a.load([tokens]).reused == [192]
 
 
 def test_prefixes_fetched_from_the_disk_tier_are_exact(smollm2, tokens, tmp_path) -> None:
