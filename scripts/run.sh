@@ -7,7 +7,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [[ " $* " != *" --config "* ]]; then
+configured=false
+for arg in "$@"; do
+  case "$arg" in --config|--config=*) configured=true ;; esac
+done
+if [ "$configured" = false ]; then
   export KVTIER_OPEN_ACCESS="${KVTIER_OPEN_ACCESS:-true}" KVTIER_SERVER__HOST="${KVTIER_SERVER__HOST:-127.0.0.1}"
 fi
 exec .venv/bin/kvtier serve "$@"

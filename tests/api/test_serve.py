@@ -1,12 +1,18 @@
-"""`kvtier serve` as a real process: config file plus environment overrides, and a restart that keeps the
-chunks of the disk tier."""
+"""`kvtier serve` as a real process: config file plus environment overrides, a restart that keeps the chunks
+of the disk tier, and scripts/run.sh with a config."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
 import torch
 
 from kvtier.api import Client
-from kvtier.bench.api import ServerProcess
+from kvtier.bench.api import ServerProcess, free_port
 
 from .helpers import KEYS, LAYOUT, kv_for, make_config, prompt
 
@@ -35,3 +41,30 @@ def test_restart_keeps_disk_chunks_per_tenant(tmp_path):
             assert alice.stats()["used_bytes"] == 5 * LAYOUT.chunk_bytes
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("form", ["--config=FILE", "--config FILE"])
+def test_run_sh_with_a_config_keeps_its_keys(tmp_path, form):
+    """scripts/run.sh opens access only when no config is given, however ``--config`` is written."""
+    path = tmp_path / "config.json"
+    path.write_text(make_config(tmp_path).model_dump_json())
+    port = free_port()
+    config_args = [f"--config={path}"] if form == "--config=FILE" else ["--config", str(path)]
+    proc = subprocess.Popen(["bash", "scripts/run.sh", *config_args, "--port", str(port), "--log-level", "warning"],
+                            cwd=Path(__file__).resolve().parents[2])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "run.sh did not start the service"
+            time.sleep(0.2)
+        assert httpx.get(url + "/v1/stats").status_code == 401
+        assert httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
