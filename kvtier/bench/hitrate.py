@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvtier.bench.args import at_least, token_list, tokens
 from kvtier.bench.belady import BeladyPolicy
 from kvtier.bench.report import Report, progress
 from kvtier.bench.traces import DEFAULT_MOONCAKE, Trace, load_mooncake, long_doc_qa, multi_round_qa
@@ -141,21 +142,18 @@ class Workload:
     headline: int
 
 
-def _tokens(text: str) -> int:
-    """``3M``, ``500k``, ``3000000`` -> tokens."""
-    text = text.strip().lower()
-    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", default=str(DEFAULT_MOONCAKE), help="a Mooncake-format trace (JSON lines)")
-    parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests of --trace")
-    parser.add_argument("--capacities", default="1M,2M,3M,6M,12M", help="capacities in tokens for --trace")
-    parser.add_argument("--headline", default="3M", help="the capacity whose per-tier details are reported")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="replay only the first N requests of --trace")
+    parser.add_argument("--capacities", type=token_list, default="1M,2M,3M,6M,12M",
+                        help="capacities in tokens for --trace (at least one block each)")
+    parser.add_argument("--headline", type=tokens, default=None,
+                        help="the capacity whose per-tier details are reported: one of --capacities (default: 3M "
+                             "when listed, else the middle one)")
     parser.add_argument("--policies", default=DEFAULT_POLICIES,
                         help=f"comma-separated, from {sorted(POLICIES)} (cost is slow here: see docs/hitrate.md)")
-    parser.add_argument("--disk-tokens", default="0", help="add a raw disk tier of this many tokens (not Belady)")
+    parser.add_argument("--disk-tokens", type=tokens, default=0,
+                        help="add a raw disk tier of this many tokens (Belady then gets host + disk tokens)")
     parser.add_argument("--codecs", default="all", help="codecs for the fixed-byte-budget run ('all', 'none' or a list)")
     parser.add_argument("--no-generated", action="store_true", help="skip the generated LMCache-style workloads")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated workloads")
@@ -178,14 +176,24 @@ def run(args: argparse.Namespace) -> Report:
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; known: {sorted(POLICIES)}")
-    disk_tokens = _tokens(args.disk_tokens)
-    trace = load_mooncake(args.trace, limit=args.limit)
-    workloads = [Workload(trace, sorted(_tokens(c) for c in args.capacities.split(",")), _tokens(args.headline))]
+    try:
+        trace = load_mooncake(args.trace, limit=args.limit)
+    except ValueError as exc:
+        raise SystemExit(f"kvtier bench hitrate: {exc}") from None
+    capacities = sorted(set(args.capacities))
+    if capacities[0] < trace.block_tokens:
+        raise SystemExit(f"kvtier bench hitrate: capacity {capacities[0]} holds no {trace.block_tokens}-token block")
+    headline = args.headline
+    if headline is None:
+        headline = 3_000_000 if 3_000_000 in capacities else capacities[len(capacities) // 2]
+    elif headline not in capacities:
+        raise SystemExit(f"kvtier bench hitrate: --headline {headline} is not one of --capacities {capacities}")
+    workloads = [Workload(trace, capacities, headline)]
     if not args.no_generated:
         workloads += generated_workloads(args.seed)
     report = Report("hitrate")
     report.notes.append(f"token hit rate = matched prefix tokens / input tokens; ratio = policy / Belady at the "
-                        f"same capacity; {trace_layout(512).model_id} fp16 KV for bytes")
+                        f"same capacity (host + disk tokens); {trace_layout(512).model_id} fp16 KV for bytes")
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for w in workloads:
         keys = trace_keys(w.trace, trace_layout(w.trace.block_tokens))
@@ -193,18 +201,18 @@ def run(args: argparse.Namespace) -> Report:
         report.add(f"{w.trace.name} infinite capacity hit rate", infinite.hit_rate, "fraction")
         curve = curves[w.trace.name] = {INFINITE: [(c, infinite.hit_rate) for c in w.capacities]}
         for capacity in progress(w.capacities, desc=w.trace.name):
-            belady = replay(w.trace, BELADY, capacity, keys=keys)
+            belady = replay(w.trace, BELADY, capacity + args.disk_tokens, keys=keys)  # what both tiers hold
             curve.setdefault(BELADY, []).append((capacity, belady.hit_rate))
             report.add(f"{w.trace.name} @{capacity} belady hit rate", belady.hit_rate, "fraction",
                        INFINITE, infinite.hit_rate)
             for policy in policies:
-                r = replay(w.trace, policy, capacity, disk_tokens=disk_tokens, keys=keys)
+                r = replay(w.trace, policy, capacity, disk_tokens=args.disk_tokens, keys=keys)
                 curve.setdefault(policy, []).append((capacity, r.hit_rate))
                 prefix = f"{w.trace.name} @{capacity} {policy}"
                 report.add(f"{prefix} hit rate", r.hit_rate, "fraction", BELADY, belady.hit_rate)
                 if capacity == w.headline:
                     _details(report, prefix, r)
-    _codec_rows(report, trace, _tokens(args.headline), args.codecs, available_codecs())
+    _codec_rows(report, trace, headline, args.codecs, available_codecs())
     if args.plot:
         plot(curves, args.plot)
         report.notes.append(f"plot written to {args.plot}")

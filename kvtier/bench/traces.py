@@ -39,19 +39,29 @@ class Trace:
 
 def load_mooncake(path: str | Path = DEFAULT_MOONCAKE, block_tokens: int = 512, limit: int | None = None) -> Trace:
     """A Mooncake trace (one JSON object a line with ``input_length`` and ``hash_ids``); keeps the ids of the
-    ``input_length // block_tokens`` full blocks. ``limit``: the first requests only."""
+    ``input_length // block_tokens`` full blocks. ``limit``: the first requests only (at least 1). A file that
+    cannot be read, or a line that is not such an object, is a ValueError naming the file and line."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 request, got {limit}")
     requests = []
-    with open(path) as f:
-        for line in f:
+    try:
+        f = open(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read the trace {path}: {exc.strerror}") from None
+    with f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             if limit is not None and len(requests) >= limit:
                 break
-            row = json.loads(line)
-            n = int(row["input_length"])
-            ids = row["hash_ids"]
-            if len(ids) * block_tokens < n:
-                raise ValueError(f"{path}: a request of {n} tokens has only {len(ids)} blocks of {block_tokens}")
+            try:
+                row = json.loads(line)
+                n, ids = int(row["input_length"]), [int(i) for i in row["hash_ids"]]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{number}: not a Mooncake request (input_length and hash_ids): "
+                                 f"{type(exc).__name__}: {exc}") from None
+            if n < 0 or len(ids) * block_tokens < n:
+                raise ValueError(f"{path}:{number}: a request of {n} tokens has {len(ids)} blocks of {block_tokens}")
             requests.append(Request(tuple(ids[: n // block_tokens]), n))
     return Trace(Path(path).stem, block_tokens, requests)
 

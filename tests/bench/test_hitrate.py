@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,32 @@ def test_mooncake_loader(tmp_path) -> None:
     assert replay(t, "lru", capacity_tokens=4096).hit_tokens == 1024
 
 
+@pytest.mark.parametrize(("line", "why"), [("not json", "JSONDecodeError"), ('{"input_length": 10}', "hash_ids"),
+                                           ('{"input_length": 2000, "hash_ids": [1]}', "2000 tokens has 1 blocks")])
+def test_a_bad_trace_line_is_named(tmp_path, line, why) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input_length": 600, "hash_ids": [0, 1]}\n\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"t.jsonl:3: .*{why}"):
+        load_mooncake(path)
+    with pytest.raises(ValueError, match="cannot read the trace"):
+        load_mooncake(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.parametrize(("options", "why"), [
+    (["--limit", "0"], "--limit: 0 is less than 1"), (["--capacities", "3G"], "not a token count"),
+    (["--capacities", "100"], "holds no 512-token block"), (["--headline", "5M"], "not one of --capacities"),
+    (["--trace", "/no/such/trace"], "cannot read the trace"),
+])
+def test_bad_options_are_clear_errors(tmp_path, capsys, options, why) -> None:
+    from kvtier.cli import main
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"input_length": 600, "hash_ids": [0, 1]}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "hitrate", "--trace", str(trace), "--no-generated", "--codecs", "none", *options])
+    assert why in str(exit_.value.code) + capsys.readouterr().err
+
+
 def _token_blocks(t: Trace) -> list[np.ndarray]:
     """Token ids for each request: block id b becomes B copies of b; the tail gets fresh ids."""
     out = []
@@ -124,3 +152,14 @@ def test_replay_matches_a_tensor_store(policy: str) -> None:
         assert m[field] == r[field], field
     assert [(x["hits"], x["evictions"], x["chunks"]) for x in m["tiers"]] == \
         [(x["hits"], x["evictions"], x["chunks"]) for x in r["tiers"]]
+
+
+def test_with_a_disk_tier_belady_gets_both_tiers_capacity(capsys) -> None:
+    """A host + disk store is compared with Belady at host + disk tokens: no policy beats the optimum."""
+    from kvtier.cli import main
+
+    main(["bench", "hitrate", "--limit", "1000", "--capacities", "100k,300k", "--disk-tokens", "3M",
+          "--no-generated", "--codecs", "none", "--policies", "lru", "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    ratios = [r["ratio"] for r in rows if r["metric"].endswith("lru hit rate")]
+    assert len(ratios) == 2 and all(0 < r <= 1 for r in ratios)
