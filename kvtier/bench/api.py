@@ -27,6 +27,7 @@ import torch
 
 from kvtier.api.auth import hash_key
 from kvtier.api.client import SOCKET_OPTIONS, Client
+from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, progress
 from kvtier.compression.codec import get_codec
 from kvtier.kvstore.chunk import Chunk, blob_bytes
@@ -36,9 +37,11 @@ _HEADS, _HEAD_DIM, _CHUNK_TOKENS = 8, 128, 256  # fp16: 1 MiB of KV per layer an
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16], help="chunk sizes in MiB")
-    parser.add_argument("--iterations", type=int, default=60, help="timed calls per size, operation and path")
-    parser.add_argument("--rounds", type=int, default=6, help="alternations between service and baseline")
+    parser.add_argument("--sizes", type=at_least(1), nargs="+", default=[1, 4, 16], help="chunk sizes in MiB")
+    parser.add_argument("--iterations", type=at_least(1), default=60,
+                        help="timed calls per size, operation and path (spread over the rounds)")
+    parser.add_argument("--rounds", type=at_least(1), default=6,
+                        help="alternations between service and baseline (at most --iterations)")
 
 
 def free_port() -> int:
@@ -95,12 +98,12 @@ def _timed(fn, n: int) -> list[float]:
 def _measure(service, baseline, iterations: int, rounds: int, bar) -> tuple[list[float], list[float]]:
     """Alternate ``rounds`` times between the two, ``iterations`` timed calls each in all."""
     service(), baseline()  # warm up both paths
-    per_round = max(1, iterations // rounds)
     s_times: list[float] = []
     b_times: list[float] = []
-    for _ in range(rounds):
-        s_times += _timed(service, per_round)
-        b_times += _timed(baseline, per_round)
+    for r in range(rounds):
+        n = iterations * (r + 1) // rounds - iterations * r // rounds
+        s_times += _timed(service, n)
+        b_times += _timed(baseline, n)
         bar.update(1)
     return s_times, b_times
 
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> Report:
                 layout = KVLayout("bench", num_layers=mib, kv_heads=_HEADS, head_dim=_HEAD_DIM,
                                   chunk_tokens=_CHUNK_TOKENS)
                 kv = torch.randn(layout.chunk_shape, dtype=torch.float16)
-                prompts = iter(rng.integers(0, 50_000, size=(10 * args.iterations, _CHUNK_TOKENS)))
+                prompts = iter(rng.integers(0, 50_000, size=(args.iterations + 2, _CHUNK_TOKENS)))  # warm-up, get
                 body = bytes(_frame_bytes(layout, kv))
 
                 def put() -> None:

@@ -41,3 +41,11 @@ def token_list(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("give at least one token count")
     return values
+
+
+def fill_defaults(args: argparse.Namespace, normal: dict[str, object], quick: dict[str, object]) -> None:
+    """Give each option in ``normal`` that was not given (None) its ``quick`` value when ``args.quick``, else its
+    ``normal`` one: ``--quick`` changes defaults, never an option given on the command line."""
+    for name, value in normal.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick.get(name, value) if args.quick else value)

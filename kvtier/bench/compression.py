@@ -21,25 +21,34 @@ import time
 
 import torch
 
+from kvtier.bench.args import at_least, fill_defaults
 from kvtier.bench.report import Report, progress
 
 
+# Defaults, and the smaller ones of --quick (a smoke run); an option given on the command line wins over both.
+NORMAL = {"context": 2048, "continuation": 256, "windows": 4, "ratios": "0.25,0.5,0.75", "repeats": 5,
+          "needle_context": 4096, "depths": "0.1,0.5,0.9"}
+QUICK = {"context": 512, "continuation": 128, "windows": 2, "ratios": "0.5", "repeats": 3, "needle_context": 1024,
+         "depths": "0.1,0.9"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--context", type=int, default=2048, help="context tokens compressed (default 2048)")
-    parser.add_argument("--continuation", type=int, default=256, help="held-out tokens scored after it (default 256)")
-    parser.add_argument("--windows", type=int, default=4,
+    parser.add_argument("--context", type=at_least(1), help="context tokens compressed (default 2048)")
+    parser.add_argument("--continuation", type=at_least(1), help="held-out tokens scored after it (default 256)")
+    parser.add_argument("--windows", type=at_least(1),
                         help="text windows (context + continuation each) whose scores are pooled (default 4)")
-    parser.add_argument("--ratios", default="0.25,0.5,0.75", help="press compression ratios: fractions of tokens dropped")
+    parser.add_argument("--ratios", help="press compression ratios: fractions of tokens dropped (default 0.25,0.5,0.75)")
     parser.add_argument("--codecs", default="raw,fp8,int8,int4,int2,zstd,lz4", help="codecs to measure")
     parser.add_argument("--presses", default="streaming_llm,h2o,snapkv,pyramidkv", help="presses to measure")
     parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per stored chunk (default 256)")
-    parser.add_argument("--repeats", type=int, default=5, help="timing repetitions, best kept (default 5)")
-    parser.add_argument("--needle-context", type=int, default=4096, help="needle context tokens, 0 to skip (default 4096)")
-    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths as fractions of the context")
+    parser.add_argument("--repeats", type=at_least(1), help="timing repetitions, best kept (default 5)")
+    parser.add_argument("--needle-context", type=at_least(0), help="needle context tokens, 0 to skip (default 4096)")
+    parser.add_argument("--depths", help="needle depths as fractions of the context (default 0.1,0.5,0.9)")
     parser.add_argument("--needle-ratio", type=float, default=0.5, help="press ratio in the needle test (default 0.5)")
     parser.add_argument("--needle-modes", default="agnostic", help="agnostic and/or aware (comma-separated)")
     parser.add_argument("--quick", action="store_true",
-                        help="small sizes for a smoke run: context 512, continuation 128, 2 windows, needle 1024 at 2 depths, ratio 0.5")
+                        help="smaller defaults for a smoke run: context 512, continuation 128, 2 windows, needle 1024 at "
+                             "2 depths, ratio 0.5, 3 repeats (options given still apply)")
 
 
 def _floats(text: str) -> list[float]:
@@ -55,9 +64,7 @@ def run(args: argparse.Namespace) -> Report:
     from kvtier.compression.evaluate import Quality, cache_to_kv, reference, reference_quality
     from kvtier.integrations.smollm2 import load_smollm2
 
-    if args.quick:
-        args.context, args.continuation, args.needle_context, args.windows = 512, 128, 1024, 2
-        args.depths, args.ratios, args.repeats = "0.1,0.9", "0.5", 3
+    fill_defaults(args, NORMAL, QUICK)
     report = Report("compression")
     torch.manual_seed(0)
     model, tokenizer = load_smollm2(dtype=torch.float32)

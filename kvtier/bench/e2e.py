@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, progress
 
 QUESTIONS = [
@@ -51,12 +52,13 @@ class Timing:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--document-tokens", type=int, default=4096, help="tokens of the shared document")
-    parser.add_argument("--questions", type=int, default=4, help="questions about the document (first one cold)")
-    parser.add_argument("--turns", type=int, default=6, help="turns of the chat (first one cold)")
-    parser.add_argument("--reply-tokens", type=int, default=32, help="greedy reply tokens per chat turn")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each fast (cached) measurement")
-    parser.add_argument("--chunk-tokens", type=int, default=256)
+    parser.add_argument("--document-tokens", type=at_least(1), default=4096, help="tokens of the shared document")
+    parser.add_argument("--questions", type=at_least(2), default=4,
+                        help="questions about the document (the first one is cold; at least 2)")
+    parser.add_argument("--turns", type=at_least(2), default=6, help="turns of the chat (the first one is cold; at least 2)")
+    parser.add_argument("--reply-tokens", type=at_least(1), default=32, help="greedy reply tokens per chat turn")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="repeats of each fast (cached) measurement")
+    parser.add_argument("--chunk-tokens", type=at_least(1), default=256)
 
 
 class _Bench:
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> Report:
         prompt = _turn(tokenizer, "system", "You are a helpful assistant who answers from the documentation.")
         paragraphs = [p for p in text.split("\n\n") if 200 < len(p) < 1200]
         for t in progress(range(args.turns), desc="chat"):
-            prompt = prompt + _turn(tokenizer, "user", f"{paragraphs[t]}\n{QUESTIONS[t % len(QUESTIONS)]}") + assistant
+            prompt = prompt + _turn(tokenizer, "user", f"{paragraphs[t % len(paragraphs)]}\n{QUESTIONS[t % len(QUESTIONS)]}") + assistant
             out = bench.request("chat", prompt, cold=t == 0)
             prompt = prompt + bench.reply(out, args.reply_tokens) + tokenizer("<|im_end|>\n", add_special_tokens=False).input_ids
     for workload in ("document-qa", "chat"):
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> Report:
             report.add(f"{workload}: TTFT {name} vs recompute", total[way] / len(rows), "s", "recompute",
                        total["recompute"] / len(rows), higher_is_better=False)
         for way in ("host", "disk"):
-            report.add(f"{workload}: TTFT kvtier {way} tier vs ideal (share of the ideal speedup)",
+            report.add(f"{workload}: TTFT kvtier {way} tier vs ideal (ratio: ideal time / kvtier time)",
                        total[way] / len(rows), "s", "ideal", total["ideal"] / len(rows), higher_is_better=False)
         for i, t in enumerate(rows):
             report.notes.append(f"{workload} request {i + 1}: {t.prompt_tokens} tokens, {t.reused} reused; TTFT "

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from kvtier.bench.args import at_least, fill_defaults
 from kvtier.bench.report import Report, progress
 
 SHAPES = {"8x128": (8, 8, 128), "smollm2": (9, 3, 64)}  # query heads, KV heads, head dim
@@ -29,24 +30,32 @@ QUESTION = "\n\nWhat is the secret passphrase? The secret passphrase is"
 CONTINUATION = 32
 
 
+# Defaults, and the smaller ones of --quick; an option given on the command line wins over both.
+NORMAL = {"lengths": "8192,16384,32768", "accuracy_lengths": "2048,4096,8192", "needle_length": 8192,
+          "needle_depths": "0.1,0.3,0.5,0.7,0.9"}
+QUICK = {"lengths": "4096", "accuracy_lengths": "2048", "needle_length": 4096, "needle_depths": "0.5"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", default="8192,16384,32768", help="token counts of the speed part ('' = skip)")
+    parser.add_argument("--lengths", help="token counts of the speed part ('' = skip; default 8192,16384,32768)")
     parser.add_argument("--shapes", default="8x128,smollm2", help=f"speed shapes among {list(SHAPES)}")
-    parser.add_argument("--vertical", type=int, default=500, help="vertical columns kept in the speed part")
-    parser.add_argument("--slash", type=int, default=1000, help="diagonals kept in the speed part")
-    parser.add_argument("--repeat", type=int, default=3, help="speed: dense and sparse alternate; best of this many")
-    parser.add_argument("--accuracy-lengths", default="2048,4096,8192", help="token counts on SmolLM2 ('' = skip)")
-    parser.add_argument("--needle-length", type=int, default=8192)
-    parser.add_argument("--needle-depths", default="0.1,0.3,0.5,0.7,0.9", help="where the needle goes ('' = skip)")
+    parser.add_argument("--vertical", type=at_least(1), default=500, help="vertical columns kept in the speed part")
+    parser.add_argument("--slash", type=at_least(1), default=1000, help="diagonals kept in the speed part")
+    parser.add_argument("--repeat", type=at_least(1), default=3,
+                        help="speed: dense and sparse alternate; best of this many")
+    parser.add_argument("--accuracy-lengths", help="token counts on SmolLM2 ('' = skip; default 2048,4096,8192)")
+    parser.add_argument("--needle-length", type=at_least(1), help="tokens of the needle test (default 8192)")
+    parser.add_argument("--needle-depths", help="where the needle goes ('' = skip; default 0.1,0.3,0.5,0.7,0.9)")
     parser.add_argument("--config", default="smollm2-135m", help="per-head sparse config: shipped name or JSON path")
-    parser.add_argument("--min-tokens", type=int, default=1024, help="shorter prefills stay dense")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads for dense and sparse alike (0 = default)")
-    parser.add_argument("--quick", action="store_true", help="4k speed, 2k accuracy, needle at 0.5 of 4k")
+    parser.add_argument("--min-tokens", type=at_least(1), default=1024, help="shorter prefills stay dense")
+    parser.add_argument("--threads", type=at_least(0), default=0,
+                        help="torch threads for dense and sparse alike (0 = default)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller defaults: 4k speed, 2k accuracy, needle at 0.5 of 4k (options given still apply)")
 
 
 def run(args: argparse.Namespace) -> Report:
-    if args.quick:
-        args.lengths, args.accuracy_lengths, args.needle_length, args.needle_depths = "4096", "2048", 4096, "0.5"
+    fill_defaults(args, NORMAL, QUICK)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = Report("sparse")

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, Row, progress
 from kvtier.kvstore.chunk import Chunk, key_summary
 from kvtier.kvstore.keys import chunk_keys, root_key
@@ -38,12 +39,14 @@ LAYOUTS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layouts", default="smollm2,large", help="comma list of: " + ", ".join(LAYOUTS))
-    parser.add_argument("--bytes", type=int, default=192 << 20, help="KV bytes moved per measurement")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds; the best of each side is reported")
+    parser.add_argument("--bytes", type=at_least(1), default=192 << 20,
+                        help="KV bytes moved per measurement (at least two chunks are)")
+    parser.add_argument("--repeat", type=at_least(1), default=5, help="rounds; the best of each side is reported")
     parser.add_argument("--dir", default=None, help="folder for the disk tier (default: a temporary one)")
     parser.add_argument("--fsync", action="store_true", help="disk tier and baseline both fsync every file")
-    parser.add_argument("--index-chunks", type=int, default=1_000_000, help="chunks in the lookup index")
-    parser.add_argument("--prompt-tokens", type=int, default=131072, help="tokens of the looked-up prompt")
+    parser.add_argument("--index-chunks", type=at_least(1), default=1_000_000, help="chunks in the lookup index")
+    parser.add_argument("--prompt-tokens", type=at_least(256), default=131072,
+                        help="tokens of the looked-up prompt (at least one 256-token chunk)")
     parser.add_argument("--redis-url", default=None, help="also measure a Redis tier at this URL")
 
 
