@@ -496,8 +496,10 @@ class TieredStore:
             }
 
     def close(self) -> None:
-        for t in self.tiers:
-            t.close()
+        """Close every tier, once the operation in progress (if any) is done."""
+        with self._lock:
+            for t in self.tiers:
+                t.close()
 
     # ------------------------------------------------------------------ helpers
 

@@ -276,3 +276,26 @@ def test_store_keeps_working_while_redis_is_down(own_server):
     assert store.put(second, second_kv).stored == 2  # no demotion possible: the first prompt is dropped
     assert store.lookup(first).tokens == 0 and torch.equal(store.get(second).kv, second_kv)
     assert len(host) == 2 and host.used_bytes == host.capacity_bytes
+
+
+def test_a_full_redis_refuses_writes_without_piling_up_deletes(own_server):
+    """maxmemory with noeviction: every write fails; the names queued for deletion stay those of the last failed
+    write (each commit's DEL of them succeeds), and once there is room again nothing is left behind."""
+    port, _ = own_server
+    raw = redis.Redis(port=port)
+    raw.config_set("maxmemory", "2mb")
+    raw.config_set("maxmemory-policy", "noeviction")
+    with pytest.raises(redis.ResponseError):
+        for i in range(10_000):
+            raw.set(f"filler:{i}", b"x" * 4096)
+    tier = RedisTier(f"redis://127.0.0.1:{port}/0", 1 << 30, prefix=PREFIX)
+    for seed in range(50):
+        with pytest.raises(RedisTierError, match="storing 1 chunk"):
+            tier.commit(tier.prepare(make_chunk(100 + seed), LAYOUT))
+    assert len(tier._stale) <= 2 and len(tier) == 0  # the names of one chunk: its data and its metadata
+    raw.flushdb()
+    chunk = make_chunk(7)
+    tier.commit(tier.prepare(chunk, LAYOUT))
+    names = set(tier._names(chunk.key, tier._entries[chunk.key]))
+    assert set(raw.scan_iter(match=PREFIX + "*")) == names  # no key of the failed writes is left
+    raw.close()

@@ -393,3 +393,18 @@ def test_non_finite_kv_is_refused_by_a_store_with_a_lossy_tier(tmp_path):
     assert len(lossy.index) == 0
     raw = TieredStore([host(2), DiskTier(tmp_path / "raw", 100 * FP)], layout=TINY)
     assert raw.put(tokens, kv).stored == 2 and torch.equal(raw.get(tokens).kv, kv)
+
+
+def test_a_put_after_close_leaves_the_disk_as_it_was(tmp_path):
+    """A closed disk tier writes nothing more: a demotion to it is a chunk it did not take, not a crash, and no
+    half-written file is left."""
+    disk = DiskTier(tmp_path, 100 * FP)
+    store = TieredStore([host(2), disk], layout=TINY)
+    first = prompt(0, 2)
+    store.put(first, kv_for_tokens(TINY, first))
+    store.close()
+    files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    later = prompt(1, 2)
+    assert store.put(later, kv_for_tokens(TINY, later)).stored == 2  # evicting the first prompt demotes nothing
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == files
+    check_invariants(store)

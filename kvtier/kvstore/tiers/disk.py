@@ -111,6 +111,7 @@ class DiskTier(Tier):
         self._tmp_seq = 0
         self._tmp_lock = threading.Lock()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kvtier-{name}-hasher")
+        self._closed = False
         for sub in self.path.iterdir():
             if sub.is_dir() and len(sub.name) == 2:
                 for f in sub.glob("*" + SUFFIX):
@@ -157,6 +158,8 @@ class DiskTier(Tier):
         _pwrite_all(fd, [memoryview(head)], 0)
 
     def commit(self, prepared: Prepared) -> None:
+        if self._closed:
+            raise TierError(f"disk tier {self.name!r} is closed: it writes nothing more")
         final = self._file(prepared.key)
         with self._tmp_lock:
             self._tmp_seq += 1
@@ -350,7 +353,8 @@ class DiskTier(Tier):
         return key in self._sizes
 
     def close(self) -> None:
-        """Stop the hashing thread (after any hash in flight)."""
+        """Stop the hashing thread (after any hash in flight); later commits raise TierError."""
+        self._closed = True
         self._hasher.shutdown(wait=True)
 
     def delete(self, key: bytes) -> int:

@@ -327,7 +327,12 @@ class RedisTier(Tier):
                     pipe.set(self._part(p.key, i), part)
                 pipe.set(self._meta(p.key), meta)
             try:
-                pipe.execute()
+                replies = pipe.execute(raise_on_error=False)
+                if stale and not isinstance(replies[0], Exception):
+                    self._stale -= stale  # deleted, even if a write below was refused (e.g. Redis is full)
+                failed = next((r for r in replies[1 if stale else 0 :] if isinstance(r, Exception)), None)
+                if failed is not None:
+                    raise failed
             except redis.RedisError as exc:
                 self.stats.errors += 1
                 for p in batch:  # some of its commands may have run: delete its keys later
@@ -337,7 +342,6 @@ class RedisTier(Tier):
                     self._stale.update(self._names(p.key, p.payload[0]))
                 raise RedisTierError(f"redis tier {self.name!r}: storing {len(batch)} chunk(s) at {self.where} "
                                      f"failed: {type(exc).__name__}: {exc}") from None
-            self._stale -= stale
             for p in batch:
                 self._forget(p.key)
                 self._add(p.key, p.payload[0])
