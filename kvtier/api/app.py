@@ -9,7 +9,9 @@ tenant's namespace: any other key, cached or not, gets the same 409. Layouts are
 Chunk data travels in the blob format (:mod:`kvtier.kvstore.chunk`), framed by :mod:`kvtier.api.wire`. A put
 is decoded and verified entirely (framing, checksums, layout, key chain) before anything is stored; a fetch
 copies each chunk once, into its own buffer, and streams the blobs from there with a Content-Length.
-Store calls run in worker threads, never on the event loop. The chunk bytes that puts and fetches hold at once
+Store calls that may block run in worker threads. A put lends, verifies and stores on the event loop when none
+of that can block (layers hashed as they arrived, only lent memory touched, the lock free), else in a thread.
+The chunk bytes that puts and fetches hold at once
 are bounded by ``server.max_bytes_in_flight`` (:mod:`kvtier.api.budget`): a request that does not fit waits.
 """
 
@@ -41,7 +43,7 @@ from kvtier.api.budget import ByteBudget
 from kvtier.api.metrics import Metrics
 from kvtier.api.partitions import Partitions, merged_stats
 from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
-from kvtier.api.wire import CONTENT_TYPE, frame_prefix, layer_slice
+from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, ParentMissingError, TierError
@@ -114,7 +116,8 @@ class FramesResponse(Response):
 
 
 class Service:
-    """What the endpoints do, on plain Python values; every method may block (run it in a thread)."""
+    """What the endpoints do, on plain Python values. Every method but :meth:`put` may block (run it in a thread);
+    :meth:`put` is a coroutine that hands what may block to the ``run`` it is given."""
 
     def __init__(self, config: KVTierConfig, partitions: Partitions) -> None:
         self.config = config
@@ -166,10 +169,11 @@ class Service:
     # ------------------------------------------------------------------ tenant operations
 
     def attach(self, principal: Principal, layout: KVLayout) -> schemas.AttachResponse:
-        if layout.chunk_bytes > self.limits.max_body_bytes:
-            raise Refusal(413, "chunk_too_large", f"a chunk of this layout holds {layout.chunk_bytes} bytes of KV, "
-                                                   f"over max_body_bytes ({self.limits.max_body_bytes}): no chunk "
-                                                   "of it could be put")
+        least = FRAME_PREFIX + 4 * layout.chunk_tokens + layout.chunk_bytes  # a blob's header comes on top
+        if least > self.limits.max_body_bytes:
+            raise Refusal(413, "chunk_too_large", f"a chunk of this layout takes over {least} bytes framed "
+                                                   f"({layout.chunk_bytes} of KV), more than max_body_bytes "
+                                                   f"({self.limits.max_body_bytes}): it could not be put")
         fingerprint = self.store(principal).attach(layout)
         with self._lock:
             self._attached.setdefault(principal.tenant, set()).add(fingerprint)
@@ -384,10 +388,16 @@ class _Instrument:
     """ASGI middleware: request metrics, and the body-size limit (a declared Content-Length over it is refused
     before anything is read; a chunked body is cut off when it passes it)."""
 
-    def __init__(self, app, service: Service) -> None:
+    def __init__(self, app, service: Service, paths: set[str]) -> None:
         self.app = app
         self.metrics = service.metrics
         self.max_body = service.limits.max_body_bytes
+        self.paths = paths  # the app's route paths (none has parameters)
+
+    def _route_path(self, scope) -> str:
+        """The endpoint label of a request refused before routing (an oversized body): its path if it is a
+        route's, else ``unmatched``."""
+        return scope["path"] if scope["path"] in self.paths else "unmatched"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -427,8 +437,7 @@ class _Instrument:
             await self.app(scope, counting_receive, counting_send)
         finally:
             m.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            endpoint = getattr(scope.get("route"), "path", None) or self._route_path(scope)
             m.latency.labels(endpoint).observe(time.perf_counter() - start)
             m.requests.labels(endpoint, str(status)).inc()
             m.bytes_in.labels(endpoint).inc(received)
@@ -463,7 +472,8 @@ def create_app(config: KVTierConfig) -> FastAPI:
     app = FastAPI(title="kvtier", version="1", lifespan=lifespan,
                   description="A tiered KV-cache store: chunks of KV keyed by token prefix, per tenant.")
     app.state.service = service
-    app.add_middleware(_Instrument, service=service)
+    paths: set[str] = set()  # filled once the routes exist
+    app.add_middleware(_Instrument, service=service, paths=paths)
     bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer KEY`")
 
     # The dependencies are async (they only hash a key and look it up): FastAPI would run plain functions on its
@@ -582,8 +592,8 @@ def create_app(config: KVTierConfig) -> FastAPI:
     count_endpoint("/v1/pin", service.pin, "Protect the cached prefix from eviction (pins nest); returns the "
                                            "chunks pinned.")
     count_endpoint("/v1/unpin", service.unpin, "Undo one pin of the cached prefix; returns the chunks unpinned.")
-    count_endpoint("/v1/delete", service.delete, "Delete the prompt's chunks and everything cached below them, "
-                                                 "except pinned ones; returns the chunks deleted.")
+    count_endpoint("/v1/delete", service.delete, "Delete the prompt's last full chunk and everything cached below "
+                                                 "it, except pinned ones; returns the chunks deleted.")
 
     @app.get("/v1/stats", response_model=schemas.TenantStats, responses=_ERRORS, tags=["service"])
     async def tenant_stats(who: Principal = Depends(tenant)) -> schemas.TenantStats:
@@ -625,5 +635,6 @@ def create_app(config: KVTierConfig) -> FastAPI:
             """Bench baseline: ``nbytes`` bytes (at most max_body_bytes) from memory, sent like a fetch."""
             return FramesResponse([service.source(nbytes)], {})
 
+    paths.update(route.path for route in app.routes)
     return app
 

@@ -141,6 +141,7 @@ class _Attached:
     root: bytes
     max_chunks: int
     max_body: int
+    max_tokens: int
 
 
 Op = Generator[_Call, _Reply, T]
@@ -176,8 +177,9 @@ class _Operations:
         if body["fingerprint"] != layout.fingerprint:
             raise LayoutError(f"the service fingerprints the layout as {body['fingerprint']}, "
                               f"this client as {layout.fingerprint}: different kvtier versions?")
-        att = _Attached(layout, bytes.fromhex(body["root"]), body["limits"]["max_chunks_per_batch"],
-                        body["limits"]["max_body_bytes"])
+        limits = body["limits"]
+        att = _Attached(layout, bytes.fromhex(body["root"]), limits["max_chunks_per_batch"], limits["max_body_bytes"],
+                        limits["max_tokens_per_request"])
         self._attached[layout.fingerprint] = att
         return att
 
@@ -188,21 +190,23 @@ class _Operations:
             att = yield from self._attach_op(layout)
         return att
 
-    def _layout_call(self, att: _Attached, make: Callable[[], _Call]) -> Op[_Reply]:
-        """Send ``make()``; when the service no longer knows the layout (it restarted), attach it and resend."""
+    def _layout_call(self, att: _Attached, make: Callable[[_Attached], _Call]) -> Op[tuple[_Reply, _Attached]]:
+        """Send ``make(att)``; when the service no longer knows the layout (it restarted), attach it again and send
+        ``make`` of the new attachment (the service's limits may have changed). Returns the reply and the
+        attachment it was made for."""
         try:
-            return (yield make())
+            return (yield make(att)), att
         except NotFoundError as exc:
             if exc.error != "layout_not_attached":
                 raise
-        yield from self._attach_op(att.layout)
-        return (yield make())
+        att = yield from self._attach_op(att.layout)
+        return (yield make(att)), att
 
     def _tokens_op(self, path: str, tokens: TokenLike, layout: KVLayout | None, idempotent: bool = True) -> Op[dict]:
         att = yield from self._ensure_op(layout)
         ids = _full_chunks(tokens, att.layout)
         body = {"layout": att.layout.fingerprint, "tokens": ids.tolist()}
-        resp = yield from self._layout_call(att, lambda: _Call("POST", path, json=body, idempotent=idempotent))
+        resp, _ = yield from self._layout_call(att, lambda _: _Call("POST", path, json=body, idempotent=idempotent))
         return resp.json()
 
     # ------------------------------------------------------------------ operations
@@ -254,10 +258,15 @@ class _Operations:
         known = self._known.prefix(keys)  # no lookup: a stale guess costs a 409 and a put from the start
         stored, present, start = 0, known, known
         while start < n_full:
-            parts, end = self._batch(ids, kv, keys, att, start, n_full)
-            params = {"layout": layout.fingerprint}
+            ends = []  # where the batch sent last ends
+
+            def batch(a: _Attached) -> _Call:
+                parts, end = self._batch(ids, kv, keys, a, start, n_full)
+                ends.append(end)
+                return _Call("PUT", "/v1/chunks", parts=parts, params={"layout": layout.fingerprint})
+
             try:
-                resp = yield from self._layout_call(att, lambda: _Call("PUT", "/v1/chunks", parts=parts, params=params))
+                resp, att = yield from self._layout_call(att, batch)
             except ConflictError:
                 if start != known or known == 0:
                     break  # a chunk this put stored was evicted meanwhile: the rest is dropped
@@ -267,6 +276,7 @@ class _Operations:
             result = resp.json()
             stored += result["stored"]
             present += result["present"]
+            end = ends[-1]
             self._known.update(keys[start:end], result["stored"] + result["present"])
             if result["dropped"]:
                 break
@@ -276,11 +286,13 @@ class _Operations:
     def _batch(self, ids: np.ndarray, kv: torch.Tensor, keys: list[bytes], att: _Attached, start: int,
                n_full: int) -> tuple[list[bytes | memoryview], int]:
         """The framed blobs of chunks ``start``, ``start + 1``, ... that fit one request (the service's
-        max_chunks_per_batch and max_body_bytes; at least one chunk), and the index after the last."""
+        max_chunks_per_batch, max_tokens_per_request and max_body_bytes; at least one chunk), and the index after
+        the last."""
         C = att.layout.chunk_tokens
         parts: list[bytes | memoryview] = []
         size, end = 0, start
-        while end < n_full and end - start < att.max_chunks:
+        most = max(1, min(att.max_chunks, att.max_tokens // C))
+        while end < n_full and end - start < most:
             i = end
             chunk = Chunk(keys[i], keys[i - 1] if i else att.root, ids[i * C : (i + 1) * C], kv[:, :, :, i * C : (i + 1) * C])
             header, buffers = encode_blob(chunk, att.layout, self.codec)
@@ -309,12 +321,20 @@ class _Operations:
                   replies: list[_Reply]) -> Op[GetResult]:
         layout = att.layout
         C = layout.chunk_tokens
+        if len(ids) > att.max_tokens:  # as a lookup of it would be
+            raise PayloadTooLargeError(413, "too_many_tokens", f"{len(ids)} tokens in one request; the limit is "
+                                                               f"{att.max_tokens}")
         tiers: list[str] = []
         n = 0
         while n < len(keys):
-            request = {"layout": layout.fingerprint, "tokens": ids.tolist(), "start_chunk": n,
-                       "layer_start": layers.start, "layer_stop": layers.stop}
-            reply = yield from self._layout_call(att, lambda: _Call("POST", "/v1/chunks/fetch", json=request, binary=True))
+
+            def fetch(a: _Attached) -> _Call:  # the tokens up to the batch's end are all the service needs
+                upto = min(len(keys), n + a.max_chunks) * C
+                return _Call("POST", "/v1/chunks/fetch", binary=True, json={
+                    "layout": layout.fingerprint, "tokens": ids[:upto].tolist(), "start_chunk": n,
+                    "layer_start": layers.start, "layer_stop": layers.stop})
+
+            reply, att = yield from self._layout_call(att, fetch)
             replies.append(reply)
             got = int(reply.headers["x-kvtier-tokens"]) // C
             tiers += [t for t in reply.headers["x-kvtier-tiers"].split(",") if t]
@@ -324,10 +344,11 @@ class _Operations:
         shape = (len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim)
         if out is None:
             out = torch.empty(shape, dtype=layout.torch_dtype)
-        elif out.dim() != 5 or tuple(out.shape[:3]) != shape[:3] or out.shape[3] < n * C or out.shape[4] != shape[4] \
-                or out.dtype != layout.torch_dtype:
-            raise LayoutError(f"out buffer {tuple(out.shape)} {out.dtype} does not fit [{shape[0]}, {shape[1]}, "
-                              f"{shape[2]}, >={n * C}, {shape[4]}] of {layout.torch_dtype}")
+        elif (not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[:3]) != shape[:3]
+              or out.shape[3] < n * C or out.shape[4] != shape[4] or out.dtype != layout.torch_dtype):
+            what = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else f"of type {type(out).__name__}"
+            raise LayoutError(f"out buffer {what} does not fit [{shape[0]}, {shape[1]}, {shape[2]}, >={n * C}, "
+                              f"{shape[4]}] of {layout.torch_dtype}")
         sliced = layer_slice(layout, layers)
         i = 0
         for reply in replies:

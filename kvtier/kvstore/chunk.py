@@ -7,7 +7,7 @@ The blob is a safetensors file (readable by ``safetensors.safe_open`` / ``safete
 
 - tensors: ``tokens`` (int32 ``[C]``), ``summary`` (``[L, H, P, 3, D]``, optional) and the codec's parts as
   ``kv.<name>``, each layer-major (first dim ``L``), so one layer's bytes sit at known offsets;
-- metadata: ``format`` (``kvtier-chunk/1``), ``key``, ``parent`` (hex), ``layout`` (the KVLayout as JSON),
+- metadata: ``format`` (``kvtier-chunk/1``), ``key``, ``parent`` (hex), ``namespace``, ``layout`` (the KVLayout as JSON),
   ``codec`` and ``codec_params`` (JSON), ``layer_xxh3`` (one XXH3-64 per layer over that layer's slices
   of every codec part, comma separated), ``tokens_xxh3`` and ``summary_xxh3``.
 

@@ -9,8 +9,8 @@ Data path:
 - ``lookup(tokens)``: the longest run of leading chunk keys in the index (any tier).
 - ``get(tokens, out)``: lookup, then fetch each chunk from the fastest tier holding it straight into the
   caller's buffer, verify it (its key must equal ``H(parent || tokens)`` for the expected parent), and
-  promote chunks fetched from a lower tier to the first one. A chunk that fails verification is deleted and
-  ends the hit there.
+  promote chunks fetched from a lower tier to the first one. A copy that fails verification is deleted and
+  the next tier's copy tried; a chunk with no good copy left ends the hit there.
 
 Eviction is leaf-first: a chunk is not evicted from a tier while a child of it is there, nor dropped from the
 store while it has children anywhere, so the cache never holds a chunk whose prefix it lost. Pinned chunks

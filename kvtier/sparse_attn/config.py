@@ -4,8 +4,9 @@ A :class:`HeadPattern` says how one head's index is estimated for each input:
 
 - ``a_shape``: ``sink`` and ``local`` tokens (fixed);
 - ``vertical_slash``: ``vertical`` columns and ``slash`` diagonals (fixed counts), or ``mass``: the fewest
-  columns and the fewest diagonals that each cover that share of the estimated attention (adaptive; then
-  ``vertical``/``slash``, if given, cap the counts);
+  columns and 64-offset diagonal bins, ranked together by estimated attention per cost, whose scores cover
+  that share (adaptive; then ``vertical``/``slash``, if given, cap the counts: ``slash`` as ceil(slash / 64)
+  bins);
 - ``block_sparse``: ``blocks`` key blocks per query block (fixed), or ``mass`` (adaptive; ``blocks`` caps);
 - ``dense``: every causal key (no fields): the head search keeps the few heads no sparse pattern serves well.
 

@@ -133,7 +133,7 @@ def select(scores: torch.Tensor, forced: torch.Tensor, count: torch.Tensor, mass
 def probe_groups(q_len: int, probes: int = PROBES) -> tuple[list[int], torch.Tensor]:
     """Query blocks cut into ``probes`` contiguous groups of near-equal size, fewer where a group would have
     under ``GROUP_BLOCKS`` blocks: the end row (local, exclusive) of every group, and int64 ``[NQB]`` the group of
-    every query block. A group's probe is its last ``PROBE_QUERIES`` rows (the last probe: the last queries of
+    every query block. A group's probe is :func:`probe_rows` of it (the last probe ends with the last queries of
     the input)."""
     num_qb = -(-q_len // BLOCK)
     n = max(1, min(probes, num_qb // GROUP_BLOCKS))

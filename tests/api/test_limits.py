@@ -13,6 +13,7 @@ import torch
 from kvtier.api import Client
 from kvtier.api.client import PayloadTooLargeError
 from kvtier.api.wire import frame_prefix
+from kvtier.bench.api import free_port
 from kvtier.compression.codec import get_codec
 from kvtier.kvstore.chunk import Chunk, blob_bytes
 from kvtier.kvstore.keys import chunk_keys
@@ -145,3 +146,44 @@ def test_batches_are_sized_by_their_real_frames(tmp_path):
         assert c.stats()["requests"]["/v1/chunks"] == 3
         got = c.get(tokens)
         assert got.tokens == len(tokens) and torch.equal(got.kv, kv)
+
+
+@pytest.mark.parametrize("first", ["get", "put"])
+def test_a_service_restarted_with_other_limits_is_followed_at_once(tmp_path, first):
+    """The service restarts on the same disk with 2 chunks per batch instead of 8: the client's first call
+    attaches the layout again and follows the new limits (a get returns the whole prefix, a put is split)."""
+    limits = {"max_body_bytes": 64 << 10, "max_tokens_per_request": 4096}
+    tokens, kv = prompt(20 * C, seed=5), kv_for(20 * C, seed=5)
+    port = free_port()
+    with Client(f"http://127.0.0.1:{port}", LAYOUT, api_key=KEYS["alice"]) as c:
+        with serve(make_config(tmp_path, server={**limits, "max_chunks_per_batch": 8}), port):
+            assert c.put(tokens if first == "get" else tokens[:C], kv if first == "get" else kv[:, :, :, :C]).stored
+        with serve(make_config(tmp_path, server={**limits, "max_chunks_per_batch": 2}), port):
+            if first == "get":
+                got = c.get(tokens)
+                assert got.tokens == 20 * C and torch.equal(got.kv, kv)
+            else:
+                assert c.put(tokens, kv).stored == 19
+
+
+def test_batches_follow_the_token_limit_and_long_gets_are_refused_up_front(tmp_path):
+    """max_tokens_per_request 64 of 16-token chunks: a put goes 4 chunks a batch; a get of more tokens than a
+    request may carry is refused by the client as the service would refuse a lookup of it."""
+    small = LAYOUT.chunk_tokens * 4
+    config = make_config(tmp_path, server={"max_body_bytes": 64 << 10, "max_tokens_per_request": small,
+                                           "max_chunks_per_batch": 8})
+    tokens, kv = prompt(8 * C, seed=6), kv_for(8 * C, seed=6)
+    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        assert c.put(tokens, kv).stored == 8
+        assert c.stats()["requests"]["/v1/chunks"] == 2
+        got = c.get(tokens[:small])
+        assert got.tokens == small and torch.equal(got.kv, kv[:, :, :, :small])
+        with pytest.raises(PayloadTooLargeError, match=f"{8 * C} tokens in one request; the limit is {small}"):
+            c.get(tokens)
+
+
+def test_a_body_refused_for_its_size_is_counted_under_its_endpoint(url):
+    refused(put(url, b"\x00" * (65 << 10)), 413, "Content-Length")
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}).text
+    assert 'kvtier_requests_total{endpoint="/v1/chunks",status="413"} 1.0' in metrics
+    assert 'endpoint="unmatched"' not in metrics

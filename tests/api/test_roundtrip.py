@@ -205,3 +205,11 @@ def test_a_delete_or_flush_whose_reply_is_lost_is_not_repeated(url, call):
         with pytest.raises(ServiceUnavailableError, match="connection lost"):
             c.delete(tokens[:C]) if call == "delete" else c.flush("alice")
         assert alice.lookup(tokens).tokens == 0
+
+
+def test_an_out_that_is_not_a_tensor_is_a_layout_error(url):
+    C = LAYOUT.chunk_tokens
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        c.put(prompt(C), kv_for(C))
+        with pytest.raises(LayoutError, match="of type ndarray"):
+            c.get(prompt(C), out=kv_for(C).numpy())

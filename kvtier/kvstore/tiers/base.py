@@ -23,8 +23,8 @@ A tier stores encoded chunks under their keys and accounts the bytes they take. 
 - batch forms ``get_many`` and ``commit_many`` (loops here; a networked tier pipelines them).
 
 ``used_bytes`` is exactly the sum of the footprints of what the tier holds; it never exceeds
-``capacity_bytes``. Tiers are not thread-safe on their own: the TieredStore serialises changes, and runs
-``get`` outside its lock only for chunks it has pinned, which no one can delete meanwhile.
+``capacity_bytes``. Tiers are not thread-safe on their own: the TieredStore calls them only while it holds its
+lock.
 """
 
 from __future__ import annotations
