@@ -35,6 +35,8 @@ from kvtier.errors import ConfigError
 _EPS = 1e-6  # how close to 0 or 1 a reuse probability may come
 
 Evictable = Callable[[bytes], bool]
+"""Whether a chunk may be evicted now. It may also have ``held_by_children(key) -> bool``: the chunk is not
+evictable only because children of it are in the tier (it becomes evictable once they leave)."""
 
 
 class EvictionPolicy(ABC):
@@ -56,7 +58,8 @@ class EvictionPolicy(ABC):
 class HeapPolicy(EvictionPolicy):
     """Base of the policies that give up the chunk of lowest priority: a heap of entries
     ``[priority, seq, key, valid, data]`` with lazy invalidation (a re-prioritised or removed chunk's old
-    entry is marked invalid and dropped when it surfaces). ``seq`` breaks ties by age, oldest first."""
+    entry is marked invalid and dropped when it surfaces, or when invalid entries outnumber the valid ones
+    and the heap is rebuilt). ``seq`` breaks ties by age, oldest first."""
 
     def __init__(self) -> None:
         self._entries: dict[bytes, list[Any]] = {}
@@ -71,11 +74,24 @@ class HeapPolicy(EvictionPolicy):
         entry = [priority, next(self._seq), key, True, data]
         self._entries[key] = entry
         heapq.heappush(self._heap, entry)
+        self._compact()
 
     def remove(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
             entry[3] = False
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the valid entries once invalid ones make up most of it (touches and removes
+        leave one each), so its size stays within twice the chunks held."""
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The heap of exactly the valid entries."""
+        self._heap = list(self._entries.values())
+        heapq.heapify(self._heap)
 
     def victim(self, evictable: Evictable) -> bytes | None:
         """The lowest valid entry for which ``evictable`` is true; valid ones that cannot be evicted are put
@@ -132,6 +148,7 @@ class GreedyDualPolicy(HeapPolicy):
         super().__init__()
         self._cost = cost
         self._age = 0.0  # entry data: (frequency, value per hit)
+        self._victim: bytes | None = None  # the last victim named: its removal is an eviction
 
     def insert(self, key: bytes, nbytes: int, depth: int, reuse: float = 0.5) -> None:
         value = self._cost(nbytes, depth)
@@ -144,10 +161,16 @@ class GreedyDualPolicy(HeapPolicy):
             self._push(key, self._age + (freq + 1) * value, (freq + 1, value))
 
     def remove(self, key: bytes) -> None:
+        """Forget ``key``; ``L`` rises only when it is the victim just named (a delete is not an eviction)."""
         entry = self._entries.get(key)
-        if entry is not None:
+        if entry is not None and key == self._victim:
             self._age = max(self._age, entry[0])
+            self._victim = None
         super().remove(key)
+
+    def victim(self, evictable: Evictable) -> bytes | None:
+        self._victim = super().victim(evictable)
+        return self._victim
 
 
 class LFUPolicy(GreedyDualPolicy):
@@ -219,11 +242,20 @@ class S3FIFOPolicy(EvictionPolicy):
         self._pending_ghost = None
 
     def victim(self, evictable: Evictable) -> bytes | None:
-        # Each entry moves at most a few times (small -> main, up to 3 second chances), so this ends.
-        budget = 5 * (len(self._small) + len(self._main)) + 1
-        while budget > 0 and (self._small or self._main):
+        """Evict from the small FIFO while it holds its share of the bytes, else from the main one; a queue whose
+        every chunk was found not evictable in this call gives way to the other. None only when no chunk in
+        either queue is evictable."""
+        stuck_small: set[bytes] = set()  # found not evictable in this call
+        stuck_main: set[bytes] = set()
+        # Each entry moves at most a few times (small -> main, up to 3 second chances, stuck once), so this ends.
+        budget = 6 * (len(self._small) + len(self._main)) + 1
+        while budget > 0:
             budget -= 1
-            from_small = bool(self._small) and (self._small_bytes >= self._small_limit or not self._main)
+            small_open, main_open = len(stuck_small) < len(self._small), len(stuck_main) < len(self._main)
+            if not (small_open or main_open):
+                break
+            small_due = self._small_bytes >= self._small_limit or not self._main
+            from_small = small_open and (small_due or not main_open)
             queue = self._small if from_small else self._main
             key = next(iter(queue))
             if from_small and self._freq[key] > 0:
@@ -235,6 +267,7 @@ class S3FIFOPolicy(EvictionPolicy):
                 self._freq[key] -= 1
                 queue.move_to_end(key)
             elif not evictable(key):
+                (stuck_small if from_small else stuck_main).add(key)
                 queue.move_to_end(key)
             else:
                 self._pending_ghost = key if from_small else None
@@ -295,8 +328,9 @@ class HitDensityPolicy(HeapPolicy):
       by its density at its age over its bytes (ties: the deepest, then the least recently used first); chunks
       used in between are ranked at age 0.
 
-    The victim is the lowest-ranked evictable chunk. A chunk found not evictable (a parent of cached chunks)
-    leaves the heap until a chunk one deeper is removed or the next reranking.
+    The victim is the lowest-ranked evictable chunk. When ``evictable`` says which chunks only their children
+    in the tier hold (``held_by_children``), those leave the heap until a chunk one deeper is removed, the next
+    reranking, or a call that finds nothing else.
     """
 
     name = "hit-density"
@@ -314,7 +348,7 @@ class HitDensityPolicy(HeapPolicy):
         self._ends = [[0.0] * _AGE_BUCKETS for _ in range(classes)]
         self._density = [[0.0] * _AGE_BUCKETS for _ in range(classes)]
         self._ghosts: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # evicted key -> (class, last use)
-        self._blocked: dict[int, list[list[Any]]] = {}  # depth -> heap entries set aside as not evictable
+        self._blocked: dict[int, list[list[Any]]] = {}  # depth -> entries of chunks held by their children
         self._clock = 0  # bytes inserted or touched so far; entry data: (bytes, depth, class, clock at last use)
         self._next_update = self._period
 
@@ -366,24 +400,40 @@ class HitDensityPolicy(HeapPolicy):
             self._ends[cls][self._bucket(self._clock - used)] += 1
 
     def victim(self, evictable: Evictable) -> bytes | None:
-        """The lowest-ranked evictable chunk; those found not evictable on the way are set aside."""
+        """The lowest-ranked evictable chunk. Chunks found held by their children are set aside (see the class
+        docstring); others found not evictable stay in the heap."""
+        children = getattr(evictable, "held_by_children", None)
+        skipped = []
+        found = None
         while self._heap:
             entry = heapq.heappop(self._heap)
             if not entry[3]:
                 continue
             if evictable(entry[2]):
-                heapq.heappush(self._heap, entry)
-                return entry[2]
-            self._blocked.setdefault(entry[4][1], []).append(entry)
-        for depth in list(self._blocked):
-            self._unblock(depth)
-        return super().victim(evictable)
+                found = entry[2]
+                skipped.append(entry)
+                break
+            if children is not None and children(entry[2]):
+                self._blocked.setdefault(entry[4][1], []).append(entry)
+            else:
+                skipped.append(entry)
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        if found is None and self._blocked:  # a child may have left without this tier seeing it
+            for depth in list(self._blocked):
+                self._unblock(depth)
+            return super().victim(evictable)
+        return found
 
     def _unblock(self, depth: int) -> None:
-        """Put the entries of chunks at ``depth`` set aside as not evictable back in the heap."""
+        """Put the entries of chunks at ``depth`` set aside back in the heap."""
         for entry in self._blocked.pop(depth, ()):
             if entry[3]:
                 heapq.heappush(self._heap, entry)
+
+    def _rebuild(self) -> None:
+        super()._rebuild()
+        self._blocked.clear()  # every valid entry is back in the heap
 
     def _update(self) -> None:
         """Decay the counts, recompute the densities and rerank every chunk."""
@@ -400,9 +450,7 @@ class HitDensityPolicy(HeapPolicy):
                 density[b] = above / occupancy if occupancy else 0.0
         for key, entry in self._entries.items():
             self._entries[key] = [self._priority(entry[4]), next(self._seq), key, True, entry[4]]
-        self._heap = list(self._entries.values())
-        heapq.heapify(self._heap)
-        self._blocked.clear()
+        self._rebuild()
 
 
 _AGE_BUCKETS = 32

@@ -656,15 +656,13 @@ class TieredStore:
     def _make_room(self, t: int, nbytes: int, demote: bool = True) -> bool:
         """Evict from tier ``t`` until ``nbytes`` fit; ``demote=False``: only chunks that need no demotion."""
         tier = self.tiers[t]
-        failed: set[bytes] = set()
-        last = t + 1 == len(self.tiers)
+        candidates = _Candidates(self, t, demote)
         while not tier.can_fit(nbytes):
-            key = self.policies[t].victim(lambda k: k not in failed and self._evictable(k, t) and (
-                demote or last or bool(self.index.nodes[k].tiers >> (t + 1))))  # no demotion: a lower tier has it
+            key = self.policies[t].victim(candidates)
             if key is None:
                 return False
             if not self._evict(self.index.nodes[key], t):
-                failed.add(key)
+                candidates.failed.add(key)
         return True
 
     def _evictable(self, key: bytes, t: int) -> bool:
@@ -898,6 +896,25 @@ class TieredStore:
 
 def _token_bytes(tokens: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(tokens, dtype="<i4")).cast("B")
+
+
+@dataclass
+class _Candidates:
+    """The chunks tier ``t``'s policy may evict in one :meth:`TieredStore._make_room` (an ``Evictable``):
+    evictable, not failed to evict before, and (``demote=False``) held by a lower tier too."""
+
+    store: TieredStore
+    t: int
+    demote: bool
+    failed: set[bytes] = field(default_factory=set)
+
+    def __call__(self, key: bytes) -> bool:
+        if key in self.failed or not self.store._evictable(key, self.t):
+            return False
+        return self.demote or self.t + 1 == len(self.store.tiers) or bool(self.store.index.nodes[key].tiers >> (self.t + 1))
+
+    def held_by_children(self, key: bytes) -> bool:
+        return self.store.index.nodes[key].has_children_in(1 << self.t)
 
 
 def _lowest_bit(mask: int) -> int:

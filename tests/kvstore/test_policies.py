@@ -134,3 +134,69 @@ def test_hit_density_sets_aside_chunks_that_are_not_evictable():
     assert p.victim(lambda key: key == k(1)) == k(1)  # chunk 0 set aside again
     p.remove(k(1))
     assert p.victim(always) == k(0)  # nothing else is left
+
+
+def test_s3fifo_evicts_from_main_when_nothing_in_small_can_go():
+    """The small queue holds its share, but its one chunk is not evictable (pinned, or a parent): the victim
+    comes from the main queue rather than none at all."""
+    p = S3FIFOPolicy(capacity_bytes=10)
+    p.insert(k(1), 1, 0)
+    p.touch(k(1))
+    assert p.victim(lambda key: key != k(1)) is None  # only chunk: promoted to main, not evictable
+    p.insert(k(2), 2, 0)  # the small queue's 2 bytes are over its 10% share
+    assert p.victim(lambda key: key == k(1)) == k(1)
+
+
+@pytest.mark.parametrize("policy", [LFUPolicy(), CostAwarePolicy()], ids=["lfu", "cost"])
+def test_greedy_dual_ages_on_evictions_only(policy):
+    """A delete is not an eviction: it leaves the aging term alone, so a hot chunk deleted does not make every
+    other chunk look old."""
+    policy.insert(k(1), 1, 0)
+    for _ in range(9):
+        policy.touch(k(1))  # used 10 times
+    policy.insert(k(2), 1, 0)
+    for _ in range(50):
+        policy.touch(k(2))
+    policy.remove(k(2))  # deleted, nothing evicted
+    policy.insert(k(3), 1, 0)  # used once
+    assert evict(policy, 2) == [3, 1]
+
+
+@pytest.mark.parametrize("name", ["lfu", "cost", "turn-lru", "hit-density"])
+def test_heaps_stay_within_twice_the_chunks_held(name):
+    p = make_policy(name, capacity_bytes=1000)
+    for i in range(10):
+        p.insert(k(i), 1, 0)
+    for step in range(20_000):
+        p.touch(k(step % 10))
+        p.insert(k(100 + step), 1, 0)
+        p.remove(k(100 + step))
+    assert len(p._heap) <= 2 * len(p._entries) + 64
+    assert sorted(evict(p, 20)) == list(range(10))
+
+
+class _HeldByChildren:
+    """An Evictable that names the chunks held only by their children (as the store's is)."""
+
+    def __init__(self, held: set[bytes], refused: set[bytes] = frozenset()) -> None:
+        self.held, self.refused = held, refused
+
+    def __call__(self, key: bytes) -> bool:
+        return key not in self.held and key not in self.refused
+
+    def held_by_children(self, key: bytes) -> bool:
+        return key in self.held
+
+
+def test_hit_density_sets_aside_only_chunks_held_by_children():
+    """A chunk refused for another reason (pinned, failed) is the victim again once it may go; one held by a
+    child returns when a chunk one deeper leaves."""
+    p = HitDensityPolicy(capacity_bytes=1 << 20)
+    for depth in range(4):
+        p.insert(k(depth), 1, depth)  # a chain; equal density: the deepest goes first
+    assert p.victim(_HeldByChildren(set(), refused={k(3)})) == k(2)
+    assert p.victim(_HeldByChildren(set())) == k(3)  # no longer refused: first again
+    assert p.victim(_HeldByChildren({k(3), k(2)})) == k(1)  # both set aside (as if children held them)
+    assert p.victim(_HeldByChildren(set(), refused={k(3)})) == k(1)  # k(2) still aside: nothing one deeper left
+    p.remove(k(3))
+    assert p.victim(_HeldByChildren(set())) == k(2)  # its child left: back
