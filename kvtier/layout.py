@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -22,6 +23,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float32": torch.float32,
 }
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -41,20 +46,22 @@ class KVLayout:
     _fingerprint: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tensors", tuple(self.tensors))
         problems = []
-        if not self.model_id:
-            problems.append("model_id is empty")
+        listed = not isinstance(self.tensors, str) and isinstance(self.tensors, Iterable)
+        object.__setattr__(self, "tensors", tuple(self.tensors) if listed else ())
+        if not isinstance(self.model_id, str) or not self.model_id:
+            problems.append(f"model_id must be a non-empty string, got {self.model_id!r}")
         for name in ("num_layers", "kv_heads", "head_dim", "chunk_tokens", "tp_size", "page_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value := getattr(self, name)) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not self.tensors or len(set(self.tensors)) != len(self.tensors):
-            problems.append(f"tensors must be distinct names, got {self.tensors!r}")
-        if not isinstance(self.tp_rank, int) or not 0 <= self.tp_rank < max(1, int(self.tp_size or 1)):
-            problems.append(f"tp_rank must be in [0, tp_size), got {self.tp_rank!r}")
+        if (not listed or not self.tensors or not all(isinstance(t, str) and t for t in self.tensors)
+                or len(set(self.tensors)) != len(self.tensors)):
+            problems.append(f"tensors must be a sequence of distinct non-empty names, got {self.tensors!r}")
+        size = self.tp_size if _is_int(self.tp_size) and self.tp_size > 0 else 1
+        if not _is_int(self.tp_rank) or not 0 <= self.tp_rank < size:
+            problems.append(f"tp_rank must be an integer in [0, tp_size), got {self.tp_rank!r}")
         if isinstance(self.chunk_tokens, int) and isinstance(self.page_tokens, int) and self.page_tokens > 0:
             if self.chunk_tokens % self.page_tokens:
                 problems.append(f"chunk_tokens {self.chunk_tokens} is not a multiple of page_tokens {self.page_tokens}")
@@ -103,12 +110,12 @@ class KVLayout:
 
     @classmethod
     def from_dict(cls, data: dict) -> "KVLayout":
+        if not isinstance(data, dict):
+            raise LayoutError(f"a KVLayout is a JSON object of its fields, got {type(data).__name__}")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and not k.startswith("_")}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise LayoutError(f"unknown KVLayout fields: {unknown}")
-        if "tensors" in known:
-            known["tensors"] = tuple(known["tensors"])
         try:
             return cls(**known)
         except TypeError as exc:

@@ -48,13 +48,15 @@ def as_tokens(tokens: TokenLike) -> np.ndarray:
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise TokenError(f"token ids must be integers, got a tensor of {tokens.dtype}")
         arr = tokens.detach().cpu().numpy()
+    elif isinstance(tokens, np.ma.MaskedArray):
+        raise TokenError("token ids must not be a masked array (what would a masked id be?)")
     elif isinstance(tokens, np.ndarray):
         arr = tokens
     else:
         if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Iterable):
             raise TokenError(f"token ids must be a sequence of integers, got {type(tokens).__name__}")
-        try:
-            arr = np.fromiter(tokens, dtype=np.int64) if not isinstance(tokens, list) else np.array(tokens)
+        try:  # numpy infers the dtype, checked below: floats, strings or bools are not ids
+            arr = np.array(tokens if isinstance(tokens, list) else list(tokens))
         except (TypeError, ValueError, OverflowError) as exc:
             raise TokenError(f"token ids must be integers: {exc}") from None
     if arr.ndim != 1:

@@ -55,9 +55,12 @@ def test_token_forms_agree():
     assert keys(np.arange(40, dtype=np.int64)) == ref
     assert keys(np.arange(40, dtype=np.uint16)) == ref
     assert keys(torch.arange(40)) == ref
+    assert keys(tuple(range(40))) == keys(x for x in range(40)) == ref
 
 
-@pytest.mark.parametrize("bad", [[1.5, 2.0], "abc", [[1, 2]], [-1, 3], [2**40], torch.zeros(4), [1, "x"], 3, None])
+@pytest.mark.parametrize("bad", [[1.5, 2.0], "abc", [[1, 2]], [-1, 3], [2**40], torch.zeros(4), [1, "x"], 3, None,
+                                 (1.7, 2.9), (x / 2 for x in range(4)), ("5", "6"), (True, False),
+                                 np.ma.masked_array([1, -1], mask=[False, True])])
 def test_bad_tokens_are_clear_errors(bad):
     with pytest.raises(TokenError):
         as_tokens(bad)
@@ -79,3 +82,15 @@ def test_invalid_layout_is_a_clear_error():
         KVLayout("m", num_layers=1, kv_heads=1, head_dim=8, chunk_tokens=48, page_tokens=20)
     with pytest.raises(LayoutError, match="unknown"):
         KVLayout.from_dict({**TINY.to_dict(), "colour": "red"})
+
+
+@pytest.mark.parametrize(("field", "value"), [("tp_rank", True), ("tp_size", "x"), ("tp_size", float("inf")),
+                                              ("tensors", 5), ("tensors", None), ("tensors", "kv"),
+                                              ("tensors", ["k", ""]), ("model_id", ["m"]), ("dtype", ["f"])])
+def test_every_bad_field_is_a_layout_error(field, value):
+    """From JSON as from Python: a LayoutError naming the field, never a TypeError or an equal layout whose
+    fingerprint differs (tp_rank=True == 1)."""
+    with pytest.raises(LayoutError, match=field):
+        KVLayout.from_dict({**TINY.to_dict(), field: value})
+    with pytest.raises(LayoutError, match="JSON object"):
+        KVLayout.from_dict([TINY.to_dict()])
