@@ -580,6 +580,11 @@ class TieredStore:
                     tiers_mask = self._store_new(chunk, layout)
                     if not tiers_mask:
                         break
+                    if parent is not None and self.index.nodes.get(parent.key) is not parent:
+                        for i in range(len(self.tiers)):  # making room found a copy of its prefix corrupt, and the
+                            if tiers_mask >> i & 1:  # prefix lost it all: nothing is stored below it
+                                self.tiers[i].delete(chunk.key)
+                        break
                     node = self.index.add(chunk.key, parent, namespace, layout.fingerprint)
                     node.tiers = tiers_mask
                     node.turn = turn

@@ -408,3 +408,32 @@ def test_a_put_after_close_leaves_the_disk_as_it_was(tmp_path):
     assert store.put(later, kv_for_tokens(TINY, later)).stored == 2  # evicting the first prompt demotes nothing
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == files
     check_invariants(store)
+
+
+def test_a_prefix_lost_while_making_room_stores_nothing_below_it(tmp_path):
+    """put_chunks below the root (the service's put): making room for it demotes the prefix's first chunk,
+    whose only copy (a middle disk tier) turns out corrupt, so the whole prompt is gone; the new chunk is not
+    left in the index without its parent."""
+    from kvtier.kvstore.chunk import Chunk
+    from kvtier.kvstore.keys import root_key
+
+    probe = TieredStore([DiskTier(tmp_path / "probe", 100 * FP)], layout=TINY)
+    probe.put(prompt(9, 1), kv_for_tokens(TINY, prompt(9, 1)))
+    middle = DiskTier(tmp_path / "middle", 2 * probe.tiers[0].used_bytes)
+    store = TieredStore([host(2), middle, DiskTier(tmp_path / "last", 100 * FP, name="last")], layout=TINY)
+    a = prompt(1, 3)
+    kv = kv_for_tokens(TINY, a)
+    store.put(a[:C], kv[:, :, :, :C])
+    for other in (prompt(2, 1), prompt(3, 1)):  # the first chunk of a goes down to the middle disk
+        store.put(other, kv_for_tokens(TINY, other))
+    store.put(a[: 2 * C], kv[:, :, :, : 2 * C])  # its second chunk in host memory
+    first, second, third = store.keys(a)
+    assert store.index.get(first).tiers == 0b010
+    path = Path(middle._file(first))
+    data = bytearray(path.read_bytes())
+    data[-300] ^= 0xFF
+    path.write_bytes(bytes(data))
+    chunk = Chunk(third, second, np.asarray(a[2 * C :], dtype=np.int32), kv[:, :, :, 2 * C :].contiguous())
+    result = store.put_chunks([chunk], root_key(TINY.fingerprint, ""), "", TINY)
+    assert result.stored == 0 and third not in store.index and store.lookup(a).tokens == 0
+    check_invariants(store)

@@ -145,6 +145,59 @@ def test_disk_restart_lists_files_and_cleans_temporaries(tmp_path):
     assert all(found[c.key].parent == c.parent and np.array_equal(found[c.key].tokens, c.tokens) for c in cs)
 
 
+def test_disk_restart_counts_each_chunk_file_once(tmp_path):
+    """A stray copy of a chunk's file under another name (upper case) and a directory named like a chunk file
+    are not counted, and a get of the latter's key is a miss, not a crash."""
+    tier = DiskTier(tmp_path, 1 << 20)
+    c = chunks(1)[0]
+    tier.commit(tier.prepare(c, TINY))
+    path = Path(tier._file(c.key))
+    (path.parent / path.name.upper().replace(".KVT", ".kvt")).write_bytes(path.read_bytes())
+    fake = chunks(2)[1].key.hex()
+    (tmp_path / fake[:2] / f"{fake}.kvt").mkdir()
+    again = DiskTier(tmp_path, 1 << 20)
+    assert len(again) == 1 and again.used_bytes == tier.used_bytes
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    assert again.get(chunks(2)[1].key, out) is None and again.get(c.key, out) is not None
+    again.delete(c.key)
+    assert len(again) == 0 and again.used_bytes == 0
+
+
+def test_disk_summary_of_a_file_holding_another_chunk_is_a_corrupt_copy(tmp_path):
+    tier = DiskTier(tmp_path, 1 << 20)
+    a, b = chunks(2)
+    for c in (a, b):
+        c.summary = key_summary(c.kv, TINY.page_tokens)
+        tier.commit(tier.prepare(c, TINY))
+    Path(tier._file(a.key)).write_bytes(Path(tier._file(b.key)).read_bytes())
+    assert tier.summary(a.key) is None and not tier.contains(a.key) and tier.stats.corrupt == 1
+    assert torch.equal(tier.summary(b.key), b.summary)
+
+
+def test_disk_file_that_cannot_be_opened_is_a_corrupt_copy(tmp_path, monkeypatch):
+    """Permission denied (which root, running the tests, never meets: injected) is a miss, also at start-up."""
+    import kvtier.kvstore.tiers.disk as disk
+
+    tier = DiskTier(tmp_path, 1 << 20)
+    a, b = chunks(2)
+    for c in (a, b):
+        tier.commit(tier.prepare(c, TINY))
+    denied = {tier._file(a.key)}
+    real_open = disk.os.open
+
+    def fake_open(path, *args, **kwargs):
+        if path in denied:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(disk.os, "open", fake_open)
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    assert tier.get(a.key, out) is None and tier.stats.corrupt == 1
+    denied.add(tier._file(b.key))
+    again = DiskTier(tmp_path, 1 << 20)
+    assert list(again.scan()) == [] and again.stats.corrupt == 1
+
+
 @pytest.mark.parametrize("codec", ["raw", "int4", "zstd"])
 def test_disk_file_is_the_encoded_blob_with_page_aligned_kv(tmp_path, codec):
     """The disk tier writes the KV first and the header last: the file must be byte for byte the blob that

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -117,11 +118,13 @@ class DiskTier(Tier):
                 for f in sub.glob("*" + SUFFIX):
                     try:
                         key = bytes.fromhex(f.name[: -len(SUFFIX)])
-                        size = f.stat().st_size
+                        st = f.stat()
                     except (ValueError, OSError):
                         continue
-                    self._sizes[key] = size
-                    self._used += size
+                    if not stat.S_ISREG(st.st_mode) or str(f) != self._file(key) or key in self._sizes:
+                        continue  # not a file, or not where this tier puts that key's file (a stray copy)
+                    self._sizes[key] = st.st_size
+                    self._used += st.st_size
 
     def _file(self, key: bytes) -> str:
         h = key.hex()
@@ -268,8 +271,8 @@ class DiskTier(Tier):
             return None
         try:
             fd = os.open(self._file(key), os.O_RDONLY)
-        except FileNotFoundError:
-            self._corrupt(key, "missing")
+        except OSError as exc:  # gone, or unreadable
+            self._corrupt(key, exc.strerror or "cannot open")
             self.stats.misses += 1
             return None
         try:
@@ -316,10 +319,13 @@ class DiskTier(Tier):
             return None
         try:
             fd = os.open(self._file(key), os.O_RDONLY)
-        except FileNotFoundError:
+        except OSError as exc:
+            self._corrupt(key, exc.strerror or "cannot open")
             return None
         try:
             header, first = self._read_header(fd)
+            if header.key != key:
+                raise BlobError(f"file holds chunk {header.key.hex()}")
             if "summary" not in header.tensors:
                 return None
             summary = self._read_tensor(fd, header, first, "summary")
@@ -337,8 +343,8 @@ class DiskTier(Tier):
         for key in list(self._sizes):
             try:
                 fd = os.open(self._file(key), os.O_RDONLY)
-            except FileNotFoundError:
-                self._corrupt(key, "missing")
+            except OSError as exc:
+                self._corrupt(key, exc.strerror or "cannot open")
                 continue
             try:
                 header, tokens = self._read_head(fd, key)
@@ -367,6 +373,8 @@ class DiskTier(Tier):
             os.unlink(self._file(key))
         except FileNotFoundError:
             pass
+        except OSError as exc:  # e.g. a directory in its place: forgotten all the same
+            log.warning("disk tier %s: could not remove %s: %s", self.name, self._file(key), exc)
         return nbytes
 
     def __len__(self) -> int:
