@@ -22,14 +22,19 @@ SmolLM2, greedy tokens identical: ``tests/integrations``).
 
 Keys: the layout fingerprint (:func:`model_layout`) names the model id, a digest of its weights, buffers and
 config, its attention (dense, or kvtier sparse prefill and its patterns), dtype, shapes and chunk size, so chunks
-made by another model, configuration, attention or chunk size are never served. The attention is read on every
-call: switching sparse prefill on or off switches the chunks served.
+made by another model, configuration, attention or chunk size are never served. The layout follows the model on
+every call: switching sparse prefill on or off, changing the weights in place or the dtype switches the chunks
+served (the weights are digested again only when a parameter changed).
+
+``generate`` with several beams or returned sequences repeats the rebuilt cache as ``generate`` repeats the
+rows, and stores each prompt's KV from its first row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvtier.errors import ParentMissingError
+from kvtier.errors import CapacityError, ParentMissingError
 from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
 from kvtier.kvstore.keys import as_tokens, root_key
@@ -46,6 +51,7 @@ from kvtier.kvstore.store import TieredStore
 from kvtier.layout import DTYPES, KVLayout
 
 Prompt = Sequence[int] | torch.Tensor
+log = logging.getLogger(__name__)
 
 
 # Config fields that name or run the model without changing what it computes: left out of the digest.
@@ -152,27 +158,35 @@ class HFKVCache:
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.model_id = model_id
-        self._digest = model_digest(model)
-        self._layouts: dict[str, KVLayout] = {}  # by attention tag
+        self._stamp: tuple = ()
+        self._digest = ""
+        self._layouts: dict[tuple[str, torch.dtype], KVLayout] = {}  # by attention tag and dtype
         self.pad_token_id = pad_token_id
         self._buffer: torch.Tensor | None = None
         self.timings: dict[str, float] = {}
 
     @property
     def layout(self) -> KVLayout:
-        """The layout of the model's current attention (:func:`attention_tag`), attached on first use."""
-        tag = attention_tag(self.model)
-        layout = self._layouts.get(tag)
+        """The layout of the model as it is now: its weights (digested again when a parameter was replaced or
+        changed in place), dtype and attention (:func:`attention_tag`); attached on first use."""
+        stamp = tuple((id(p), p._version) for p in self.model.parameters())  # _version: bumped by in-place writes
+        if stamp != self._stamp:
+            self._digest, self._stamp = model_digest(self.model), stamp
+            self._layouts.clear()
+        which = (attention_tag(self.model), self.model.dtype)
+        layout = self._layouts.get(which)
         if layout is None:
             layout = model_layout(self.model, self.chunk_tokens, self.model_id, self._digest)
             self.store.attach(layout)
-            self._layouts[tag] = layout
+            self._layouts[which] = layout
         return layout
 
     # ------------------------------------------------------------------ load
 
     def load(self, prompts: Sequence[Prompt]) -> Loaded:
-        """Look up and fetch the cached prefixes of ``prompts`` and build the batch and its cache."""
+        """Look up and fetch the cached prefixes of ``prompts`` and build the batch and its cache. For one
+        prompt the cache views this adapter's fetch buffer until its first forward: run it before the next
+        ``load`` (:meth:`prefill` and :meth:`generate` do)."""
         from transformers import DynamicCache
 
         start = time.perf_counter()
@@ -249,8 +263,14 @@ class HFKVCache:
         ``return_dict_in_generate=True`` for scores) and the :class:`Loaded` batch. The prompts' new chunks
         are stored afterwards."""
         loaded = self.load(prompts)
+        kwargs.setdefault("pad_token_id", self.pad_token_id)
+        config = kwargs.get("generation_config") or self.model.generation_config
+        copies = max(kwargs.get("num_beams") or config.num_beams or 1,
+                     kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
+        if copies > 1 and loaded.suffix < loaded.input_ids.shape[1]:  # generate repeats each row, not a cache
+            loaded.cache.batch_repeat_interleave(copies)
         out = self.model.generate(input_ids=loaded.input_ids, attention_mask=loaded.attention_mask,
-                                  cache=loaded.cache, pad_token_id=self.pad_token_id, **kwargs)
+                                  cache=loaded.cache, **kwargs)
         if store:
             self.store_prompts(prompts, loaded.cache, loaded)
         return out, loaded
@@ -259,24 +279,34 @@ class HFKVCache:
 
     def store_prompts(self, prompts: Sequence[Prompt], cache, loaded: Loaded | None = None) -> int:
         """Put the new full chunks of every prompt, read from ``cache``: laid out as in ``loaded``, or (None)
-        row ``i`` holding prompt ``i`` from position 0. Returns the number of chunks stored."""
+        row ``i`` holding prompt ``i`` from position 0; a cache of ``k`` rows per prompt (beams, several returned
+        sequences) holds prompt ``i`` in row ``i * k``. Best effort: a prompt the store cannot hold (a
+        CapacityError) is skipped. Returns the number of chunks stored."""
         start = time.perf_counter()
         layout = self.layout if loaded is None else loaded.layout  # the attention that computed the KV
         C = layout.chunk_tokens
         root = root_key(layout.fingerprint, self.namespace)
+        rows = cache.layers[0].keys.shape[0]
+        if rows % len(prompts):
+            raise ValueError(f"a cache of {rows} rows does not hold {len(prompts)} prompts")
+        per = rows // len(prompts)
         stored = 0
         for i, p in enumerate(prompts):
             ids = as_tokens(p)
             keys = self.store.keys(ids, self.namespace, layout)
             first = 0 if loaded is None else min(loaded.fetched[i] // C, len(keys))
             pad = 0 if loaded is None else loaded.input_ids.shape[1] - len(ids)
-            chunks = [self._chunk(cache, i, pad, ids, keys, j, root, layout) for j in range(first, len(keys))]
-            if chunks:
+            chunks = [self._chunk(cache, i * per, pad, ids, keys, j, root, layout) for j in range(first, len(keys))]
+            if not chunks:
+                continue
+            try:
                 try:
                     stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
                 except ParentMissingError:  # the fetched prefix was evicted meanwhile: store from the start
-                    chunks = [self._chunk(cache, i, pad, ids, keys, j, root, layout) for j in range(len(keys))]
+                    chunks = [self._chunk(cache, i * per, pad, ids, keys, j, root, layout) for j in range(len(keys))]
                     stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
+            except CapacityError as exc:
+                log.warning("prompt %d of %d tokens not stored: %s", i, len(ids), exc)
         self.timings["store_s"] = time.perf_counter() - start
         return stored
 

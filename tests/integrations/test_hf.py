@@ -96,6 +96,45 @@ def test_a_batch_with_different_cached_lengths(smollm2, tokens, other_tokens) ->
     assert a.store.stats()["chunks"] == 4 + 1  # other_tokens[:90] adds one chunk; the rest was cached
 
 
+@pytest.mark.parametrize("cached", [0, 128])
+def test_beam_search_and_several_sequences_store_each_prompts_own_kv(smollm2, tokens, other_tokens, cached) -> None:
+    """``generate`` repeats each row for its beams or returned sequences: the rebuilt cache is repeated the
+    same way, and every prompt's chunks hold its own KV (a later prefill from them is exact)."""
+    model, _ = smollm2
+    a = adapter(model)
+    prompts = [tokens[:150], other_tokens[:90]]
+    if cached:
+        a.prefill([tokens[:cached + 10]])
+    out, loaded = a.generate(prompts, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2,
+                             pad_token_id=0)
+    ref = model.generate(input_ids=loaded.input_ids, attention_mask=loaded.attention_mask, max_new_tokens=3,
+                         do_sample=False, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    assert torch.equal(out, ref)
+    pre = a.prefill([other_tokens[:90]], store=False)
+    assert pre.loaded.reused == [64]
+    torch.testing.assert_close(pre.logits[0], full_logits(model, other_tokens[:90])[64:], atol=ATOL, rtol=0)
+
+
+def test_a_store_too_small_for_the_prompt_still_returns_the_result(smollm2, tokens) -> None:
+    model, _ = smollm2
+    layout = model_layout(model, C)
+    a = adapter(model, TieredStore([HostTier(2 * layout.chunk_bytes + (1 << 20))]))
+    pre = a.prefill([tokens[:300]])  # 4 chunks: no tier can hold them
+    assert a.store.stats()["chunks"] == 0
+    torch.testing.assert_close(pre.logits[0], full_logits(model, tokens[:300]), atol=ATOL, rtol=0)
+
+
+def test_weights_changed_in_place_are_digested_again(smollm2, tokens) -> None:
+    model, _ = smollm2
+    changed = copy.deepcopy(model)
+    a = adapter(changed)
+    a.prefill([tokens[:200]])
+    assert a.load([tokens]).reused == [192]
+    with torch.no_grad():
+        changed.model.layers[3].mlp.down_proj.weight.mul_(1.05)
+    assert a.load([tokens]).reused == [0]
+
+
 def test_chunks_of_another_model_or_chunk_size_are_never_served(smollm2, tokens) -> None:
     model, _ = smollm2
     store = TieredStore([HostTier(256 << 20)])
