@@ -47,7 +47,7 @@ from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slic
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, ParentMissingError, TierError
-from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
+from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
 from kvtier.kvstore.keys import root_key
 from kvtier.kvstore.store import TieredStore
 from kvtier.layout import KVLayout
@@ -238,13 +238,14 @@ class Service:
         root or one of its cached chunks."""
         chunks = []
         for i, b in enumerate(blobs):
-            try:  # in place: the KV stays where it was received
-                header, chunk = decode_blob(b.blob, in_place=True, header=b.header, layer_xxh3=b.layer_xxh3)
+            try:  # the layout first: a blob's header may claim any size; then in place, where it was received
+                header = b.header or parse_header(b.blob)
+                if header.layout.fingerprint != layout.fingerprint:
+                    raise Refusal(400, "wrong_layout", f"blob {i} has layout {header.layout.fingerprint}, "
+                                                        f"the request names {layout.fingerprint}")
+                header, chunk = decode_blob(b.blob, in_place=True, header=header, layer_xxh3=b.layer_xxh3)
             except BlobError as exc:
                 raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
-            if header.layout.fingerprint != layout.fingerprint:
-                raise Refusal(400, "wrong_layout", f"blob {i} has layout {header.layout.fingerprint}, "
-                                                    f"the request names {layout.fingerprint}")
             chunks.append(chunk)
         if chunks and chunks[0].parent != root_key(layout.fingerprint, principal.namespace) \
                 and not self._owns(principal, layout, chunks[0].parent):

@@ -289,7 +289,7 @@ def parse_header(data: bytes | memoryview) -> BlobHeader:
         )
     except BlobError:
         raise
-    except (KeyError, ValueError, TypeError, AttributeError, CodecError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError, RecursionError, CodecError) as exc:
         raise BlobError(f"malformed blob header: {type(exc).__name__}: {exc}") from None
     if "tokens" not in tensors or not any(n.startswith("kv.") for n in tensors):
         raise BlobError("blob lacks its tokens or KV tensors")
@@ -349,7 +349,10 @@ def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None =
             and tuple(own.shape) == shape and own.dtype == layout.torch_dtype:
         out = own
     if out is None:
-        out = torch.empty(shape, dtype=layout.torch_dtype)
+        try:  # the blob's own layout says how large: it may claim anything
+            out = torch.empty(shape, dtype=layout.torch_dtype)
+        except (RuntimeError, TypeError, OverflowError, MemoryError) as exc:
+            raise BlobError(f"blob layout's KV {shape} cannot be allocated: {exc}") from None
     elif tuple(out.shape) != shape or out.dtype != layout.torch_dtype:
         raise BlobError(f"output buffer {tuple(out.shape)} {out.dtype} does not fit {shape} {layout.torch_dtype}")
     try:

@@ -355,8 +355,11 @@ class TieredStore:
 
     def _put_verified(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout) -> PutResult:
         expected = chunks[0].parent if chunks else root
-        if chunks and expected != root and expected not in self.index:
-            raise ParentMissingError(f"parent {expected.hex()} of the first chunk is neither the root nor cached")
+        parent = self.index.get(expected) if chunks and expected != root else None
+        if chunks and expected != root and (parent is None or parent.namespace != namespace
+                                            or parent.layout != layout.fingerprint):
+            raise ParentMissingError(f"parent {expected.hex()} of the first chunk is neither the root nor cached "
+                                     "in this namespace and layout")
         for c in chunks:
             if c.parent != expected:
                 raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {expected.hex()}")

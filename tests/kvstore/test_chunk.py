@@ -177,3 +177,27 @@ def test_in_place_decode_shares_the_blob_bytes_only_when_it_may():
     quantized = bytearray(blob_bytes(chunk, layout, get_codec("int8")))  # not raw: decoded into new memory
     _, back = decode_blob(quantized, in_place=True)
     assert back.kv.shape == chunk.kv.shape and back.kv.dtype == chunk.kv.dtype
+
+
+def _with_header(blob: bytes, edit) -> bytes:
+    n = struct.unpack_from("<Q", blob)[0]
+    header = json.loads(blob[8 : 8 + n])
+    text = edit(header)
+    text = text if isinstance(text, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n :]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["kv.kv"].update(data_offsets=[0, float("inf")]),  # JSON's Infinity: int() overflows
+    lambda h: h["tokens"].update(shape=[float("inf")]),
+    lambda h: b"[" * 5000 + b"]" * 5000,  # nesting deeper than the JSON parser recurses
+    lambda h: h["__metadata__"].update(layout=json.dumps({**json.loads(h["__metadata__"]["layout"]),
+                                                           "kv_heads": 2**40})),  # more KV than can be allocated
+], ids=["inf-offset", "inf-shape", "nested", "huge-layout"])
+def test_a_header_no_parser_or_allocator_can_take_is_a_blob_error(edit):
+    layout = KVLayout("m", num_layers=1, kv_heads=1, head_dim=4, chunk_tokens=8, page_tokens=8)
+    chunk = chunk_of(layout)
+    chunk.summary = None  # (a summary's shape would give a huge layout away before the KV is allocated)
+    with pytest.raises(BlobError):
+        decode_blob(_with_header(blob_bytes(chunk, layout, get_codec("raw")), edit))

@@ -253,3 +253,17 @@ def test_a_continuation_is_linked_under_its_parent():
     nodes = [store.index.nodes[c.key] for c, _ in received]
     assert [n.parent for n in nodes] == [None, nodes[0], nodes[1]] and [n.depth for n in nodes] == [0, 1, 2]
     assert store.delete(tokens[:C], namespace=NS) == 3 and len(tier) == 0
+
+
+def test_a_chain_under_another_namespaces_chunk_is_refused():
+    """Keys are salted by the namespace's root: a chunk hung under another namespace's chunk is not this
+    namespace's, whatever it claims."""
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(17, 2)
+    first, second = (receive(store, b) for b in blobs(tokens))
+    store.put_chunks([first[0]], ROOT, NS, TINY, lent=[first[1]])
+    other_root = root_key(TINY.fingerprint, "other")
+    with pytest.raises(ParentMissingError, match="namespace"):
+        store.put_chunks([second[0]], other_root, "other", TINY, lent=[second[1]])
+    assert len(store.index) == 1 and store.stats()["namespaces"] == {NS: TINY.chunk_bytes}
