@@ -54,6 +54,7 @@ def worker(url: str, tenant: str, seed: int, stop: threading.Event, errors: list
                     for i in range(got.tokens // C):
                         expected = chunk_kv(tenant, tokens[: (i + 1) * C])
                         assert torch.equal(got.kv[:, :, :, i * C : (i + 1) * C], expected), f"{tenant} chunk {i}"
+                    counts["chunks checked"] = counts.get("chunks checked", 0) + got.tokens // C
                 counts[op] = counts.get(op, 0) + 1
     except Exception as exc:  # noqa: BLE001 - every failure is reported by the test
         errors.append(exc)
@@ -88,12 +89,13 @@ def test_concurrent_clients_under_eviction(tmp_path, below):
             stop.set()
             for t in threads:
                 t.join(timeout=60)
+            assert not any(t.is_alive() for t in threads), "a client hung"
             assert not errors, errors[:3]
             for c in counts:
                 for op, n in c.items():
                     totals[op] = totals.get(op, 0) + n
             rss.append(process.memory_info().rss)
-        assert min(totals.values()) > 20, totals
+        assert set(totals) == {"put", "lookup", "get", "chunks checked"} and min(totals.values()) > 0, totals
         assert rss[2] - rss[1] < 16 << 20, [r >> 20 for r in rss]  # MiB: flat once warm
         with Client(server.url, api_key=KEYS["admin"]) as admin:
             store = admin.admin_stats()["store"]

@@ -176,7 +176,12 @@ def test_in_place_decode_shares_the_blob_bytes_only_when_it_may():
     assert torch.equal(back.kv, chunk.kv)
     quantized = bytearray(blob_bytes(chunk, layout, get_codec("int8")))  # not raw: decoded into new memory
     _, back = decode_blob(quantized, in_place=True)
-    assert back.kv.shape == chunk.kv.shape and back.kv.dtype == chunk.kv.dtype
+    start = np.frombuffer(quantized, dtype=np.uint8).ctypes.data
+    assert not start <= back.kv.data_ptr() < start + len(quantized)
+    codec = get_codec("int8")
+    expected = torch.empty_like(chunk.kv)
+    codec.decode(codec.encode(chunk.kv), expected)
+    assert torch.equal(back.kv, expected)
 
 
 def _with_header(blob: bytes, edit) -> bytes:

@@ -207,7 +207,7 @@ def test_a_refused_put_evicts_nothing_for_headroom():
     assert len(tier) == 2
     chunk, _ = receive(store, blobs(prompt(14, 1))[0])
     chunk.parent = bytes(16)  # a broken chain: refused
-    with pytest.raises(ValueError):
+    with pytest.raises(ParentMissingError, match="neither the root nor cached"):
         store.put_chunks([chunk], ROOT, NS, TINY, headroom=one)
     assert len(tier) == 2
 

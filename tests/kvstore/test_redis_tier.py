@@ -244,8 +244,9 @@ def test_server_failures_are_misses_or_errors_and_close_never_hangs(own_server):
     assert tier.get(lost.key, new_out()) is None
     assert tier.stats.errors == 2 and tier.stats.misses == 1 and tier.stats.corrupt == 0
     assert not tier.contains(lost.key) and len(tier) == 1  # the store forgets a missed chunk: so does the tier
+    prepared = tier.prepare(make_chunk(12), LAYOUT)
     with pytest.raises(RedisTierError, match="storing 1 chunk"):
-        tier.commit(tier.prepare(make_chunk(12), LAYOUT))
+        tier.commit(prepared)
     assert len(tier) == 1 and tier.used_bytes == tier.prepare(kept, LAYOUT).nbytes
     assert tier.delete(kept.key) > 0 and tier.used_bytes == 0  # never raises: retried with the next write
 
@@ -254,11 +255,9 @@ def test_server_failures_are_misses_or_errors_and_close_never_hangs(own_server):
     assert torch.equal(tier.get(kept.key, new_out()).kv, kept.kv)
     procs[1].kill()
     procs[1].wait()
-    start = time.monotonic()
-    tier.close()
+    tier.close()  # never hangs (the suite's timeout would catch it): it sends nothing
     with pytest.raises(RedisTierError, match="cannot read its chunks"):
         RedisTier(url, 1 << 30, prefix=PREFIX, timeout_s=1.0)
-    assert time.monotonic() - start < 5
 
 
 def test_store_keeps_working_while_redis_is_down(own_server):
@@ -290,8 +289,9 @@ def test_a_full_redis_refuses_writes_without_piling_up_deletes(own_server):
             raw.set(f"filler:{i}", b"x" * 4096)
     tier = RedisTier(f"redis://127.0.0.1:{port}/0", 1 << 30, prefix=PREFIX)
     for seed in range(50):
+        prepared = tier.prepare(make_chunk(100 + seed), LAYOUT)
         with pytest.raises(RedisTierError, match="storing 1 chunk"):
-            tier.commit(tier.prepare(make_chunk(100 + seed), LAYOUT))
+            tier.commit(prepared)
     assert len(tier._stale) <= 2 and len(tier) == 0  # the names of one chunk: its data and its metadata
     raw.flushdb()
     chunk = make_chunk(7)

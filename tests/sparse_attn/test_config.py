@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,8 +79,16 @@ def test_dense_pattern_takes_no_fields():
         HeadPattern("dense", local=64)
 
 
+def tiny_llama(heads: int):
+    """A real (random, tiny) transformers model with ``heads`` attention heads: what the search reads of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16 * heads, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=heads, num_key_value_heads=heads, head_dim=16))
+
+
 def test_search_picks_the_least_output_error_within_the_budget():
-    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=2))
+    model = tiny_llama(heads=2)
     candidates = (HeadPattern("a_shape", sink=64, local=256), HeadPattern("vertical_slash", mass=0.9),
                   HeadPattern("dense"))
     error = torch.tensor([[[0.5, 0.1], [0.2, 0.05], [0.0, 0.0]]], dtype=torch.float64)  # [layer, candidate, head]
@@ -93,7 +100,7 @@ def test_search_picks_the_least_output_error_within_the_budget():
 
 
 def test_search_with_pool_gives_every_sparse_head_pooled_keys():
-    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=2))
+    model = tiny_llama(heads=2)
     candidates = (HeadPattern("a_shape", sink=64, local=256), HeadPattern("dense"))
     error = torch.tensor([[[0.5, 0.1], [0.0, 0.0]]], dtype=torch.float64)
     density = torch.tensor([[[0.1, 0.1], [1.0, 1.0]]], dtype=torch.float64)
@@ -103,7 +110,7 @@ def test_search_with_pool_gives_every_sparse_head_pooled_keys():
 
 
 def test_search_pool_shift_sets_the_first_layer_apart():
-    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=1))
+    model = tiny_llama(heads=1)
     candidates = (HeadPattern("a_shape", sink=64, local=256), HeadPattern("dense"))
     error = torch.tensor([[[0.1], [0.0]]] * 3, dtype=torch.float64)  # 3 layers, one head
     density = torch.tensor([[[0.1], [1.0]]] * 3, dtype=torch.float64)
