@@ -354,6 +354,9 @@ class TieredStore:
                 and (quota is None or self.namespace_bytes.get(namespace, 0) + len(chunks) * layout.chunk_bytes <= quota))
 
     def _put_verified(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout) -> PutResult:
+        if root != root_key(layout.fingerprint, namespace):
+            raise ValueError(f"root {root.hex()} is not the root of namespace {namespace!r} and layout "
+                             f"{layout.fingerprint}")
         expected = chunks[0].parent if chunks else root
         parent = self.index.get(expected) if chunks and expected != root else None
         if chunks and expected != root and (parent is None or parent.namespace != namespace

@@ -267,3 +267,17 @@ def test_a_chain_under_another_namespaces_chunk_is_refused():
     with pytest.raises(ParentMissingError, match="namespace"):
         store.put_chunks([second[0]], other_root, "other", TINY, lent=[second[1]])
     assert len(store.index) == 1 and store.stats()["namespaces"] == {NS: TINY.chunk_bytes}
+
+
+def test_a_wrong_root_is_refused_and_a_chunk_stored_again_replaces_its_copy():
+    tier = HostTier(1 << 20, prefault=False)
+    store = TieredStore([tier], layout=TINY)
+    tokens = prompt(18, 2)
+    first, second = (receive(store, b) for b in blobs(tokens))
+    with pytest.raises(ValueError, match="not the root of namespace"):
+        store.put_chunks([second[0]], first[0].key, NS, TINY)  # the parent passed as the root
+    store.put_chunks([first[0]], ROOT, NS, TINY, lent=[first[1]])
+    store.take_back([second[1]])
+    tier.commit(tier.prepare(first[0], TINY))  # the same chunk again: one copy, its old extent freed
+    assert len(tier) == 1 and tier.used_bytes == sum(e.nbytes for e in tier._entries.values())
+    assert torch.equal(store.get(tokens[:C], namespace=NS).kv, kv_for_tokens(TINY, tokens)[:, :, :, :C])

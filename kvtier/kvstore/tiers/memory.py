@@ -200,6 +200,7 @@ class MemoryTier(Tier):
             del self._lent[lent]
         else:
             self._used += prepared.nbytes
+        self.delete(chunk.key)  # a chunk stored again replaces its old copy (and frees its extent)
         self._entries[chunk.key] = entry
         self.stats.bytes_written += prepared.nbytes
 
