@@ -129,6 +129,16 @@ class KVLayout:
             raise LayoutError(f"layers must be a contiguous non-empty range within 0..{self.num_layers}, got {layers!r}")
         return layers
 
+    def check_out(self, out: torch.Tensor, layers: range, tokens: int) -> None:
+        """Raise LayoutError unless ``out`` can take ``tokens`` tokens of ``layers``:
+        ``[len(layers), tensors, kv_heads, >= tokens, head_dim]`` of this dtype."""
+        want = (len(layers), len(self.tensors), self.kv_heads)
+        if (not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[:3]) != want
+                or out.shape[3] < tokens or out.shape[4] != self.head_dim or out.dtype != self.torch_dtype):
+            what = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else f"of type {type(out).__name__}"
+            raise LayoutError(f"out buffer {what} does not fit [{want[0]}, {want[1]}, {want[2]}, >={tokens}, "
+                              f"{self.head_dim}] of {self.torch_dtype}")
+
     def check_kv(self, kv: torch.Tensor, tokens: int, name: str = "kv") -> None:
         """Raise LayoutError unless ``kv`` is ``[layers, tensors, kv_heads, >= tokens, head_dim]`` of this dtype."""
         if not isinstance(kv, torch.Tensor):

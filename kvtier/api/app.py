@@ -219,9 +219,9 @@ class Service:
                 raise Refusal(413, "too_many_chunks", f"{exc}; the limit is {self.limits.max_chunks_per_batch}") from None
             self.check_tokens(len(blobs) * layout.chunk_tokens)
             if all(b.layer_xxh3 is not None for b in blobs):
-                chunks = self.verify(principal, layout, blobs)
+                chunks = self.verify(layout, blobs)
             else:
-                chunks = await run(self.verify, principal, layout, blobs)
+                chunks = await run(self.verify, layout, blobs)
             handed, lent = lent, []  # the put gives back what it does not keep
             room = receiver.received  # afterwards the tier has room to lend to the next put of this size
             result = (self.store_chunks(principal, layout, chunks, handed, room, wait=False)
@@ -233,9 +233,10 @@ class Service:
                 with anyio.CancelScope(shield=True):
                     await run(store.take_back, lent)
 
-    def verify(self, principal: Principal, layout: KVLayout, blobs: list[ReceivedBlob]) -> list[Chunk]:
-        """The chunks of ``blobs``, each verified (checksums, layout); the first one's parent must be this tenant's
-        root or one of its cached chunks."""
+    @staticmethod
+    def verify(layout: KVLayout, blobs: list[ReceivedBlob]) -> list[Chunk]:
+        """The chunks of ``blobs``, each verified (layout, checksums). That the first one's parent is the tenant's
+        root or one of its cached chunks, the store checks when it stores them (a 409 otherwise)."""
         chunks = []
         for i, b in enumerate(blobs):
             try:  # the layout first: a blob's header may claim any size; then in place, where it was received
@@ -247,9 +248,6 @@ class Service:
             except BlobError as exc:
                 raise Refusal(400, "bad_blob", f"blob {i}: {exc}") from None
             chunks.append(chunk)
-        if chunks and chunks[0].parent != root_key(layout.fingerprint, principal.namespace) \
-                and not self._owns(principal, layout, chunks[0].parent):
-            raise _parent_missing(chunks[0].parent)
         return chunks
 
     def store_chunks(self, principal: Principal, layout: KVLayout, chunks: list[Chunk], lent: list[torch.Tensor],
@@ -263,8 +261,8 @@ class Service:
         try:
             result = self.store(principal).put_chunks(chunks, root, principal.namespace, layout, wait=wait, lent=lent,
                                                       headroom=headroom)
-        except ParentMissingError:
-            raise _parent_missing(parent) from None  # evicted since the check
+        except ParentMissingError:  # not this tenant's, never put, or evicted
+            raise _parent_missing(parent) from None
         except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
             raise Refusal(400, "bad_chunk", str(exc)) from None
         if result is None:
@@ -272,10 +270,6 @@ class Service:
         self.count(principal.tenant, put_chunks=result.stored)
         self.metrics.chunks_moved.labels("in").inc(result.stored)
         return schemas.PutResponse(stored=result.stored, present=result.present, dropped=result.dropped)
-
-    def _owns(self, principal: Principal, layout: KVLayout, key: bytes) -> bool:
-        node = self.store(principal).index.get(key)
-        return node is not None and node.namespace == principal.namespace and node.layout == layout.fingerprint
 
     def fetch_bytes(self, layout: KVLayout, req: schemas.FetchRequest) -> int:
         """The most chunk bytes ``fetch`` can hold for ``req``: its chunks' KV, of the layers asked for."""

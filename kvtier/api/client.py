@@ -341,14 +341,10 @@ class _Operations:
             n += got
             if got < att.max_chunks:
                 break
-        shape = (len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim)
         if out is None:
-            out = torch.empty(shape, dtype=layout.torch_dtype)
-        elif (not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[:3]) != shape[:3]
-              or out.shape[3] < n * C or out.shape[4] != shape[4] or out.dtype != layout.torch_dtype):
-            what = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else f"of type {type(out).__name__}"
-            raise LayoutError(f"out buffer {what} does not fit [{shape[0]}, {shape[1]}, {shape[2]}, >={n * C}, "
-                              f"{shape[4]}] of {layout.torch_dtype}")
+            out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim), dtype=layout.torch_dtype)
+        else:
+            layout.check_out(out, layers, n * C)
         sliced = layer_slice(layout, layers)
         i = 0
         for reply in replies:

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=at_least(1), default=60,
                         help="timed calls per size, operation and path (spread over the rounds)")
     parser.add_argument("--rounds", type=at_least(1), default=6,
-                        help="alternations between service and baseline (at most --iterations)")
+                        help="alternations between service and baseline (rounds past --iterations time nothing)")
 
 
 def free_port() -> int:

@@ -95,20 +95,26 @@ class HeapPolicy(EvictionPolicy):
 
     def victim(self, evictable: Evictable) -> bytes | None:
         """The lowest valid entry for which ``evictable`` is true; valid ones that cannot be evicted are put
-        back."""
+        back, unless :meth:`_set_aside` keeps them."""
         skipped = []
         found = None
         while self._heap:
             entry = heapq.heappop(self._heap)
             if not entry[3]:
                 continue
-            skipped.append(entry)
             if evictable(entry[2]):
                 found = entry[2]
+                skipped.append(entry)
                 break
+            if not self._set_aside(entry, evictable):
+                skipped.append(entry)
         for entry in skipped:
             heapq.heappush(self._heap, entry)
         return found
+
+    def _set_aside(self, entry: list[Any], evictable: Evictable) -> bool:
+        """Whether to keep ``entry`` (found not evictable) out of the heap instead of putting it back."""
+        return False
 
 
 class LRUPolicy(EvictionPolicy):
@@ -400,30 +406,20 @@ class HitDensityPolicy(HeapPolicy):
             self._ends[cls][self._bucket(self._clock - used)] += 1
 
     def victim(self, evictable: Evictable) -> bytes | None:
-        """The lowest-ranked evictable chunk. Chunks found held by their children are set aside (see the class
-        docstring); others found not evictable stay in the heap."""
-        children = getattr(evictable, "held_by_children", None)
-        skipped = []
-        found = None
-        while self._heap:
-            entry = heapq.heappop(self._heap)
-            if not entry[3]:
-                continue
-            if evictable(entry[2]):
-                found = entry[2]
-                skipped.append(entry)
-                break
-            if children is not None and children(entry[2]):
-                self._blocked.setdefault(entry[4][1], []).append(entry)
-            else:
-                skipped.append(entry)
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
+        """The lowest-ranked evictable chunk (see the class docstring for the chunks set aside)."""
+        found = super().victim(evictable)
         if found is None and self._blocked:  # a child may have left without this tier seeing it
             for depth in list(self._blocked):
                 self._unblock(depth)
-            return super().victim(evictable)
+            found = super().victim(evictable)
         return found
+
+    def _set_aside(self, entry: list[Any], evictable: Evictable) -> bool:
+        held = getattr(evictable, "held_by_children", None)
+        if held is None or not held(entry[2]):
+            return False
+        self._blocked.setdefault(entry[4][1], []).append(entry)  # by depth
+        return True
 
     def _unblock(self, depth: int) -> None:
         """Put the entries of chunks at ``depth`` set aside back in the heap."""

@@ -267,7 +267,7 @@ class TieredStore:
                 out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (len(nodes) * C, layout.head_dim),
                                   dtype=layout.torch_dtype)
             if out is not None:
-                self._check_out(out, layout, layers, len(nodes) * C)
+                layout.check_out(out, layers, len(nodes) * C)
             turn, _ = self.turn_of(nodes[-1] if nodes else None, keys[len(nodes):])
             fetched: list[tuple[Node, int, Chunk]] = []
             parent = root
@@ -357,12 +357,8 @@ class TieredStore:
         if root != root_key(layout.fingerprint, namespace):
             raise ValueError(f"root {root.hex()} is not the root of namespace {namespace!r} and layout "
                              f"{layout.fingerprint}")
+        self._cached_parent(chunks, root, namespace, layout)  # fails fast; checked again under the lock
         expected = chunks[0].parent if chunks else root
-        parent = self.index.get(expected) if chunks and expected != root else None
-        if chunks and expected != root and (parent is None or parent.namespace != namespace
-                                            or parent.layout != layout.fingerprint):
-            raise ParentMissingError(f"parent {expected.hex()} of the first chunk is neither the root nor cached "
-                                     "in this namespace and layout")
         for c in chunks:
             if c.parent != expected:
                 raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {expected.hex()}")
@@ -530,15 +526,6 @@ class TieredStore:
         if any(not t.codec.lossless for t in self.tiers) and not bool(torch.isfinite(kv).all()):
             raise LayoutError("kv holds inf or nan values, which the store's lossy tiers cannot encode")
 
-    @staticmethod
-    def _check_out(out: torch.Tensor, layout: KVLayout, layers: range, tokens: int) -> None:
-        want = (len(layers),) + layout.chunk_shape[1:3]
-        if (not isinstance(out, torch.Tensor) or out.dim() != 5 or tuple(out.shape[:3]) != want
-                or out.shape[3] < tokens or out.shape[4] != layout.head_dim or out.dtype != layout.torch_dtype):
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise LayoutError(f"out buffer {shape} does not fit [{want[0]}, {want[1]}, {want[2]}, >={tokens}, "
-                              f"{layout.head_dim}] of {layout.torch_dtype}")
-
     @contextmanager
     def _scratch_for(self, layout: KVLayout) -> Iterator[torch.Tensor | None]:
         """A chunk buffer (``layout.chunk_shape``; None in metadata-only mode) for one move between tiers, from
@@ -554,6 +541,17 @@ class TieredStore:
         finally:
             free.append(buf)
 
+    def _cached_parent(self, chunks: Sequence[Chunk], root: bytes, namespace: str, layout: KVLayout) -> Node | None:
+        """The node of the first chunk's parent when the chain continues a cached prefix (None when it starts
+        at ``root``); ParentMissingError when that parent is not cached in this namespace and layout."""
+        if not chunks or chunks[0].parent == root:
+            return None
+        parent = self.index.get(chunks[0].parent)
+        if parent is None or parent.namespace != namespace or parent.layout != layout.fingerprint:
+            raise ParentMissingError(f"parent {chunks[0].parent.hex()} of the first chunk is neither the root nor "
+                                     "cached in this namespace and layout (never put, or evicted)")
+        return parent
+
     def _put_chain(self, chunks: list[Chunk], root: bytes, layout: KVLayout, namespace: str, n_full: int) -> PutResult:
         if any(not self.tiers[i].summary_on_demand for i in self._put_tiers()):
             for chunk in chunks:  # outside the lock, so that concurrent puts overlap; the unlocked peek at the index
@@ -564,10 +562,8 @@ class TieredStore:
             new = chunks[len(nodes):]
             self._check_capacity(len(new), layout)
             parent = nodes[-1] if nodes else None
-            if parent is None and chunks and chunks[0].parent != root:
-                parent = self.index.get(chunks[0].parent)
-                if parent is None:  # evicted since _put_verified looked
-                    raise ParentMissingError(f"parent {chunks[0].parent.hex()} of the first chunk was evicted")
+            if parent is None:
+                parent = self._cached_parent(chunks, root, namespace, layout)
             path = list(nodes) + ([parent] if parent is not None and parent not in nodes else [])
             turn, continues = self.turn_of(parent, [c.key for c in new])
             if new or continues:  # a new prompt, or a repeat of a prompt's end (its next turn)
