@@ -5,7 +5,9 @@ disk) with the bench endpoints on. For chunks of 1, 4 and 16 MiB, one :class:`~k
 times ``put(tokens, kv)`` of a new chunk (upload of a framed blob; decode, verify and store on the server) and
 ``get(tokens)`` of a cached one (fetch, decode and verify into a tensor), and, in alternating rounds, the bare
 endpoint that swallows a body of the same size (``PUT /v1/bench/sink``) or returns
-one from memory (``GET /v1/bench/source``), with its own httpx client: the HTTP stack's own limit.
+one from memory (``GET /v1/bench/source``), with its own httpx client: the HTTP stack's own limit. Then, in
+this process and without a socket (:mod:`kvtier.bench.api_cost`), the service's own work per put (put minus
+sink) beside the least a put must do with the bytes (copy them into kept memory and hash them).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from kvtier.api.auth import hash_key
 from kvtier.api.client import SOCKET_OPTIONS, Client
+from kvtier.bench.api_cost import put_cost, without_settings
 from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, progress
 from kvtier.compression.codec import get_codec
@@ -51,8 +54,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``kvtier serve`` in a subprocess with ``config`` (and ``env`` added to the environment); ``url`` once
-    started."""
+    """``kvtier serve`` in a subprocess with ``config`` (and ``env`` added to the environment, whose own
+    ``KVTIER_*`` variables are left out: they would override ``config``); ``url`` once started."""
 
     def __init__(self, config: dict, env: dict[str, str] | None = None, startup_s: float = 60.0) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="kvtier-serve-")
@@ -62,7 +65,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.cli", "serve", "--config", str(path), "--port", str(port),
-             "--log-level", "warning"], env={**os.environ, **(env or {})})
+             "--log-level", "warning"], env={**without_settings(os.environ), **(env or {})})
         deadline = time.monotonic() + startup_s
         while True:
             try:
@@ -161,6 +164,9 @@ def run(args: argparse.Namespace) -> Report:
 
                 s, b = _measure(get, source, args.iterations, args.rounds, bar)
                 _rows(report, "get", mib, len(body), s, b)
+                put_s, sink_s, floor_s = put_cost(config, key, layout, args.iterations, rng)
+                report.add(f"put {mib} MiB service work beyond the sink, in process", (put_s - sink_s) * 1e3, "ms",
+                           "copy + XXH3 of the body into kept memory", floor_s * 1e3, higher_is_better=False)
             bar.close()
     finally:
         server.stop()
@@ -168,6 +174,9 @@ def run(args: argparse.Namespace) -> Report:
                         "against a real `kvtier serve` subprocess on 127.0.0.1, host tier only; baseline: the same "
                         "server's bare sink/source endpoints with bodies of the same size (httpx, one connection each), "
                         "alternating rounds; bytes = one framed chunk blob; torch uses one intra-op thread in both processes")
+    report.notes.append("in process: the same app called through ASGI with the body in 256 KiB pieces, no socket: "
+                        "put minus sink (medians) is the service's own work, beside the least a put must do with "
+                        "the bytes (kvtier.bench.api_cost)")
     return report
 
 
