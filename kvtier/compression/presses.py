@@ -151,6 +151,11 @@ class LayerInputs:
         return logits.masked_fill_(future, float("-inf")).softmax(dim=-1)
 
 
+def _tokens(n: object, least: int) -> bool:
+    """Whether ``n`` is a whole number (an int, not a bool) of at least ``least``."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= least
+
+
 @dataclass
 class Press(ABC):
     """Token eviction by score. ``compression_ratio``: fraction of the ``N`` prefill tokens dropped per layer
@@ -165,10 +170,11 @@ class Press(ABC):
     def __post_init__(self) -> None:
         if not 0.0 <= self.compression_ratio < 1.0:
             raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
-        if self.budget is not None and self.budget < 1:
-            raise ValueError(f"budget must be a positive number of tokens, got {self.budget!r}")
-        if self.sinks < 0 or self.window < 0:
-            raise ValueError(f"sinks and window must be >= 0, got {self.sinks!r} and {self.window!r}")
+        if self.budget is not None and not _tokens(self.budget, least=1):
+            raise ValueError(f"budget must be a positive whole number of tokens, got {self.budget!r}")
+        if not (_tokens(self.sinks, least=0) and _tokens(self.window, least=0)):
+            raise ValueError(f"sinks and window must be whole numbers of tokens >= 0, got {self.sinks!r} and "
+                             f"{self.window!r}")
 
     def kept(self, tokens: int) -> int:
         """Tokens kept per layer and KV head out of ``tokens`` (on average over layers for PyramidKV)."""
@@ -243,6 +249,11 @@ class H2OPress(Press):
     window: int = 64
     block: int = 512
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _tokens(self.block, least=1):
+            raise ValueError(f"block must be a positive whole number of queries, got {self.block!r}")
+
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         N = inputs.tokens
         total = torch.zeros(inputs.keys.shape[:3], dtype=torch.float32, device=inputs.keys.device)
@@ -264,7 +275,7 @@ class SnapKVPress(Press):
         super().__post_init__()
         if self.window < 1:
             raise ValueError(f"window (the observation window) must be >= 1 token, got {self.window!r}")
-        if isinstance(self.kernel, bool) or not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+        if not _tokens(self.kernel, least=1) or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd number of tokens (a centred pool), got {self.kernel!r}")
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:

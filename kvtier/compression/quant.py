@@ -39,9 +39,15 @@ def _check(cond: bool, codec: str, what: str) -> None:
         raise CodecError(f"codec {codec!r}: {what}")
 
 
+MAX_MAGNITUDE = 2.0**60  # what the lossy codecs take: their fp32 arithmetic (sums of squares too) cannot overflow
+_TINY = torch.finfo(torch.bfloat16).tiny  # the smallest normal bf16 (and fp32) number, 2**-126
+
+
 def _check_kv(kv: torch.Tensor, codec: str) -> None:
     _check(kv.dim() == 5, codec, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
-    _check(bool(torch.isfinite(kv).all()), codec, "kv must be finite: an inf or nan would spoil its whole head")
+    largest = float(kv.abs().amax()) if kv.numel() else 0.0  # nan if any is nan
+    _check(largest <= MAX_MAGNITUDE, codec, f"kv must be finite and within +-2**60, got a value of magnitude "
+                                            f"{largest}: an inf or nan would spoil its whole head")
 
 
 def _copy_in_range(dst: torch.Tensor, x: torch.Tensor) -> None:
@@ -97,7 +103,9 @@ class FP8Codec(Codec):
         keys.sub_(offset * (~raw).view(raw.shape[0], 1, 1, -1, 1))
         amax = torch.maximum(x.amax(dim=(3, 4)), -x.amin(dim=(3, 4)))  # two reductions, no |x| copy
         # bf16 scale rounded up (its rounding is at most 2**-9): |u| <= sqrt(448), so u * |u| never saturates.
-        scale = torch.where(amax > 0, amax * ((1 + 2.0**-8) / FP8_MAX**0.5), torch.ones_like(amax)).to(torch.bfloat16)
+        # At least bf16's smallest normal number: a subnormal amax would round to a zero or coarse scale.
+        scale = torch.where(amax > 0, (amax * ((1 + 2.0**-8) / FP8_MAX**0.5)).clamp_min(_TINY),
+                            torch.ones_like(amax)).to(torch.bfloat16)
         x.div_(scale.float()[..., None, None])
         x.mul_(x.abs())
         return {"data": x.to(torch.float8_e4m3fn).view(torch.uint8), "scale": scale,
@@ -248,7 +256,7 @@ class KIVICodec(Codec):
         zero = _bcast(lo, mn) + zc * _bcast(zstep, mn)
         need = (mx - zero) / self.levels
         sstep = need.reshape(flat).amax(dim=3) / META_LEVELS
-        sstep = torch.where(sstep > 0, sstep, torch.ones_like(sstep))
+        sstep = torch.where(sstep > 0, sstep.clamp_min(_TINY), torch.ones_like(sstep))  # 1 / scale stays finite
         sc = (need / _bcast(sstep, need)).ceil_().clamp_(0, META_LEVELS)
         scale = sc * _bcast(sstep, need)
         sc += ((scale < need) & (sc < META_LEVELS)).float()  # directed rounding: the stored scale covers the range

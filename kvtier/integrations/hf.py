@@ -69,11 +69,24 @@ def model_digest(model: torch.nn.Module) -> str:
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # 0-d too (Gemma)
     config = model.config.get_text_config(decoder=True).to_dict()
     h.update(json.dumps({k: v for k, v in config.items() if k not in _NOT_COMPUTED}, sort_keys=True,
                         default=str).encode())
     return h.hexdigest()
+
+
+def weights_stamp(model: torch.nn.Module) -> tuple:
+    """Cheap evidence that no weight changed since the last stamp (then :func:`model_digest` need not run again):
+    per parameter and buffer, its name, shape, dtype, device, storage address and in-place write counter, and a
+    digest of 16 of its values. The values catch what the rest misses: a ``.data`` swap or a ``model.to()``
+    round trip counts no in-place write, and the new storage may reuse the old address."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    meta = tuple((n, tuple(t.shape), t.dtype, t.device, t.data_ptr(), t._version) for n, t in tensors)
+    with torch.no_grad():
+        samples = [t.detach().reshape(-1)[:: max(1, t.numel() // 16)][:16].float() for _, t in tensors if t.numel()]
+    values = torch.cat(samples).cpu().numpy().tobytes() if samples else b""
+    return meta, hashlib.blake2b(values, digest_size=16).digest()
 
 
 def attention_tag(model: torch.nn.Module) -> str:
@@ -167,9 +180,9 @@ class HFKVCache:
 
     @property
     def layout(self) -> KVLayout:
-        """The layout of the model as it is now: its weights (digested again when a parameter was replaced or
-        changed in place), dtype and attention (:func:`attention_tag`); attached on first use."""
-        stamp = tuple((id(p), p._version) for p in self.model.parameters())  # _version: bumped by in-place writes
+        """The layout of the model as it is now: its weights (digested again when :func:`weights_stamp` says a
+        parameter or buffer may have changed), dtype and attention (:func:`attention_tag`); attached on first use."""
+        stamp = weights_stamp(self.model)
         if stamp != self._stamp:
             self._digest, self._stamp = model_digest(self.model), stamp
             self._layouts.clear()

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvtier.compression.quant import MAX_MAGNITUDE
 from kvtier.errors import CapacityError, LayoutError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, key_summary, max_blob_bytes
 from kvtier.kvstore.index import Node, PrefixIndex
@@ -518,13 +519,15 @@ class TieredStore:
 
     def _check_kv(self, kv: torch.Tensor) -> None:
         """KV may come from the CPU, a CUDA device (every tier copies from it: offloading GPU KV to a host or
-        disk tier is the common case) or a tier's own device. With a lossy tier it must be finite: the codec
-        refuses inf and nan, and it would only find out when the chunk is demoted to that tier."""
+        disk tier is the common case) or a tier's own device. With a lossy tier it must be finite and within the
+        lossy codecs' range: the codec refuses the rest, and it would only find out when the chunk is demoted to
+        that tier."""
         allowed = {"cpu", "cuda"} | {getattr(t, "device", torch.device("cpu")).type for t in self.tiers}
         if kv.device.type not in allowed:
             raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(allowed)}")
-        if any(not t.codec.lossless for t in self.tiers) and not bool(torch.isfinite(kv).all()):
-            raise LayoutError("kv holds inf or nan values, which the store's lossy tiers cannot encode")
+        if any(not t.codec.lossless for t in self.tiers) and kv.numel() and not float(kv.abs().amax()) <= MAX_MAGNITUDE:
+            raise LayoutError(f"kv holds inf, nan or values beyond +-{MAX_MAGNITUDE:g}, which the store's lossy tiers "
+                              "cannot encode")
 
     @contextmanager
     def _scratch_for(self, layout: KVLayout) -> Iterator[torch.Tensor | None]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvtier.compression import available_codecs, get_codec
+from kvtier.compression.quant import MAX_MAGNITUDE
 from kvtier.errors import CodecError
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -180,7 +181,7 @@ def test_fp8_saturates_and_keeps_zeros():
     codec = get_codec("fp8")
     zeros = torch.zeros(2, 2, 2, 5, 8)
     assert torch.equal(roundtrip(codec, zeros)[1], zeros)
-    kv = random_kv((2, 2, 2, 5, 8), torch.float32) * 1e30
+    kv = random_kv((2, 2, 2, 5, 8), torch.float32) * 1e16
     _, out = roundtrip(codec, kv)
     assert bool(torch.isfinite(out).all())
     assert float((out - kv).double().norm() / kv.double().norm()) < 0.03
@@ -244,6 +245,30 @@ def test_lossy_codecs_refuse_non_finite_kv(name, bad):
     kv[1, 0, 1, 7, 3] = bad
     with pytest.raises(CodecError, match="finite"):
         get_codec(name).encode(kv)
+
+
+@pytest.mark.parametrize("name", ["fp8", *QUANT])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lossy_codecs_refuse_finite_kv_beyond_their_range(name, dtype):
+    """bf16 and fp32 reach 3e38, where the codecs' fp32 grids would overflow into nan: refused, with the range."""
+    kv = random_kv((2, 2, 2, 40, 64), dtype)
+    kv[0, 1, 0, 3, 5] = 2e38
+    with pytest.raises(CodecError, match=r"within \+-2\*\*60"):
+        get_codec(name).encode(kv)
+    kv[0, 1, 0, 3, 5] = MAX_MAGNITUDE  # the largest taken
+    assert bool(torch.isfinite(roundtrip(get_codec(name), kv)[1]).all())
+
+
+@pytest.mark.parametrize("name", ["fp8", *QUANT])
+@pytest.mark.parametrize(("dtype", "magnitude"), [(torch.float32, 1e-40), (torch.float32, 1e-43),
+                                                  (torch.bfloat16, 1e-40)])
+def test_subnormal_kv_decodes_within_the_smallest_normal_number(name, dtype, magnitude):
+    """Heads whose values are all subnormal would get a scale of 0 (nan codes) or one whose inverse overflows:
+    the scales stop at the smallest normal number (2**-126), so such values come back within it."""
+    kv = (random_kv((2, 2, 2, 40, 64), torch.float32) * magnitude).to(dtype)
+    out = roundtrip(get_codec(name), kv)[1]
+    assert bool(torch.isfinite(out).all())
+    assert float((out.float() - kv.float()).abs().max()) <= 2.0**-126
 
 
 @pytest.mark.parametrize("name", ["fp8", *QUANT])

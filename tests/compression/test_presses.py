@@ -172,9 +172,13 @@ def test_model_continues_from_a_compressed_cache(smollm2, batch, context, refere
     (lambda: SnapKVPress(kernel=4), "kernel"), (lambda: SnapKVPress(kernel=0), "kernel"),
     (lambda: SnapKVPress(window=0), "window"), (lambda: PyramidKVPress(beta=0.5), "beta"),
     (lambda: PyramidKVPress(beta=float("nan")), "beta"), (lambda: PyramidKVPress(kernel=2), "kernel"),
+    (lambda: H2OPress(block=0), "block"), (lambda: H2OPress(block=-1), "block"), (lambda: H2OPress(block=2.0), "block"),
+    (lambda: H2OPress(budget=2.5), "budget"), (lambda: StreamingLLMPress(sinks=2.5), "sinks"),
+    (lambda: SnapKVPress(window=1.5), "window"), (lambda: StreamingLLMPress(window=True), "window"),
 ])
 def test_parameters_that_cannot_work_are_refused_when_made(press, field):
-    """An even pool has no centre, an empty observation window scores nothing, and beta < 1 turns the pyramid
-    over (budgets beyond the tokens): each is refused when the press is made, not when it compresses."""
+    """An even pool has no centre, an empty observation window scores nothing, beta < 1 turns the pyramid over
+    (budgets beyond the tokens), a step of no queries or a backward one scores nothing, and token counts are whole
+    numbers: each is refused when the press is made, not when it compresses."""
     with pytest.raises(ValueError, match=field):
         press()

@@ -124,14 +124,37 @@ def test_a_store_too_small_for_the_prompt_still_returns_the_result(smollm2, toke
     torch.testing.assert_close(pre.logits[0], full_logits(model, tokens[:300]), atol=ATOL, rtol=0)
 
 
-def test_weights_changed_in_place_are_digested_again(smollm2, tokens) -> None:
+def _scale_in_place(m) -> None:
+    m.model.layers[3].mlp.down_proj.weight.mul_(1.05)
+
+
+def _swap_data(m) -> None:  # no in-place write: a new tensor behind the same Parameter
+    w = m.model.layers[0].self_attn.k_proj.weight
+    w.data = w.data * 3
+
+
+def _scale_rope_buffer(m) -> None:
+    m.model.rotary_emb.inv_freq.mul_(0.25)
+
+
+def _round_trip_bf16(m) -> None:  # the weights come back rounded, maybe at the addresses they had
+    m.to(torch.bfloat16).to(torch.float32)
+
+
+def _set_0d_buffer(m) -> None:
+    m.model.scale.fill_(3.0)
+
+
+@pytest.mark.parametrize("change", [_scale_in_place, _swap_data, _scale_rope_buffer, _round_trip_bf16, _set_0d_buffer])
+def test_changed_weights_or_buffers_are_digested_again(smollm2, tokens, change) -> None:
     model, _ = smollm2
     changed = copy.deepcopy(model)
+    changed.model.register_buffer("scale", torch.tensor(2.0))  # a 0-d buffer, as Gemma's embed_scale
     a = adapter(changed)
     a.prefill([tokens[:200]])
     assert a.load([tokens]).reused == [192]
     with torch.no_grad():
-        changed.model.layers[3].mlp.down_proj.weight.mul_(1.05)
+        change(changed)
     assert a.load([tokens]).reused == [0]
 
 

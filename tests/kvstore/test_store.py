@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 import numpy as np
 import pytest
@@ -380,18 +381,21 @@ def test_a_failing_disk_write_is_a_chunk_not_taken(tmp_path):
     assert store.put(b, kv_for_tokens(TINY, b)).stored == 2
 
 
-def test_non_finite_kv_is_refused_by_a_store_with_a_lossy_tier(tmp_path):
-    """Only a lossy tier's codec cannot take inf or nan, and it would see the chunk only when demoting it: the
-    put is refused up front instead; a store without one keeps such KV as it is."""
+@pytest.mark.parametrize(("dtype", "bad"), [("float16", float("inf")), ("float32", float("nan")), ("float32", 1e30)])
+def test_kv_a_lossy_tier_cannot_encode_is_refused_by_the_store(tmp_path, dtype, bad):
+    """Only a lossy tier's codec cannot take inf, nan or values beyond its range, and it would see the chunk only
+    when demoting it: the put is refused up front instead; a store without one keeps such KV as it is."""
+    layout = dataclasses.replace(TINY, dtype=dtype)
     tokens = prompt(0, 2)
-    kv = kv_for_tokens(TINY, tokens)
-    kv[0, 1, 0, C + 3, 2] = float("inf")
-    lossy = TieredStore([host(2), DiskTier(tmp_path, 100 * FP, codec="int4")], layout=TINY)
-    with pytest.raises(LayoutError, match="inf or nan"):
+    kv = kv_for_tokens(layout, tokens)
+    kv[0, 1, 0, C + 3, 2] = bad
+    lossy = TieredStore([host(2), DiskTier(tmp_path, 100 * FP, codec="int4")], layout=layout)
+    with pytest.raises(LayoutError, match="inf, nan or values beyond"):
         lossy.put(tokens, kv)
     assert len(lossy.index) == 0
-    raw = TieredStore([host(2), DiskTier(tmp_path / "raw", 100 * FP)], layout=TINY)
-    assert raw.put(tokens, kv).stored == 2 and torch.equal(raw.get(tokens).kv, kv)
+    raw = TieredStore([host(2), DiskTier(tmp_path / "raw", 100 * FP)], layout=layout)
+    assert raw.put(tokens, kv).stored == 2
+    assert torch.allclose(raw.get(tokens).kv, kv, rtol=0, atol=0, equal_nan=True)
 
 
 def test_a_put_after_close_leaves_the_disk_as_it_was(tmp_path):
