@@ -138,6 +138,11 @@ class KVLayout:
             what = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else f"of type {type(out).__name__}"
             raise LayoutError(f"out buffer {what} does not fit [{want[0]}, {want[1]}, {want[2]}, >={tokens}, "
                               f"{self.head_dim}] of {self.torch_dtype}")
+        if out.device.type == "meta" or out.requires_grad or any(
+                stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+            raise LayoutError("out buffer must be writable memory: not on the meta device, not requiring grad, and no "
+                              f"element shared by several positions (an expanded view); got {out.device}, "
+                              f"requires_grad={out.requires_grad}, strides {out.stride()}")
 
     def check_kv(self, kv: torch.Tensor, tokens: int, name: str = "kv") -> None:
         """Raise LayoutError unless ``kv`` is ``[layers, tensors, kv_heads, >= tokens, head_dim]`` of this dtype."""

@@ -179,8 +179,8 @@ class TieredStore:
     def lookup(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> LookupResult:
         """The longest cached prefix of ``tokens``, in whole chunks."""
         layout = self._layout(layout)
-        keys = self.keys(tokens, namespace, layout)
-        return self.lookup_keys(keys, layout, n_tokens=len(tokens))
+        ids = as_tokens(tokens)  # an iterator is read once
+        return self.lookup_keys(self.keys(ids, namespace, layout), layout, n_tokens=len(ids))
 
     def lookup_keys(self, keys: Sequence[bytes], layout: KVLayout | None = None, n_tokens: int | None = None) -> LookupResult:
         layout = self._layout(layout)
@@ -370,6 +370,13 @@ class TieredStore:
                 raise ValueError(f"chunk key {c.key.hex()} is not H(parent || tokens)")
             if not self.metadata_only:
                 layout.check_kv(c.kv, layout.chunk_tokens, name=f"kv of chunk {c.key.hex()}")
+                if c.kv.shape[3] != layout.chunk_tokens:
+                    raise LayoutError(f"kv of chunk {c.key.hex()} holds {c.kv.shape[3]} tokens, a chunk "
+                                      f"{layout.chunk_tokens}")
+                if c.summary is not None and (tuple(c.summary.shape) != layout.summary_shape
+                                              or c.summary.dtype != layout.torch_dtype):
+                    raise LayoutError(f"key summary of chunk {c.key.hex()} is {tuple(c.summary.shape)} "
+                                      f"{c.summary.dtype}, the layout's is {layout.summary_shape} {layout.torch_dtype}")
                 self._check_kv(c.kv)
             expected = c.key
         return self._put_chain(list(chunks), root, layout, namespace, len(chunks))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvtier.compression.codec import get_codec
-from kvtier.errors import ParentMissingError
+from kvtier.errors import LayoutError, ParentMissingError
 from kvtier.kvstore import DiskTier, HostTier, TieredStore
 from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary
 from kvtier.kvstore.keys import chunk_keys, root_key
@@ -281,3 +281,46 @@ def test_a_wrong_root_is_refused_and_a_chunk_stored_again_replaces_its_copy():
     tier.commit(tier.prepare(first[0], TINY))  # the same chunk again: one copy, its old extent freed
     assert len(tier) == 1 and tier.used_bytes == sum(e.nbytes for e in tier._entries.values())
     assert torch.equal(store.get(tokens[:C], namespace=NS).kv, kv_for_tokens(TINY, tokens)[:, :, :, :C])
+
+
+@pytest.mark.parametrize("summary_first", [True, False])
+def test_chunks_sharing_one_lent_extent_each_keep_their_own_kv(summary_first):
+    """KV of several chunks placed in one lent extent: one chunk may take the extent over, but what it copies in
+    (its summary, its slot) must not land on the other chunks' KV, and KV strided over several chunks is copied."""
+    tokens = prompt(20, 3)
+    want = kv_for_tokens(TINY, tokens)
+    n = TINY.chunk_bytes
+    store = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY)
+    strided = store.lend(3 * n, TINY).view(torch.float16).view(*TINY.chunk_shape[:3], 3 * C, TINY.head_dim)
+    strided.copy_(want)  # put() slices it per chunk: views strided over the whole extent
+    assert store.put(tokens, strided).stored == 3
+    assert torch.equal(store.get(tokens).kv, want)
+
+    store = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY)
+    keys = chunk_keys(ROOT, tokens[: 2 * C], C)
+    buffer = store.lend(2 * n, TINY)
+    chunks = []
+    for i in range(2):  # one after the other in the extent
+        kv = buffer[i * n : (i + 1) * n].view(torch.float16).view(TINY.chunk_shape)
+        kv.copy_(want[:, :, :, i * C : (i + 1) * C])
+        summary = key_summary(kv, TINY.page_tokens) if (i == 0) == summary_first else None
+        chunks.append(Chunk(keys[i], keys[i - 1] if i else ROOT, tokens[i * C : (i + 1) * C], kv, summary))
+    assert store.put_chunks(chunks, ROOT, NS, TINY, lent=[buffer]).stored == 2
+    assert torch.equal(store.get(tokens[: 2 * C], namespace=NS).kv, want[:, :, :, : 2 * C])
+
+
+@pytest.mark.parametrize("bad", ["long kv", "summary shape", "summary dtype"])
+def test_put_chunks_refuses_kv_or_a_summary_that_does_not_fit_the_layout(bad):
+    """A chunk's KV holds exactly chunk_tokens tokens and its summary is the layout's: anything else would be
+    stored and break every later get of the prefix (the tier decodes the layout's shape)."""
+    tokens = prompt(21, 2)
+    keys = chunk_keys(ROOT, tokens, C)
+    kv = kv_for_tokens(TINY, tokens)
+    chunk = Chunk(keys[0], ROOT, tokens[:C], kv if bad == "long kv" else kv[:, :, :, :C].contiguous())
+    if bad != "long kv":
+        summary = key_summary(chunk.kv, TINY.page_tokens)
+        chunk.summary = summary[..., :4] if bad == "summary shape" else summary.float()
+    store = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY)
+    with pytest.raises(LayoutError, match="tokens, a chunk" if bad == "long kv" else "key summary"):
+        store.put_chunks([chunk], ROOT, NS, TINY)
+    assert len(store.index) == 0 and store.tiers[0].used_bytes == 0

@@ -440,3 +440,26 @@ def test_a_prefix_lost_while_making_room_stores_nothing_below_it(tmp_path):
     result = store.put_chunks([chunk], root_key(TINY.fingerprint, ""), "", TINY)
     assert result.stored == 0 and third not in store.index and store.lookup(a).tokens == 0
     check_invariants(store)
+
+
+@pytest.mark.parametrize("make", [
+    lambda shape: torch.empty(shape, dtype=torch.float16, device="meta"),
+    lambda shape: torch.empty(shape[:3] + (1, shape[4]), dtype=torch.float16).expand(shape),
+    lambda shape: torch.empty(shape, dtype=torch.float16, requires_grad=True),
+], ids=["meta", "expanded", "requires_grad"])
+def test_an_out_buffer_that_cannot_take_the_kv_is_refused(make):
+    """A meta tensor takes no bytes (a get would report KV it never wrote), an expanded view shares its elements,
+    and a leaf that requires grad cannot be written in place: each is refused before anything is fetched."""
+    tokens = prompt(30, 2)
+    store = TieredStore([host(4)], layout=TINY)
+    store.put(tokens, kv_for_tokens(TINY, tokens))
+    with pytest.raises(LayoutError, match="writable memory"):
+        store.get(tokens, out=make((TINY.num_layers, 2, TINY.kv_heads, 2 * C, TINY.head_dim)))
+    assert store.get(tokens).tokens == 2 * C
+
+
+def test_lookup_takes_an_iterator_of_token_ids():
+    tokens = prompt(31, 2)
+    store = TieredStore([host(4)], layout=TINY)
+    store.put(tokens, kv_for_tokens(TINY, tokens))
+    assert store.lookup(iter(tokens)).tokens == 2 * C

@@ -111,7 +111,7 @@ class MemoryTier(Tier):
         slot = None
         if chunk.summary is None and self.keep_summaries:
             slot = (layout.torch_dtype, layout.summary_shape)
-        lent = self._lent_extent(next(iter(parts.values())))
+        lent = self._lent_extent(list(parts.values()))
         if lent is not None:
             return Prepared(chunk.key, self._lent[lent][0], (chunk, tensors, slot, lent), reserved=True)
         nbytes = sum(_aligned(t.numel() * t.element_size()) for t in tensors.values())
@@ -151,14 +151,16 @@ class MemoryTier(Tier):
             self._used -= size
 
     def lent(self, t: torch.Tensor) -> bool:
-        return self._lent_extent(t) is not None
+        return self._lent_extent([t]) is not None
 
-    def _lent_extent(self, t: torch.Tensor) -> int | None:
-        """The offset of the lent extent ``t`` lies in, if any."""
-        if not self._lent or t.device != self.pool.device:
+    def _lent_extent(self, tensors: list[torch.Tensor]) -> int | None:
+        """The offset of the lent extent that every one of ``tensors`` lies wholly in, contiguous, if any (KV
+        strided over several chunks, or partly outside, is copied instead)."""
+        if not self._lent or any(t.device != self.pool.device or not t.is_contiguous() for t in tensors):
             return None
-        rel = t.data_ptr() - self.pool.data_ptr()
-        return next((o for o, (size, _) in self._lent.items() if o <= rel < o + size), None)
+        spans = [(t.data_ptr() - self.pool.data_ptr(), t.numel() * t.element_size()) for t in tensors]
+        return next((o for o, (size, _) in self._lent.items() if all(o <= rel and rel + n <= o + size
+                                                                      for rel, n in spans)), None)
 
     def _view(self, entry: _Entry, spec: tuple[torch.dtype, tuple[int, ...], int]) -> torch.Tensor:
         dtype, shape, rel = spec
@@ -167,7 +169,8 @@ class MemoryTier(Tier):
 
     def commit(self, prepared: Prepared) -> None:
         """Store the chunk: in the extent it was lent (its tensors that lie there stay where they are), or in a
-        new one; the other tensors are copied in after them, then comes the summary slot."""
+        new one; the other tensors are copied in after them, then comes the summary slot. In a lent extent these
+        go at its end: the bytes after the chunk's own may hold another chunk's KV, still to be copied out."""
         chunk, tensors, slot, lent = prepared.payload
         offset = lent if lent is not None else self._alloc.alloc(prepared.nbytes)
         if offset is None:
@@ -183,6 +186,9 @@ class MemoryTier(Tier):
             else:
                 copies.append((name, t))
         end = _aligned(end)
+        if lent is not None:
+            tail = sum(_aligned(t.numel() * t.element_size()) for _, t in copies) + (_aligned(_nbytes(*slot)) if slot else 0)
+            end = max(end, prepared.nbytes - tail)
         for name, t in copies:
             specs[name] = (t.dtype, tuple(t.shape), end)
             end += _aligned(t.numel() * t.element_size())
