@@ -333,7 +333,8 @@ class TieredStore:
     def _put_lent(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout,
                   lent: Sequence[torch.Tensor], headroom: int, demote: bool) -> PutResult:
         """Put ``chunks``, give back the lent bytes none of them took over, and (after a put that was not refused)
-        evict until ``headroom`` bytes could be lent again."""
+        evict until ``headroom`` bytes could be lent again, never the put's own chunks: what it reports stored
+        stays stored."""
         stored = False
         try:
             result = self._put_verified(chunks, root, namespace, layout)
@@ -344,7 +345,14 @@ class TieredStore:
                 self.take_back(lent)
                 room = self.tiers[0].lend_nbytes(headroom, layout) if headroom and stored else 0
                 if room and room <= self.tiers[0].capacity_bytes:
-                    self._make_room(0, room, demote)
+                    own = [n for n in (self.index.nodes.get(c.key) for c in chunks) if n is not None]
+                    for n in own:
+                        n.pins += 1
+                    try:
+                        self._make_room(0, room, demote)
+                    finally:
+                        for n in own:
+                            n.pins -= 1
 
     def _in_memory_only(self, chunks: Sequence[Chunk], namespace: str, layout: KVLayout) -> bool:
         """Whether a put of ``chunks`` surely writes to the first tier's lent bytes only (and evicts nothing for a

@@ -324,3 +324,16 @@ def test_put_chunks_refuses_kv_or_a_summary_that_does_not_fit_the_layout(bad):
     with pytest.raises(LayoutError, match="tokens, a chunk" if bad == "long kv" else "key summary"):
         store.put_chunks([chunk], ROOT, NS, TINY)
     assert len(store.index) == 0 and store.tiers[0].used_bytes == 0
+
+
+def test_the_headroom_a_put_keeps_never_evicts_the_chunks_it_stored():
+    """The headroom after a put (room to lend the next body of this size) is made by evicting other chunks, not
+    the ones the put reports stored: in a tier that holds little more than the put, it keeps them all."""
+    tokens = prompt(22, 3)
+    size = sum(len(b) for b in blobs(tokens))
+    for wait in (True, False):
+        store = TieredStore([HostTier(4 * lend_size(TINY, len(blobs(tokens)[0])), prefault=False)], layout=TINY)
+        received = [receive(store, b) for b in blobs(tokens)]
+        result = store.put_chunks([c for c, _ in received], ROOT, NS, TINY, wait=wait,
+                                  lent=[lent for _, lent in received], headroom=size)
+        assert result.stored == 3 and store.lookup(tokens, namespace=NS).tokens == 3 * C
