@@ -64,6 +64,9 @@ GHOST_FACTOR = 2
 MAX_TURN = 15
 """Turns from this one on share their continuation statistics."""
 
+SCRATCH_LAYOUTS = 4
+"""Layouts whose idle chunk buffers (for moves between tiers) the store keeps."""
+
 
 @dataclass
 class ChunkRef:
@@ -158,7 +161,7 @@ class TieredStore:
         self.namespace_bytes: dict[str, int] = {}
         self.quotas: dict[str, int] = {}
         self.counters = _Counters(tier_hits={t.name: 0 for t in self.tiers})
-        self._scratch: dict[str, list[torch.Tensor]] = {}  # free chunk-sized buffers, per layout
+        self._scratch: OrderedDict[str, list[torch.Tensor]] = OrderedDict()  # idle chunk buffers, per layout used last
         for t in self.tiers:
             t.keep_summaries = self.keep_summaries
         self._recover()
@@ -548,16 +551,21 @@ class TieredStore:
     def _scratch_for(self, layout: KVLayout) -> Iterator[torch.Tensor | None]:
         """A chunk buffer (``layout.chunk_shape``; None in metadata-only mode) for one move between tiers, from
         the read until the commit: a tier's prepared chunk may still view it. A move that makes room by moving
-        another chunk (a demotion that demotes further down, a promotion that demotes) gets a buffer of its own."""
+        another chunk (a demotion that demotes further down, a promotion that demotes) gets a buffer of its own.
+        Idle buffers are kept for the ``SCRATCH_LAYOUTS`` layouts that moved chunks last, so that layouts come
+        and go without their buffers adding up."""
         if self.metadata_only:
             yield None
             return
-        free = self._scratch.setdefault(layout.fingerprint, [])
+        free = self._scratch.get(layout.fingerprint)
         buf = free.pop() if free else torch.empty(layout.chunk_shape, dtype=layout.torch_dtype)
         try:
             yield buf
         finally:
-            free.append(buf)
+            self._scratch.setdefault(layout.fingerprint, []).append(buf)
+            self._scratch.move_to_end(layout.fingerprint)
+            while len(self._scratch) > SCRATCH_LAYOUTS:
+                self._scratch.popitem(last=False)
 
     def _cached_parent(self, chunks: Sequence[Chunk], root: bytes, namespace: str, layout: KVLayout) -> Node | None:
         """The node of the first chunk's parent when the chain continues a cached prefix (None when it starts

@@ -463,3 +463,20 @@ def test_lookup_takes_an_iterator_of_token_ids():
     store = TieredStore([host(4)], layout=TINY)
     store.put(tokens, kv_for_tokens(TINY, tokens))
     assert store.lookup(iter(tokens)).tokens == 2 * C
+
+
+def test_idle_move_buffers_are_kept_for_a_few_layouts_only(tmp_path):
+    """Each layout whose chunks move between tiers needs a chunk buffer while they move; a service's tenants may
+    attach any number of layouts, so idle buffers are kept only for the last few (and the moves stay exact)."""
+    from kvtier.kvstore.store import SCRATCH_LAYOUTS
+
+    store = TieredStore([host(1), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    for i in range(SCRATCH_LAYOUTS + 3):
+        layout = dataclasses.replace(TINY, model_id=f"model-{i}")
+        store.attach(layout)
+        for seed in (2 * i, 2 * i + 1):  # the second put demotes the first chunk: a move through a buffer
+            tokens = prompt(seed, 1)
+            store.put(tokens, kv_for_tokens(layout, tokens), layout=layout)
+        first = prompt(2 * i, 1)
+        assert torch.equal(store.get(first, layout=layout).kv, kv_for_tokens(layout, first))
+    assert 0 < len(store._scratch) <= SCRATCH_LAYOUTS
