@@ -261,12 +261,21 @@ class TieredStore:
 
     def get_keys(self, keys: Sequence[bytes], root: bytes, out: torch.Tensor | None = None,
                  layers: range | None = None, layout: KVLayout | None = None) -> GetResult:
-        """Like :meth:`get` for chunk keys whose first parent is ``root``."""
+        """Like :meth:`get` for chunk keys whose first parent is ``root``; ValueError when the cached ones are not
+        such a chain (another root, keys out of order): a copy's parent would not match, and that is no reason to
+        drop it as corrupt."""
         layout = self._layout(layout)
         layers = layout.check_layers(layers)
         C = layout.chunk_tokens
         with self._lock:
             nodes = self.index.match(keys)
+            expected = root
+            for node in nodes:
+                parent = node.parent.key if node.parent is not None else root_key(node.layout, node.namespace)
+                if parent != expected:
+                    raise ValueError(f"chunk {node.key.hex()} is cached under {parent.hex()}, not under "
+                                     f"{expected.hex()}: the keys are not a chain from root {root.hex()}")
+                expected = node.key
             if out is None and not self.metadata_only:
                 out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (len(nodes) * C, layout.head_dim),
                                   dtype=layout.torch_dtype)

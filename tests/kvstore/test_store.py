@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from kvtier.errors import CapacityError, LayoutError, TokenError
 from kvtier.kvstore import DiskTier, HostTier, MetaTier, TieredStore
+from kvtier.kvstore.keys import root_key
 from kvtier.layout import KVLayout
 
 from .helpers import TINY, footprint, kv_for_tokens
@@ -480,3 +481,18 @@ def test_idle_move_buffers_are_kept_for_a_few_layouts_only(tmp_path):
         first = prompt(2 * i, 1)
         assert torch.equal(store.get(first, layout=layout).kv, kv_for_tokens(layout, first))
     assert 0 < len(store._scratch) <= SCRATCH_LAYOUTS
+
+
+def test_keys_that_are_not_a_chain_from_the_root_are_refused_and_nothing_is_dropped(tmp_path):
+    """get_keys with keys from the middle of a prompt, under another namespace's root, or out of order is a
+    caller's mistake: a ValueError, and the cached copies (whose parents would not match) are not dropped."""
+    tokens = prompt(40, 4)
+    store = TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    store.put(tokens, kv_for_tokens(TINY, tokens))
+    keys = store.keys(tokens)
+    root = root_key(TINY.fingerprint, "")
+    for wrong, first_parent in ((keys[2:], root), (keys, root_key(TINY.fingerprint, "other")), ([keys[1], keys[0]], root)):
+        with pytest.raises(ValueError, match="not a chain"):
+            store.get_keys(wrong, first_parent)
+    assert store.counters.verify_failures == 0 and store.lookup(tokens).tokens == 4 * C
+    assert store.get_keys(keys[2:], keys[1]).tokens == 2 * C
