@@ -824,7 +824,8 @@ class TieredStore:
         layout = self.layouts[node.layout]
         with self._scratch_for(layout) as buf:
             if self.tiers[t].get(node.key, buf) is None:
-                self._forget(node, t)
+                if not self.tiers[t].contains(node.key):
+                    self._forget(node, t)  # found corrupt (else it cannot be read just now)
                 return None
             summary = key_summary(buf, layout.page_tokens)
         self.tiers[t].set_summary(node.key, summary)
@@ -832,11 +833,12 @@ class TieredStore:
 
     def _fetch(self, node: Node, parent: bytes, out: torch.Tensor | None, layers: range) -> tuple[int, Chunk] | None:
         """Read ``node``'s chunk from the fastest tier holding it into ``out`` and verify it: its parent must be
-        ``parent`` and its key ``H(parent || tokens)``. A copy that fails is deleted and the next tier tried.
-        Returns ``(tier index, chunk)``, or None when no good copy is left."""
-        while node.tiers:
-            t = _lowest_bit(node.tiers)
-            tier = self.tiers[t]
+        ``parent`` and its key ``H(parent || tokens)``. A copy that fails is deleted and the next tier tried; so
+        is a tier that cannot be read just now, which keeps its copy. Returns ``(tier index, chunk)``, or None
+        when no tier gave a good copy."""
+        for t, tier in enumerate(self.tiers):
+            if not node.tiers >> t & 1:
+                continue
             if self.metadata_only:
                 return t, Chunk(node.key, parent, None)
             chunk = tier.get(node.key, out, layers)
@@ -845,7 +847,8 @@ class TieredStore:
             if chunk is not None:
                 self.counters.verify_failures += 1
                 tier.delete(node.key)
-            self._forget(node, t)  # a corrupt copy was deleted by the tier itself
+            if not tier.contains(node.key):
+                self._forget(node, t)  # deleted, here or by the tier itself (corrupt)
         return None
 
     def _after_get(self, fetched: list[tuple[Node, int, Chunk]], layers: range, layout: KVLayout,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -20,6 +21,7 @@ from kvtier.kvstore.chunk import Chunk, blob_bytes, key_summary  # noqa: E402
 from kvtier.kvstore.keys import chain_key  # noqa: E402
 from kvtier.kvstore.store import TieredStore  # noqa: E402
 from kvtier.kvstore.tiers.memory import HostTier  # noqa: E402
+from kvtier.kvstore.tiers.disk import DiskTier  # noqa: E402
 from kvtier.kvstore.tiers.redis import RedisTier, RedisTierError  # noqa: E402
 from kvtier.layout import KVLayout  # noqa: E402
 
@@ -243,14 +245,16 @@ def test_server_failures_are_misses_or_errors_and_close_never_hangs(own_server):
     assert tier.summary(kept.key) is None and tier.contains(kept.key)  # a summary that failed keeps the chunk
     assert tier.get(lost.key, new_out()) is None
     assert tier.stats.errors == 2 and tier.stats.misses == 1 and tier.stats.corrupt == 0
-    assert not tier.contains(lost.key) and len(tier) == 1  # the store forgets a missed chunk: so does the tier
+    assert tier.contains(lost.key) and len(tier) == 2  # a read that failed is no reason to drop the chunk
     prepared = tier.prepare(make_chunk(12), LAYOUT)
     with pytest.raises(RedisTierError, match="storing 1 chunk"):
         tier.commit(prepared)
-    assert len(tier) == 1 and tier.used_bytes == tier.prepare(kept, LAYOUT).nbytes
-    assert tier.delete(kept.key) > 0 and tier.used_bytes == 0  # never raises: retried with the next write
+    assert len(tier) == 2 and tier.used_bytes == 2 * tier.prepare(kept, LAYOUT).nbytes
+    assert tier.delete(kept.key) > 0 and len(tier) == 1  # never raises: retried with the next write
 
     procs.append(_start_server(port))  # the server is back (empty): the tier reconnects
+    assert tier.get(lost.key, new_out()) is None and not tier.contains(lost.key)  # now gone for good: dropped
+    assert tier.stats.corrupt == 1 and tier.used_bytes == 0
     tier.commit(tier.prepare(kept, LAYOUT))
     assert torch.equal(tier.get(kept.key, new_out()).kv, kept.kv)
     procs[1].kill()
@@ -299,3 +303,22 @@ def test_a_full_redis_refuses_writes_without_piling_up_deletes(own_server):
     names = set(tier._names(chunk.key, tier._entries[chunk.key]))
     assert set(raw.scan_iter(match=PREFIX + "*")) == names  # no key of the failed writes is left
     raw.close()
+
+
+def test_a_redis_server_that_stalls_during_a_get_loses_nothing(own_server, tmp_path):
+    """A real stall (SIGSTOP for one get, longer than the tier's timeout) is a miss for that get only: the chunk
+    stays in Redis and the chunks below it on disk stay too; once the server answers, the whole prompt is served."""
+    port, procs = own_server
+    url = f"redis://127.0.0.1:{port}/0"
+    one = RedisTier(url, 1 << 30, prefix=PREFIX).prepare(make_chunk(0), LAYOUT).nbytes
+    store = TieredStore([RedisTier(url, one, prefix=PREFIX, timeout_s=0.5), DiskTier(tmp_path, 1 << 30)], LAYOUT)
+    tokens, kv = prompt(15, 3)
+    store.put(tokens, kv)  # room for one chunk in Redis: the deeper two are demoted to disk
+    assert [ref.tiers for ref in store.lookup(tokens).chunks] == [["redis"], ["disk"], ["disk"]]
+    procs[0].send_signal(signal.SIGSTOP)
+    try:
+        assert store.get(tokens).tokens == 0  # a miss, not a drop
+    finally:
+        procs[0].send_signal(signal.SIGCONT)
+    assert store.lookup(tokens).tokens == 3 * LAYOUT.chunk_tokens and store.counters.drops == 0
+    assert torch.equal(store.get(tokens).kv, kv)

@@ -1,8 +1,11 @@
+import errno
+import os
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 
+from kvtier.errors import TierError
 from kvtier.kvstore.chunk import Chunk, key_summary
 from kvtier.kvstore.keys import chunk_keys, root_key
 from kvtier.kvstore.tiers import DiskTier, HostTier, MetaTier
@@ -174,28 +177,36 @@ def test_disk_summary_of_a_file_holding_another_chunk_is_a_corrupt_copy(tmp_path
     assert torch.equal(tier.summary(b.key), b.summary)
 
 
-def test_disk_file_that_cannot_be_opened_is_a_corrupt_copy(tmp_path, monkeypatch):
-    """Permission denied (which root, running the tests, never meets: injected) is a miss, also at start-up."""
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   OSError(errno.EMFILE, "Too many open files")], ids=["denied", "no descriptors"])
+def test_disk_file_that_cannot_be_opened_now_is_kept(tmp_path, monkeypatch, error):
+    """Permission denied (which root, running the tests, never meets) and running out of file descriptors are
+    injected: a get is a miss and the file stays for a later read; at start-up the tier refuses to open rather
+    than delete it. A file that is gone is a corrupt copy: dropped."""
     import kvtier.kvstore.tiers.disk as disk
 
     tier = DiskTier(tmp_path, 1 << 20)
     a, b = chunks(2)
     for c in (a, b):
         tier.commit(tier.prepare(c, TINY))
-    denied = {tier._file(a.key)}
+    failing = {tier._file(a.key)}
     real_open = disk.os.open
 
     def fake_open(path, *args, **kwargs):
-        if path in denied:
-            raise PermissionError(13, "Permission denied", path)
+        if path in failing:
+            raise error
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(disk.os, "open", fake_open)
     out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
-    assert tier.get(a.key, out) is None and tier.stats.corrupt == 1
-    denied.add(tier._file(b.key))
-    again = DiskTier(tmp_path, 1 << 20)
-    assert list(again.scan()) == [] and again.stats.corrupt == 1
+    assert tier.get(a.key, out) is None and tier.summary(a.key) is None
+    assert tier.contains(a.key) and tier.stats.corrupt == 0 and tier.stats.errors == 2
+    with pytest.raises(TierError, match="nothing was deleted"):
+        list(DiskTier(tmp_path, 1 << 20).scan())
+    failing.clear()
+    assert torch.equal(tier.get(a.key, out).kv, a.kv)
+    os.unlink(tier._file(b.key))
+    assert tier.get(b.key, out) is None and not tier.contains(b.key) and tier.stats.corrupt == 1
 
 
 @pytest.mark.parametrize("codec", ["raw", "int4", "zstd"])

@@ -9,7 +9,9 @@ A tier stores encoded chunks under their keys and accounts the bytes they take. 
 - ``commit(prepared)``: store it;
 - ``get(key, out, layers=None) -> Chunk | None``: decode the KV of ``layers`` (default all) into ``out``
   (``[len(layers), T, H, C, D]``) and return the chunk's key, parent and tokens for the caller to verify;
-  None is a miss, also for a chunk found corrupt (then it is deleted and counted in ``stats.corrupt``);
+  None is a miss, also for a chunk found corrupt (then it is deleted and counted in ``stats.corrupt``) and for
+  one that cannot be read just now (an I/O error, Redis unreachable: it is kept, ``contains`` still says so,
+  and counted in ``stats.errors``);
 - ``summary(key) -> Tensor | None``: the chunk's key summary without its KV; a tier with
   ``summary_on_demand`` may hold a chunk whose summary comes later, through ``set_summary(key, summary)``
   (the store computes it when it is first needed); other tiers get it with the chunk when the store keeps
@@ -56,6 +58,7 @@ class TierStats:
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
+    errors: int = 0  # reads that failed for now (the copy is kept)
     bytes_read: int = 0
     bytes_written: int = 0
     evictions: int = 0

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -265,14 +266,23 @@ class DiskTier(Tier):
         self.stats.corrupt += 1
         self.delete(key)
 
+    def _unreadable(self, key: bytes, exc: Exception) -> None:
+        """A read of ``key`` failed with ``exc``: a bad or missing file is deleted (corrupt); an I/O error (out of
+        file descriptors, a failing device, a permission) leaves the file for a later read."""
+        if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
+            log.warning("disk tier %s: chunk %s cannot be read now (%s); kept", self.name, key.hex(), exc)
+            self.stats.errors += 1
+        else:
+            self._corrupt(key, str(exc))
+
     def get(self, key: bytes, out: torch.Tensor, layers: range | None = None) -> Chunk | None:
         if key not in self._sizes:
             self.stats.misses += 1
             return None
         try:
             fd = os.open(self._file(key), os.O_RDONLY)
-        except OSError as exc:  # gone, or unreadable
-            self._corrupt(key, exc.strerror or "cannot open")
+        except OSError as exc:  # gone, or unreadable for now
+            self._unreadable(key, exc)
             self.stats.misses += 1
             return None
         try:
@@ -281,7 +291,7 @@ class DiskTier(Tier):
             parts = self._read_kv(fd, header, out, layers)
             header.codec.decode(parts, out)
         except (BlobError, ValueError, OSError) as exc:
-            self._corrupt(key, str(exc))
+            self._unreadable(key, exc)
             self.stats.misses += 1
             return None
         finally:
@@ -320,7 +330,7 @@ class DiskTier(Tier):
         try:
             fd = os.open(self._file(key), os.O_RDONLY)
         except OSError as exc:
-            self._corrupt(key, exc.strerror or "cannot open")
+            self._unreadable(key, exc)
             return None
         try:
             header, first = self._read_header(fd)
@@ -333,26 +343,28 @@ class DiskTier(Tier):
                 raise BlobError("summary checksum mismatch")
             return summary
         except (BlobError, OSError) as exc:
-            self._corrupt(key, str(exc))
+            self._unreadable(key, exc)
             return None
         finally:
             os.close(fd)
 
     def scan(self) -> Iterator[tuple[Chunk, KVLayout]]:
-        """Header, parent and tokens of every file; unreadable ones are deleted and counted."""
+        """Header, parent and tokens of every file; bad or vanished ones are deleted and counted. A file that
+        cannot be read now (permissions, out of file descriptors, a failing device) raises TierError: the folder
+        is left as it is for a later start."""
         for key in list(self._sizes):
             try:
                 fd = os.open(self._file(key), os.O_RDONLY)
-            except OSError as exc:
-                self._corrupt(key, exc.strerror or "cannot open")
-                continue
-            try:
-                header, tokens = self._read_head(fd, key)
+                try:
+                    header, tokens = self._read_head(fd, key)
+                finally:
+                    os.close(fd)
             except (BlobError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
+                    raise TierError(f"disk tier {self.name!r} cannot read {self._file(key)}: {exc}; nothing was "
+                                    "deleted") from None
                 self._corrupt(key, str(exc))
                 continue
-            finally:
-                os.close(fd)
             yield Chunk(key, header.parent, tokens, namespace=header.namespace), header.layout
 
     def contains(self, key: bytes) -> bool:

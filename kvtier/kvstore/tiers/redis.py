@@ -19,8 +19,8 @@ deleted and counted in ``stats.corrupt``: no torn or corrupt chunk is ever serve
 server, and no write needs to be atomic.
 
 Failures: gets and summaries never raise. A Redis error during a get is a miss counted in ``stats.errors``,
-and the chunk is forgotten here (the store forgets a chunk a tier missed); its keys, like those of every
-delete that failed, are deleted with the next write that reaches the server. A commit that fails raises
+and the chunk is kept (the server may answer the next read; the store forgets only a chunk a tier no longer
+contains). The keys of every delete that failed are deleted with the next write that reaches the server. A commit that fails raises
 :class:`RedisTierError` and leaves nothing of the chunk accounted. Every command has a timeout, and
 :meth:`close` only drops the connections, so nothing waits forever.
 
@@ -46,7 +46,7 @@ from redis.retry import Retry
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError, CodecError, LayoutError, TierError
 from kvtier.kvstore.chunk import BlobHeader, Chunk, byte_view, checksum, encode_blob, header_length, layer_checksums, parse_header
-from kvtier.kvstore.tiers.base import Prepared, Tier, TierStats
+from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ T = TypeVar("T")
 class RedisTierError(TierError):
     """A Redis command failed (connection refused or lost, timeout, out of memory): nothing was stored."""
 
-
-@dataclass
-class RedisTierStats(TierStats):
-    errors: int = 0  # Redis commands that failed (each get among them is also a miss)
 
 
 @dataclass
@@ -203,7 +199,6 @@ class RedisTier(Tier):
                              f"got {max_value_bytes}")
         self.prefix = prefix
         self.part_bytes = int(max_value_bytes)
-        self.stats = RedisTierStats()
         # hiredis parses replies; the pure-Python packer sends memoryviews of the tensors without copying them
         # (redis-py's hiredis packer copies every value twice).
         self._pool = redis.ConnectionPool.from_url(
@@ -366,11 +361,8 @@ class RedisTier(Tier):
             except redis.RedisError as exc:
                 log.warning("redis tier %s: reading %d chunk(s) from %s failed: %s",
                             self.name, len(batch), self.where, exc)
-                self.stats.errors += 1
+                self.stats.errors += 1  # the chunks stay: the server may be back for the next read
                 self.stats.misses += len(batch)
-                for i in batch:  # the store forgets a chunk that missed: forget it here too
-                    self._stale.update(self._names(keys[i], self._entries[keys[i]]))
-                    self._forget(keys[i])
                 continue
             for i, spans in zip(batch, reads):
                 mine, replies = replies[: len(spans)], replies[len(spans) :]
