@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -162,6 +162,8 @@ class TieredStore:
         self.quotas: dict[str, int] = {}
         self.counters = _Counters(tier_hits={t.name: 0 for t in self.tiers})
         self._scratch: OrderedDict[str, list[torch.Tensor]] = OrderedDict()  # idle chunk buffers, per layout used last
+        self._pinned: Counter[tuple[bytes, ...]] = Counter()  # pins per pinned prompt (its chunk keys)
+        self._pins: Counter[bytes] = Counter()  # pins per chunk key of those prompts, cached or still to come
         for t in self.tiers:
             t.keep_summaries = self.keep_summaries
         self._recover()
@@ -410,19 +412,28 @@ class TieredStore:
         return self._put_chain(chunks, root, layout, namespace, len(chunks))
 
     def pin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
-        """Protect the cached prefix of ``tokens`` from eviction; returns the chunks pinned. Pins nest."""
-        keys = self.keys(tokens, namespace, layout)
+        """Protect the full chunks of ``tokens`` from eviction and deletion, those cached now and those put
+        later, until :meth:`unpin` of the same tokens; returns the chunks cached (and pinned) now. Pins nest."""
+        keys = tuple(self.keys(tokens, namespace, layout))
         with self._lock:
+            self._pinned[keys] += 1
+            self._pins.update(keys)
             nodes = self.index.match(keys)
             for n in nodes:
                 n.pins += 1
             return len(nodes)
 
     def unpin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
-        """Undo one :meth:`pin` of the cached prefix of ``tokens``; returns the chunks unpinned."""
-        keys = self.keys(tokens, namespace, layout)
+        """Undo one :meth:`pin` of the same ``tokens`` (nothing when they are not pinned: another prompt's pins
+        on the same chunks stay); returns the cached chunks it unpinned."""
+        keys = tuple(self.keys(tokens, namespace, layout))
         with self._lock:
-            nodes = [n for n in self.index.match(keys) if n.pins > 0]
+            if not self._pinned[keys]:
+                del self._pinned[keys]
+                return 0
+            self._pinned -= Counter({keys: 1})
+            self._pins -= Counter(keys)  # drops the keys no pin covers any more
+            nodes = self.index.match(keys)
             for n in nodes:
                 n.pins -= 1
             return len(nodes)
@@ -626,7 +637,7 @@ class TieredStore:
                     node.tiers = tiers_mask
                     node.turn = turn
                     self._dropped_turns.pop(chunk.key, None)
-                    node.pins += 1
+                    node.pins += 1 + self._pins[chunk.key]  # this put's, and those of pinned prompts it continues
                     added.append(node)
                     self.namespace_bytes[namespace] = self.namespace_bytes.get(namespace, 0) + layout.chunk_bytes
                     parent = node

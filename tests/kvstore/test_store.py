@@ -102,6 +102,25 @@ def test_pins_protect_chunks():
     check_invariants(store)
 
 
+def test_an_unpin_undoes_its_own_pin_only_and_a_pin_covers_chunks_put_later():
+    """One caller pins a prompt while two of its three chunks are cached; the third is put (pinned too: it is
+    the pinned prompt's); a second caller pins the whole prompt. The first caller's unpin leaves the second's pins
+    on every chunk, and an unpin of tokens never pinned takes nobody's pin."""
+    store = TieredStore([host(6)], layout=TINY)
+    a = prompt(2, 3)
+    kv = kv_for_tokens(TINY, a)
+    store.put(a[: 2 * C], kv[:, :, :, : 2 * C])
+    assert store.pin(a) == 2
+    store.put(a, kv)
+    assert store.delete(a) == 0  # the third chunk came after the pin, and is pinned as well
+    assert store.pin(a) == 3
+    assert store.unpin(a) == 3 and store.unpin(a[: 2 * C]) == 0
+    assert store.delete(a) == 0 and store.lookup(a).tokens == 3 * C  # the second pin still holds all three
+    assert store.unpin(a) == 3 and store.unpin(a) == 0
+    assert store.delete(a) == 1 and store.lookup(a).tokens == 2 * C
+    check_invariants(store)
+
+
 def test_demotion_and_promotion(tmp_path):
     store = TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
     a, b = prompt(0, 2), prompt(1, 2)
