@@ -17,13 +17,21 @@ def _bench_parser(sub) -> None:
 
 
 def _run_bench(name: str, options: list[str]) -> int:
-    """Import only the chosen benchmark, parse its own options, run it and print the report."""
+    """Import only the chosen benchmark, parse its own options, run it and print the report. A bad option, or
+    input the benchmark refuses (a KVTierError, ValueError or OSError: a malformed trace, a folder it cannot
+    write), is ``kvtier bench NAME: error: ...`` and exit status 2."""
+    from kvtier.errors import KVTierError
+
     module = importlib.import_module(BENCHMARKS[name])
     parser = argparse.ArgumentParser(prog=f"kvtier bench {name}", description=(module.__doc__ or "").strip())
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     module.add_arguments(parser)
     args = parser.parse_args(options)
-    module.run(args).print(as_json=args.json)
+    try:
+        report = module.run(args)
+    except (KVTierError, ValueError, OSError) as exc:
+        parser.error(str(exc))
+    report.print(as_json=args.json)
     return 0
 
 

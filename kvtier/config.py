@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kvtier.errors import ConfigError
 
 
 class TierConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key must not leave the default in its place
+
     kind: Literal["device", "host", "disk", "redis"]
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                              description="letters, digits, '_', '.', '-' (default: the kind)")
@@ -29,6 +31,14 @@ class TierConfig(BaseModel):
     path: str | None = None  # disk: the folder
     fsync: bool = False  # disk: flush every file to the device
     url: str | None = None  # redis: redis://host:port/db
+
+    @field_validator("codec")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        from kvtier.compression import get_codec
+
+        get_codec(name)  # a CodecError (a ValueError) names the known codecs
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> "TierConfig":
@@ -47,6 +57,8 @@ RESERVED_TENANT_NAMES = {ANONYMOUS_TENANT: "the tenant of open access", SHARED_P
 
 
 class TenantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="letters, digits, '_', '.', '-'")
     key_sha256: str = Field(pattern=_SHA256_HEX,
                             description="sha256 hex digest of the tenant's API key (never the key itself)")
@@ -56,6 +68,8 @@ class TenantConfig(BaseModel):
 
 
 class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     host: str = "127.0.0.1"
     port: int = Field(default=8470, ge=0, le=65535)
     max_body_bytes: int = Field(default=256 << 20, gt=0)
@@ -64,6 +78,11 @@ class ServerConfig(BaseModel):
     max_bytes_in_flight: int = Field(default=1 << 30, gt=0, description=(
         "chunk bytes held at once over all requests (put bodies, fetched chunks); a request that does not fit "
         "waits its turn, first come first served; one larger than this runs alone (see kvtier/api/budget.py)"))
+    body_timeout_s: float = Field(default=30.0, gt=0, description=(
+        "the longest a request body may stall: a piece must arrive within this many seconds of the last (else "
+        "408), and each piece of a response must be taken by the client within it (else the response is dropped)"))
+    budget_wait_s: float = Field(default=20.0, gt=0, description=(
+        "the longest a request waits for its bytes of max_bytes_in_flight before it is refused 503"))
     torch_threads: int | None = Field(default=1, gt=0,
                                       description="torch intra-op threads of `kvtier serve` (None: torch's default): "
                                                   "requests already run in parallel, and spinning intra-op threads "
@@ -125,41 +144,58 @@ class KVTierConfig(BaseSettings):
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "KVTierConfig":
-        """Read a JSON config file (if given); environment variables override its values."""
+        """Read a JSON config file (if given); environment variables override its values. Anything wrong is a
+        one-line ConfigError."""
         data = {}
         if path is not None:
             try:
-                data = json.loads(Path(path).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
+                data = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # ValueError: not UTF-8 (UnicodeDecodeError), not JSON
                 raise ConfigError(f"cannot read config file {path}: {exc}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"invalid configuration: {path} must hold a JSON object, not {type(data).__name__}")
         try:
             return cls(**data)
         except ValueError as exc:
-            raise ConfigError(f"invalid configuration: {exc}") from None
+            raise ConfigError(f"invalid configuration: {_one_line(exc)}") from None
+
+
+def _one_line(exc: ValueError) -> str:
+    """``exc``'s message on one line: for pydantic, each error as ``where: what``, joined by ``; ``."""
+    if not isinstance(exc, ValidationError):
+        return " ".join(str(exc).split())
+    return "; ".join(": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors())
 
 
 def build_tiers(config: KVTierConfig, share: float = 1.0, partition: str | None = None) -> list:
     """The tiers a config describes, fastest first; with ``share`` < 1, that fraction of every tier's capacity,
-    in a place of its own for ``partition`` (a disk subfolder, a Redis key prefix)."""
-    from kvtier.kvstore.tiers import DeviceTier, DiskTier, HostTier
-
+    in a place of its own for ``partition`` (a disk subfolder, a Redis key prefix). A tier that cannot be built
+    (a disk folder that cannot be made, a bad Redis URL) is a ConfigError naming it."""
     tiers = []
     for tc in config.tiers:
-        name = tc.name or tc.kind
-        capacity = int(tc.capacity_bytes * share)
-        if tc.kind == "device":
-            tiers.append(DeviceTier(capacity, tc.codec, name=name))
-        elif tc.kind == "host":
-            tiers.append(HostTier(capacity, tc.codec, name=name))
-        elif tc.kind == "disk":
-            path = Path(tc.path) / "partitions" / partition if partition else Path(tc.path)
-            tiers.append(DiskTier(path, capacity, tc.codec, name=name, fsync=tc.fsync))
-        else:
-            from kvtier.kvstore.tiers.redis import RedisTier
-
-            prefix = f"kvtier:{partition}:" if partition else "kvtier:"
-            tiers.append(RedisTier(tc.url, capacity, tc.codec, name=name, prefix=prefix))
+        try:
+            tiers.append(_build_tier(tc, int(tc.capacity_bytes * share), partition))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{tc.kind} tier {tc.name or tc.kind!r}: {exc}") from None
     return tiers
+
+
+def _build_tier(tc: TierConfig, capacity: int, partition: str | None):
+    """The tier ``tc`` describes, of ``capacity`` bytes, in ``partition``'s place (see :func:`build_tiers`)."""
+    from kvtier.kvstore.tiers import DeviceTier, DiskTier, HostTier
+
+    name = tc.name or tc.kind
+    if tc.kind == "device":
+        return DeviceTier(capacity, tc.codec, name=name)
+    if tc.kind == "host":
+        return HostTier(capacity, tc.codec, name=name)
+    if tc.kind == "disk":
+        path = Path(tc.path) / "partitions" / partition if partition else Path(tc.path)
+        return DiskTier(path, capacity, tc.codec, name=name, fsync=tc.fsync)
+    from kvtier.kvstore.tiers.redis import RedisTier
+
+    prefix = f"kvtier:{partition}:" if partition else "kvtier:"
+    return RedisTier(tc.url, capacity, tc.codec, name=name, prefix=prefix)
 
 
 def build_store(config: KVTierConfig, layout=None, share: float = 1.0, partition: str | None = None):

@@ -21,15 +21,23 @@ import time
 
 import torch
 
-from kvtier.bench.args import at_least, fill_defaults
+from kvtier.bench.args import at_least, fill_defaults, fraction, listed, one_of
 from kvtier.bench.report import Report, progress
+from kvtier.compression import available_codecs
 
 
 # Defaults, and the smaller ones of --quick (a smoke run); an option given on the command line wins over both.
-NORMAL = {"context": 2048, "continuation": 256, "windows": 4, "ratios": "0.25,0.5,0.75", "repeats": 5,
-          "needle_context": 4096, "depths": "0.1,0.5,0.9"}
-QUICK = {"context": 512, "continuation": 128, "windows": 2, "ratios": "0.5", "repeats": 3, "needle_context": 1024,
-         "depths": "0.1,0.9"}
+NORMAL = {"context": 2048, "continuation": 256, "windows": 4, "ratios": [0.25, 0.5, 0.75], "repeats": 5,
+          "needle_context": 4096, "depths": [0.1, 0.5, 0.9]}
+QUICK = {"context": 512, "continuation": 128, "windows": 2, "ratios": [0.5], "repeats": 3, "needle_context": 1024,
+         "depths": [0.1, 0.9]}
+
+
+def _presses() -> list[str]:
+    """The press names (imported when the option is parsed: the presses need transformers)."""
+    from kvtier.compression.presses import PRESSES
+
+    return list(PRESSES)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,26 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continuation", type=at_least(1), help="held-out tokens scored after it (default 256)")
     parser.add_argument("--windows", type=at_least(1),
                         help="text windows (context + continuation each) whose scores are pooled (default 4)")
-    parser.add_argument("--ratios", help="press compression ratios: fractions of tokens dropped (default 0.25,0.5,0.75)")
-    parser.add_argument("--codecs", default="raw,fp8,int8,int4,int2,zstd,lz4", help="codecs to measure")
-    parser.add_argument("--presses", default="streaming_llm,h2o,snapkv,pyramidkv", help="presses to measure")
-    parser.add_argument("--chunk-tokens", type=int, default=256, help="tokens per stored chunk (default 256)")
+    parser.add_argument("--ratios", type=listed(fraction(below_one=True)),
+                        help="press compression ratios: fractions of tokens dropped (default 0.25,0.5,0.75)")
+    parser.add_argument("--codecs", type=listed(one_of(available_codecs)), default="raw,fp8,int8,int4,int2,zstd,lz4",
+                        help="codecs to measure ('' = none)")
+    parser.add_argument("--presses", type=listed(one_of(_presses)), default="streaming_llm,h2o,snapkv,pyramidkv",
+                        help="presses to measure ('' = none)")
+    parser.add_argument("--chunk-tokens", type=at_least(1), default=256, help="tokens per stored chunk (default 256)")
     parser.add_argument("--repeats", type=at_least(1), help="timing repetitions, best kept (default 5)")
     parser.add_argument("--needle-context", type=at_least(0), help="needle context tokens, 0 to skip (default 4096)")
-    parser.add_argument("--depths", help="needle depths as fractions of the context (default 0.1,0.5,0.9)")
-    parser.add_argument("--needle-ratio", type=float, default=0.5, help="press ratio in the needle test (default 0.5)")
-    parser.add_argument("--needle-modes", default="agnostic", help="agnostic and/or aware (comma-separated)")
+    parser.add_argument("--depths", type=listed(fraction()),
+                        help="needle depths as fractions of the context (default 0.1,0.5,0.9)")
+    parser.add_argument("--needle-ratio", type=fraction(below_one=True), default=0.5,
+                        help="press ratio in the needle test (default 0.5)")
+    parser.add_argument("--needle-modes", type=listed(one_of(("agnostic", "aware"))), default="agnostic",
+                        help="agnostic and/or aware (comma-separated)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller defaults for a smoke run: context 512, continuation 128, 2 windows, needle 1024 at "
                              "2 depths, ratio 0.5, 3 repeats (options given still apply)")
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -73,7 +79,8 @@ def run(args: argparse.Namespace) -> Report:
     need = args.windows * window
     ids = tokenizer(text[: 12 * need + 4000], return_tensors="pt").input_ids
     if ids.shape[1] < need:
-        raise SystemExit(f"held-out text has {ids.shape[1]} tokens, {need} needed")
+        raise ValueError(f"the held-out text has {ids.shape[1]} tokens, --windows x (--context + --continuation + 1) "
+                         f"= {need} needed")
     start = time.perf_counter()
     refs = []
     for w in range(args.windows):
@@ -86,10 +93,10 @@ def run(args: argparse.Namespace) -> Report:
     )
     base_ppl = Quality.pooled([reference_quality(ref) for ref in refs]).perplexity
     report.add("uncompressed perplexity", base_ppl, "ppl")
-    for name in progress(_names(args.codecs), desc="codecs"):
+    for name in progress(args.codecs, desc="codecs"):
         _codec_rows(report, model, refs, name, args, base_ppl)
-    for name in progress(_names(args.presses), desc="presses"):
-        _press_rows(report, model, refs, name, _floats(args.ratios), base_ppl)
+    for name in progress(args.presses, desc="presses"):
+        _press_rows(report, model, refs, name, args.ratios, base_ppl)
     if args.needle_context > 0:
         _needle_rows(report, model, tokenizer, text, args)
     return report
@@ -211,9 +218,9 @@ def _needle_rows(report: Report, model, tokenizer, text: str, args) -> None:
     from kvtier.compression.evaluate import cache_to_kv, codec_roundtrip, kv_to_cache, needle_answer, needle_task
     from kvtier.compression.presses import PRESSES, prefill
 
-    modes = _names(args.needle_modes)
+    modes = args.needle_modes
     haystack = text[len(text) // 2 :]  # away from the text scored above
-    for depth in progress(_floats(args.depths), desc="needle"):
+    for depth in progress(args.depths, desc="needle"):
         task = needle_task(tokenizer, haystack, args.needle_context, depth)
         n = task.context.shape[1]
         prompt = torch.cat([task.context, task.question[:, :-1]], dim=1)
@@ -226,10 +233,10 @@ def _needle_rows(report: Report, model, tokenizer, text: str, args) -> None:
             return cache
 
         answers = {"uncompressed": needle_answer(model, tokenizer, context_cache(), task, n)}
-        for name in _names(args.codecs):
+        for name in args.codecs:
             decoded, _ = codec_roundtrip(get_codec(name), cache_to_kv(context_cache()), args.chunk_tokens, torch.float16)
             answers[name] = needle_answer(model, tokenizer, kv_to_cache(model, decoded), task, n)
-        for name in _names(args.presses):
+        for name in args.presses:
             press = PRESSES[name](compression_ratio=args.needle_ratio)
             if "agnostic" in modes:
                 cache = context_cache()

@@ -1,7 +1,9 @@
 """The benchmark convention every ``kvtier bench NAME`` follows.
 
 A benchmark returns a :class:`Report`: rows of ``metric, value, unit`` beside the baseline it measured in the
-same run. ``ratio`` is always "better than the baseline" when above 1: ``value / baseline_value`` for
+same run (or the reference's own value by definition, such as 1 for the uncompressed model's agreement with
+itself). A row with nothing measured to compare with has no baseline, never a fixed budget or target in its
+place, and so no ratio. ``ratio`` is always "better than the baseline" when above 1: ``value / baseline_value`` for
 quantities where higher is better (bandwidth, hit rate), ``baseline_value / value`` for ones where lower is
 better (time). ``--json`` prints ``{"benchmark": NAME, "rows": [...]}``; otherwise a table.
 """

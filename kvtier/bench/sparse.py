@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kvtier.bench.args import at_least, fill_defaults
+from kvtier.bench.args import at_least, fill_defaults, fraction, listed, one_of, tokens
 from kvtier.bench.report import Report, progress
 
 SHAPES = {"8x128": (8, 8, 128), "smollm2": (9, 3, 64)}  # query heads, KV heads, head dim
@@ -31,21 +31,26 @@ CONTINUATION = 32
 
 
 # Defaults, and the smaller ones of --quick; an option given on the command line wins over both.
-NORMAL = {"lengths": "8192,16384,32768", "accuracy_lengths": "2048,4096,8192", "needle_length": 8192,
-          "needle_depths": "0.1,0.3,0.5,0.7,0.9"}
-QUICK = {"lengths": "4096", "accuracy_lengths": "2048", "needle_length": 4096, "needle_depths": "0.5"}
+NORMAL = {"lengths": [8192, 16384, 32768], "accuracy_lengths": [2048, 4096, 8192], "needle_length": 8192,
+          "needle_depths": [0.1, 0.3, 0.5, 0.7, 0.9]}
+QUICK = {"lengths": [4096], "accuracy_lengths": [2048], "needle_length": 4096, "needle_depths": [0.5]}
+LENGTHS = listed(at_least(1, tokens))  # token counts such as 4k or 4096 ('' = none)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lengths", help="token counts of the speed part ('' = skip; default 8192,16384,32768)")
-    parser.add_argument("--shapes", default="8x128,smollm2", help=f"speed shapes among {list(SHAPES)}")
+    parser.add_argument("--lengths", type=LENGTHS,
+                        help="token counts of the speed part ('' = skip; default 8192,16384,32768)")
+    parser.add_argument("--shapes", type=listed(one_of(SHAPES)), default="8x128,smollm2",
+                        help=f"speed shapes among {list(SHAPES)}")
     parser.add_argument("--vertical", type=at_least(1), default=500, help="vertical columns kept in the speed part")
     parser.add_argument("--slash", type=at_least(1), default=1000, help="diagonals kept in the speed part")
     parser.add_argument("--repeat", type=at_least(1), default=3,
                         help="speed: dense and sparse alternate; best of this many")
-    parser.add_argument("--accuracy-lengths", help="token counts on SmolLM2 ('' = skip; default 2048,4096,8192)")
-    parser.add_argument("--needle-length", type=at_least(1), help="tokens of the needle test (default 8192)")
-    parser.add_argument("--needle-depths", help="where the needle goes ('' = skip; default 0.1,0.3,0.5,0.7,0.9)")
+    parser.add_argument("--accuracy-lengths", type=LENGTHS,
+                        help="token counts on SmolLM2 ('' = skip; default 2048,4096,8192)")
+    parser.add_argument("--needle-length", type=at_least(1, tokens), help="tokens of the needle test (default 8192)")
+    parser.add_argument("--needle-depths", type=listed(fraction()),
+                        help="where the needle goes, fractions of it ('' = skip; default 0.1,0.3,0.5,0.7,0.9)")
     parser.add_argument("--config", default="smollm2-135m", help="per-head sparse config: shipped name or JSON path")
     parser.add_argument("--min-tokens", type=at_least(1), default=1024, help="shorter prefills stay dense")
     parser.add_argument("--threads", type=at_least(0), default=0,
@@ -61,10 +66,10 @@ def run(args: argparse.Namespace) -> Report:
     report = Report("sparse")
     report.notes.append(f"torch threads: {torch.get_num_threads()}; speed budgets: vertical={args.vertical}, "
                         f"slash={args.slash}; config: {args.config}")
-    for n in _ints(args.lengths):
-        for shape in args.shapes.split(","):
+    for n in args.lengths:
+        for shape in args.shapes:
             speed(report, shape, n, args.vertical, args.slash, args.repeat)
-    lengths, depths = _ints(args.accuracy_lengths), [float(d) for d in args.needle_depths.split(",") if d]
+    lengths, depths = args.accuracy_lengths, args.needle_depths
     if lengths or depths:
         from kvtier.integrations.smollm2 import load_smollm2
         from kvtier.sparse_attn.config import load_config
@@ -76,10 +81,6 @@ def run(args: argparse.Namespace) -> Report:
         if depths:
             needle(report, model, tokenizer, config, args.needle_length, depths, args.min_tokens)
     return report
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
 
 
 def synthetic_qkv(heads: int, kv_heads: int, n: int, dim: int, seed: int = 0):

@@ -9,6 +9,7 @@ give equal keys exactly for equal prefixes. A partial last block has no id: it i
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,16 @@ class Trace:
 
 
 def load_mooncake(path: str | Path = DEFAULT_MOONCAKE, block_tokens: int = 512, limit: int | None = None) -> Trace:
-    """A Mooncake trace (one JSON object a line with ``input_length`` and ``hash_ids``); keeps the ids of the
-    ``input_length // block_tokens`` full blocks. ``limit``: the first requests only (at least 1). A file that
-    cannot be read, or a line that is not such an object, is a ValueError naming the file and line."""
+    """A Mooncake trace: one JSON object a line with ``input_length`` (an integer), ``hash_ids`` (a list of
+    integers that fit in 64 bits, signed) and, optionally, ``timestamp`` (a number); keeps the ids of the
+    ``input_length // block_tokens`` full blocks. Requests are replayed in file order, so a timestamp less than
+    an earlier line's is refused (it is never sorted). ``limit``: the first requests only (at least 1). A file
+    that cannot be read, a line that is not such an object, or a file with no request is a ValueError naming the
+    file (and line)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 request, got {limit}")
     requests = []
+    latest = -math.inf  # the largest timestamp so far
     try:
         f = open(path)
     except OSError as exc:
@@ -55,15 +60,36 @@ def load_mooncake(path: str | Path = DEFAULT_MOONCAKE, block_tokens: int = 512, 
             if limit is not None and len(requests) >= limit:
                 break
             try:
-                row = json.loads(line)
-                n, ids = int(row["input_length"]), [int(i) for i in row["hash_ids"]]
+                n, ids, timestamp = _mooncake_request(json.loads(line))
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path}:{number}: not a Mooncake request (input_length and hash_ids): "
                                  f"{type(exc).__name__}: {exc}") from None
             if n < 0 or len(ids) * block_tokens < n:
                 raise ValueError(f"{path}:{number}: a request of {n} tokens has {len(ids)} blocks of {block_tokens}")
+            if timestamp is not None:
+                if timestamp < latest:
+                    raise ValueError(f"{path}:{number}: timestamp {timestamp} is before an earlier line's {latest}: "
+                                     "requests are replayed in file order, so the trace must be sorted by time")
+                latest = timestamp
             requests.append(Request(tuple(ids[: n // block_tokens]), n))
+    if not requests:
+        raise ValueError(f"{path}: the trace has no requests")
     return Trace(Path(path).stem, block_tokens, requests)
+
+
+def _mooncake_request(row: object) -> tuple[int, list[int], int | float | None]:
+    """``input_length``, ``hash_ids`` and ``timestamp`` (None when absent) of one parsed trace line; a KeyError
+    or TypeError when one is missing or of another type (a string, a float, a bool, an id beyond 64 bits)."""
+    if not isinstance(row, dict):
+        raise TypeError(f"a line must be a JSON object, not {type(row).__name__}")
+    n, ids, timestamp = row["input_length"], row["hash_ids"], row.get("timestamp")
+    if type(n) is not int:
+        raise TypeError(f"input_length must be an integer, got {n!r}")
+    if type(ids) is not list or not all(type(i) is int and -2**63 <= i < 2**63 for i in ids):
+        raise TypeError("hash_ids must be a list of integers from -2**63 to 2**63 - 1")
+    if timestamp is not None and (type(timestamp) not in (int, float) or not math.isfinite(timestamp)):
+        raise TypeError(f"timestamp must be a finite number, got {timestamp!r}")
+    return n, ids, timestamp
 
 
 class _Ids:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -90,8 +92,21 @@ def test_mooncake_loader(tmp_path) -> None:
     assert replay(t, "lru", capacity_tokens=4096).hit_tokens == 1024
 
 
-@pytest.mark.parametrize(("line", "why"), [("not json", "JSONDecodeError"), ('{"input_length": 10}', "hash_ids"),
-                                           ('{"input_length": 2000, "hash_ids": [1]}', "2000 tokens has 1 blocks")])
+@pytest.mark.parametrize(("line", "why"), [
+    ("not json", "JSONDecodeError"), ('{"input_length": 10}', "hash_ids"),
+    ('{"input_length": 2000, "hash_ids": [1]}', "2000 tokens has 1 blocks"),
+    ('{"input_length": Infinity, "hash_ids": [1]}', "input_length must be an integer"),
+    ('{"input_length": 1024.9, "hash_ids": [1, 2, 3]}', "input_length must be an integer"),
+    ('{"input_length": "1024", "hash_ids": [1, 2]}', "input_length must be an integer"),
+    ('{"input_length": true, "hash_ids": [1]}', "input_length must be an integer"),
+    ('{"input_length": 1024, "hash_ids": "12"}', "hash_ids must be a list of integers"),
+    ('{"input_length": 1024, "hash_ids": [1, 2.0]}', "hash_ids must be a list of integers"),
+    ('{"input_length": 1024, "hash_ids": [1, %d]}' % 2**63, "hash_ids must be a list of integers"),
+    ('{"input_length": 1024, "hash_ids": [1, %d]}' % (-2**63 - 1), "hash_ids must be a list of integers"),
+    ('{"input_length": 512, "hash_ids": [1], "timestamp": "5"}', "timestamp must be a finite number"),
+    ('{"input_length": 512, "hash_ids": [1], "timestamp": NaN}', "timestamp must be a finite number"),
+    ("[600, [0, 1]]", "must be a JSON object"),
+])
 def test_a_bad_trace_line_is_named(tmp_path, line, why) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text('{"input_length": 600, "hash_ids": [0, 1]}\n\n' + line + "\n")
@@ -104,7 +119,8 @@ def test_a_bad_trace_line_is_named(tmp_path, line, why) -> None:
 @pytest.mark.parametrize(("options", "why"), [
     (["--limit", "0"], "--limit: 0 is less than 1"), (["--capacities", "3G"], "not a token count"),
     (["--capacities", "100"], "holds no 512-token block"), (["--headline", "5M"], "not one of --capacities"),
-    (["--trace", "/no/such/trace"], "cannot read the trace"),
+    (["--trace", "/no/such/trace"], "cannot read the trace"), (["--codecs", "int3"], "'int3' is not one of"),
+    (["--policies", "lru,fifo"], "'fifo' is not one of"),
 ])
 def test_bad_options_are_clear_errors(tmp_path, capsys, options, why) -> None:
     from kvtier.cli import main
@@ -114,6 +130,51 @@ def test_bad_options_are_clear_errors(tmp_path, capsys, options, why) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "hitrate", "--trace", str(trace), "--no-generated", "--codecs", "none", *options])
     assert why in str(exit_.value.code) + capsys.readouterr().err
+
+
+def test_ids_at_the_ends_of_64_bits_are_ids(tmp_path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"input_length": 1024, "hash_ids": [-2**63, 2**63 - 1]}) + "\n")
+    assert replay(load_mooncake(path), INFINITE).input_tokens == 1024
+
+
+def test_timestamps_that_go_back_are_refused_by_line(tmp_path) -> None:
+    """The replay follows file order: a trace out of time order would give another hit rate than it describes."""
+    path = tmp_path / "t.jsonl"
+    rows = [(0, [1]), (2000, [1]), (2000, [2]), (1000, [2])]
+    path.write_text("".join(json.dumps({"timestamp": t, "input_length": 512, "hash_ids": ids}) + "\n"
+                            for t, ids in rows))
+    with pytest.raises(ValueError, match="t.jsonl:4: timestamp 1000 is before an earlier line's 2000"):
+        load_mooncake(path)
+    assert len(load_mooncake(path, limit=3).requests) == 3  # equal timestamps are in order
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_a_trace_without_requests_is_an_error(tmp_path, content) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="empty.jsonl: the trace has no requests"):
+        load_mooncake(path)
+    out = subprocess.run([sys.executable, "-m", "kvtier.cli", "bench", "hitrate", "--trace", str(path),
+                          "--no-generated", "--codecs", "none", "--policies", "lru", "--capacities", "1M"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"kvtier bench hitrate: error: {path}: the trace has no requests"
+
+
+def test_replay_time_has_no_made_up_baseline(tmp_path, capsys) -> None:
+    """Every ratio compares with something measured in the run: the replay time has nothing to compare with."""
+    from kvtier.cli import main
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input_length": 1024, "hash_ids": [0, 1]}\n{"input_length": 1024, "hash_ids": [0, 1]}\n')
+    main(["bench", "hitrate", "--trace", str(path), "--capacities", "2k", "--no-generated", "--codecs", "none",
+          "--policies", "lru", "--json"])
+    rows = {r["metric"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    timed = rows["t @2000 lru replay time (2 requests)"]
+    assert timed["value"] > 0 and timed["baseline"] is None and timed["baseline_value"] is None
+    assert timed["ratio"] is None
+    assert rows["t @2000 lru hit rate"]["value"] == 0.5
 
 
 def _token_blocks(t: Trace) -> list[np.ndarray]:

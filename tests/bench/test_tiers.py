@@ -25,4 +25,5 @@ def test_bench_tiers_runs_and_reports_every_row(tmp_path):
     memory = [r for name, r in rows.items() if name.startswith("index memory")]
     assert len(lookup) == 1 and lookup[0]["unit"] == "ns/token" and lookup[0]["value"] > 0
     assert len(memory) == 1 and memory[0]["unit"] == "MiB" and memory[0]["value"] > 0
+    assert memory[0]["baseline"] is None and memory[0]["ratio"] is None  # no budget passed off as a measurement
     assert len(rows) == 2
