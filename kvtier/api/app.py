@@ -12,7 +12,10 @@ copies each chunk once, into its own buffer, and streams the blobs from there wi
 Store calls that may block run in worker threads. A put lends, verifies and stores on the event loop when none
 of that can block (layers hashed as they arrived, only lent memory touched, the lock free), else in a thread.
 The chunk bytes that puts and fetches hold at once
-are bounded by ``server.max_bytes_in_flight`` (:mod:`kvtier.api.budget`): a request that does not fit waits.
+are bounded by ``server.max_bytes_in_flight`` (:mod:`kvtier.api.budget`): a request that does not fit waits, at
+most ``server.budget_wait_s`` (then 503) and only while its client is connected. No client can hold those bytes
+for long by stalling: a request body must keep arriving and a response must keep being read
+(``server.body_timeout_s`` per piece, :class:`_Instrument`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.types import Message, Receive
 
 from kvtier.api import schemas
 from kvtier.api.auth import ANONYMOUS, Authenticator, Principal, tenant_namespace
@@ -45,7 +49,7 @@ from kvtier.api.partitions import Partitions, merged_stats
 from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
 from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
-from kvtier.config import KVTierConfig
+from kvtier.config import KVTierConfig, ServerConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
 from kvtier.kvstore.keys import root_key
@@ -54,13 +58,23 @@ from kvtier.layout import KVLayout
 
 T = TypeVar("T")
 _SMALL = 64 << 10  # buffers below this are joined with their frame's header into one write
+_BINARY_BODIES = {"/v1/chunks", "/v1/bench/sink"}  # the paths whose bodies are chunk data, not JSON
+_JSON_TOKEN_BYTES = 12  # a token id in JSON: at most 10 digits, then ", " (json.dumps's default separator)
+_JSON_OTHER_BYTES = 64 << 10  # a JSON body's other fields (a layout's names, flags, whitespace)
+
+
+def json_body_limit(limits: ServerConfig) -> int:
+    """The largest JSON body the service reads: ``max_tokens_per_request`` token ids and the other fields.
+    Anything larger could only be refused once parsed (at several times its size in memory)."""
+    return _JSON_TOKEN_BYTES * limits.max_tokens_per_request + _JSON_OTHER_BYTES
 
 
 class Refusal(HTTPException):
-    """A request refused (4xx): ``status``, a short ``error`` kind and a ``detail`` saying what was wrong."""
+    """A request refused (4xx, or 503 when the service is busy): ``status``, a short ``error`` kind and a
+    ``detail`` saying what was wrong; ``headers`` go with the answer."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
-        super().__init__(status, detail)
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, detail, headers)
         self.error = error
 
 
@@ -135,6 +149,46 @@ class Service:
     def store(self, principal: Principal) -> TieredStore:
         """The store holding ``principal``'s tenant."""
         return self.partitions.for_namespace(principal.namespace)
+
+    async def hold(self, request: Request, nbytes: int) -> tuple[int, Request]:
+        """Hold ``nbytes`` of the byte budget for ``request``: the bytes held (for ``budget.release``) and the
+        request to read the body from. A request that has to wait for its bytes watches its connection meanwhile:
+        its client leaving ends the wait (ClientDisconnect, recorded as 499), and so does a wait longer than
+        ``budget_wait_s`` (503). A put's body may start arriving while it waits: its first piece is kept for it
+        (the connection is not watched after that)."""
+        held = self.budget.try_acquire(nbytes)
+        if held is not None:
+            return held, request
+        heard: list[Message | HTTPException] = []  # what the connection said while the request waited
+        async with anyio.create_task_group() as tasks:
+            async def watch() -> None:
+                try:
+                    heard.append(await request.receive())
+                except HTTPException as exc:  # the body's first piece refused (late, too large): raised below
+                    heard.append(exc)
+                if isinstance(heard[0], HTTPException) or heard[0]["type"] == "http.disconnect":
+                    tasks.cancel_scope.cancel()
+
+            tasks.start_soon(watch)
+            with anyio.move_on_after(self.limits.budget_wait_s):
+                held = await self.budget.acquire(nbytes)  # a cancelled wait leaves the queue, holding nothing
+            tasks.cancel_scope.cancel()
+        early = heard[0] if heard else None
+        if isinstance(early, HTTPException):
+            failure: Exception | None = early
+        elif early is not None and early["type"] == "http.disconnect":
+            failure = ClientDisconnect()
+        elif held is None:
+            failure = Refusal(503, "busy", f"waited {self.limits.budget_wait_s} s for {min(nbytes, self.budget.limit)} "
+                                           f"bytes of max_bytes_in_flight ({self.budget.limit}), all held by other "
+                                           "requests: try again later")
+        else:
+            failure = None
+        if failure is not None:
+            if held is not None:  # granted just as the wait ended otherwise
+                self.budget.release(held)
+            raise failure
+        return held, (request if early is None else Request(request.scope, _replay(early, request.receive)))
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -364,6 +418,16 @@ def _layers(layout: KVLayout, start: int | None, stop: int | None) -> range:
     return layers
 
 
+def _replay(first: Message, receive: Receive) -> Receive:
+    """``receive``, giving ``first`` (a message already received from it) before anything else."""
+    pending = [first]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
 def _frame(header: bytes, buffers: list[memoryview]) -> list[bytes | memoryview]:
     """One frame as few parts as possible: small buffers join the length prefix and the header."""
     parts: list[bytes | memoryview] = []
@@ -379,14 +443,26 @@ def _frame(header: bytes, buffers: list[memoryview]) -> list[bytes | memoryview]
     return parts
 
 
+class _Stalled(Exception):
+    """A response the client took no piece of for ``body_timeout_s``: it is dropped."""
+
+
 class _Instrument:
-    """ASGI middleware: request metrics, and the body-size limit (a declared Content-Length over it is refused
-    before anything is read; a chunked body is cut off when it passes it)."""
+    """ASGI middleware: request metrics, and what every request must respect before and while it is read:
+    - no Transfer-Encoding beside a Content-Length (400 before anything is read: RFC 9112 section 6.3);
+    - a body within its endpoint's limit: ``max_body_bytes`` for chunk data, :func:`json_body_limit` for JSON (a
+      declared Content-Length over it is refused 413 before anything is read; a chunked body is cut off when it
+      passes it);
+    - a body that keeps arriving (408 once no piece came for ``body_timeout_s``, and the connection closes), and a
+      response that keeps being read (dropped once the client took no piece for ``body_timeout_s``, recorded 408).
+    A client that leaves before its response is sent is recorded as 499, whatever the app answered."""
 
     def __init__(self, app, service: Service, paths: set[str]) -> None:
         self.app = app
         self.metrics = service.metrics
         self.max_body = service.limits.max_body_bytes
+        self.max_json = json_body_limit(service.limits)
+        self.timeout = service.limits.body_timeout_s
         self.paths = paths  # the app's route paths (none has parameters)
 
     def _route_path(self, scope) -> str:
@@ -394,63 +470,110 @@ class _Instrument:
         route's, else ``unmatched``."""
         return scope["path"] if scope["path"] in self.paths else "unmatched"
 
+    def _limit(self, scope) -> tuple[int, str]:
+        """The body limit of the request's endpoint, and what to call it in a refusal."""
+        if scope["path"] in _BINARY_BODIES:
+            return self.max_body, "a body of chunk data (max_body_bytes)"
+        return self.max_json, "a JSON body (max_tokens_per_request token ids and the other fields)"
+
+    @staticmethod
+    def _refusal(scope, limit: int, what: str) -> JSONResponse | None:
+        """The answer to a request refused for its headers, before anything is read; None if it may go on."""
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is None:
+            return None
+        if b"transfer-encoding" in headers:  # h11 reads the body chunked: the Content-Length is not its size
+            return _error_response(400, "conflicting_length", "the request has both a Transfer-Encoding and a "
+                                   "Content-Length header: send one of them (RFC 9112 section 6.3)")
+        if not declared.isdigit():
+            return _error_response(400, "body_too_large", "Content-Length is not a number")
+        if int(declared) > limit:
+            return _error_response(413, "body_too_large", f"Content-Length {declared.decode()} is over the limit "
+                                                          f"of {limit} bytes for {what}")
+        return None
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         m = self.metrics
+        limit, what = self._limit(scope)
         received = sent = 0
         status = 500
+        body_in = responded = gone = False
 
-        async def counting_receive():
-            nonlocal received
-            message = await receive()
+        async def counting_receive() -> Message:
+            nonlocal received, body_in, gone
+            if body_in:  # the whole body is in: what comes next is the client leaving, however late
+                message = await receive()
+            else:
+                try:
+                    with anyio.fail_after(self.timeout):
+                        message = await receive()
+                except TimeoutError:
+                    raise Refusal(408, "body_timeout", f"no piece of the request body arrived for {self.timeout} s "
+                                                       "(body_timeout_s)", headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise Refusal(413, "body_too_large", f"request body over the limit of {self.max_body} bytes")
+                body_in = not message.get("more_body", False)
+                if received > limit:
+                    raise Refusal(413, "body_too_large", f"request body over the limit of {limit} bytes for {what}")
+            elif message["type"] == "http.disconnect":
+                gone = gone or not responded
             return message
 
-        async def counting_send(message) -> None:
-            nonlocal sent, status
+        async def counting_send(message: Message) -> None:
+            nonlocal sent, status, responded
             if message["type"] == "http.response.start":
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
-            await send(message)
+                responded = not message.get("more_body", False)
+            try:
+                with anyio.fail_after(self.timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _Stalled from None
 
         m.in_flight.inc()
         start = time.perf_counter()
         try:
-            declared = dict(scope["headers"]).get(b"content-length", b"0")
-            if not declared.isdigit() or int(declared) > self.max_body:
-                detail = (f"Content-Length {declared.decode(errors='replace')} is over the limit of {self.max_body} bytes"
-                          if declared.isdigit() else "Content-Length is not a number")
-                await _error_response(413 if declared.isdigit() else 400, "body_too_large", detail)(
-                    scope, receive, counting_send)
-                return
-            await self.app(scope, counting_receive, counting_send)
+            refusal = self._refusal(scope, limit, what)
+            if refusal is not None:
+                await refusal(scope, receive, counting_send)
+            else:
+                await self.app(scope, counting_receive, counting_send)
+        except _Stalled:  # the server closes the connection: it sent only part of the response
+            status = 408
         finally:
             m.in_flight.dec()
             endpoint = getattr(scope.get("route"), "path", None) or self._route_path(scope)
             m.latency.labels(endpoint).observe(time.perf_counter() - start)
-            m.requests.labels(endpoint, str(status)).inc()
+            m.requests.labels(endpoint, "499" if gone else str(status)).inc()
             m.bytes_in.labels(endpoint).inc(received)
             m.bytes_out.labels(endpoint).inc(sent)
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorBody, "description": why}
-    for status, why in ((400, "malformed request, blob or chunk"), (401, "missing or unknown API key"),
-                        (403, "the key may not use this endpoint"), (404, "unknown layout or tenant"),
-                        (409, "the first chunk's parent is not cached"), (413, "over a size limit"))
-}
-# Routes with a binary response would document their errors in its media type: name JSON explicitly.
-_ERRORS_BESIDE_BINARY = {
-    status: {"description": r["description"],
-             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
-    for status, r in _ERRORS.items()
-}
+_WHY = {400: "malformed request, blob or chunk, or both Transfer-Encoding and Content-Length",
+        401: "missing or unknown API key", 403: "the key may not use this endpoint",
+        404: "unknown layout or tenant", 408: "the request body stalled (no piece of it for body_timeout_s)",
+        409: "the first chunk's parent is not cached", 413: "over a size limit",
+        503: "busy: no room under max_bytes_in_flight within budget_wait_s (or a tier failing)"}
+_REFUSALS = (400, 401, 403, 404, 409, 413)  # what any endpoint with a key may answer
+_READ = (*_REFUSALS, 408)  # ... and one that reads a body
+
+
+def _errors(*statuses: int, beside_binary: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI error responses ``statuses``. A route with a binary response (``beside_binary``) would document
+    them in its media type: JSON is named explicitly."""
+    if beside_binary:
+        return {s: {"description": _WHY[s],
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+                for s in statuses}
+    return {s: {"model": schemas.ErrorBody, "description": _WHY[s]} for s in statuses}
+
+
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -520,34 +643,35 @@ def create_app(config: KVTierConfig) -> FastAPI:
     async def kvtier_error(request: Request, exc: KVTierError) -> JSONResponse:
         return _error_response(400, type(exc).__name__, str(exc))
 
-    @app.get("/v1/health", response_model=schemas.Health, tags=["service"])
+    @app.get("/v1/health", response_model=schemas.Health, tags=["service"], responses=_errors(400, 413))
     async def health() -> schemas.Health:
         """Liveness: answers without a key."""
         return schemas.Health(status="ok", tiers=[t.name or t.kind for t in config.tiers])
 
-    @app.post("/v1/layouts", response_model=schemas.AttachResponse, responses=_ERRORS, tags=["chunks"])
+    @app.post("/v1/layouts", response_model=schemas.AttachResponse, responses=_errors(*_READ), tags=["chunks"])
     async def attach(body: schemas.Layout, who: Principal = Depends(tenant)) -> schemas.AttachResponse:
         """Attach a model's KV layout for this tenant; returns its fingerprint, which every other call names."""
         layout = KVLayout.from_dict(body.model_dump())
         return service.attach(who, layout)
 
-    @app.post("/v1/lookup", response_model=schemas.LookupResponse, responses=_ERRORS, tags=["chunks"])
+    @app.post("/v1/lookup", response_model=schemas.LookupResponse, responses=_errors(*_READ), tags=["chunks"])
     async def lookup(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.LookupResponse:
         """The longest cached prefix of the tokens: its length and, per chunk, its key and tiers."""
         layout = service.layout(who, body.layout)
         service.check_tokens(len(body.tokens))
         return await run(service.lookup, who, layout, body.tokens)
 
-    @app.put("/v1/chunks", response_model=schemas.PutResponse, responses=_ERRORS, tags=["chunks"], openapi_extra={
-        "requestBody": {"required": True, "content": {CONTENT_TYPE: _BINARY},
-                        "description": "chunk blobs, each preceded by its length (u64 little-endian): a chain, "
-                                       "the first one's parent being the tenant's root or a cached chunk"}})
+    @app.put("/v1/chunks", response_model=schemas.PutResponse, responses=_errors(*_READ, 503), tags=["chunks"],
+             openapi_extra={"requestBody": {
+                 "required": True, "content": {CONTENT_TYPE: _BINARY},
+                 "description": "chunk blobs, each preceded by its length (u64 little-endian): a chain, "
+                                "the first one's parent being the tenant's root or a cached chunk"}})
     async def put_chunks(request: Request, layout: str = Query(pattern=schemas.FINGERPRINT, description="layout fingerprint"),
                          who: Principal = Depends(tenant)) -> schemas.PutResponse:
         """Store a batch of chunks (idempotent: chunks already cached are counted as present)."""
         kv_layout = service.layout(who, layout)
         declared = request.headers.get("content-length")  # the middleware checked it against max_body_bytes
-        held = await service.budget.acquire(int(declared) if declared else service.limits.max_body_bytes)
+        held, request = await service.hold(request, int(declared) if declared else service.limits.max_body_bytes)
         try:
             return await service.put(who, kv_layout, request, run)
         finally:
@@ -557,13 +681,13 @@ def create_app(config: KVTierConfig) -> FastAPI:
               responses={200: {"content": {CONTENT_TYPE: _BINARY},
                                "description": "the cached chunks from start_chunk on, as framed blobs; headers "
                                               "X-KVTier-Tokens (tokens returned) and X-KVTier-Tiers (per chunk)"},
-                         **_ERRORS_BESIDE_BINARY})
-    async def fetch(body: schemas.FetchRequest, who: Principal = Depends(tenant)) -> FramesResponse:
+                         **_errors(*_READ, 503, beside_binary=True)})
+    async def fetch(request: Request, body: schemas.FetchRequest, who: Principal = Depends(tenant)) -> FramesResponse:
         """Fetch cached chunks (all layers, or the layers [layer_start, layer_stop)), at most
         max_chunks_per_batch from chunk start_chunk on."""
         layout = service.layout(who, body.layout)
         service.check_tokens(len(body.tokens))
-        held = await service.budget.acquire(service.fetch_bytes(layout, body))
+        held, _ = await service.hold(request, service.fetch_bytes(layout, body))
         try:
             fetched = await run(service.fetch, who, layout, body)
         except BaseException:
@@ -579,34 +703,37 @@ def create_app(config: KVTierConfig) -> FastAPI:
             return schemas.CountResponse(chunks=await run(method, who, layout, body.tokens))
 
         endpoint.__doc__ = doc
-        app.post(path, response_model=schemas.CountResponse, responses=_ERRORS, tags=["chunks"],
+        app.post(path, response_model=schemas.CountResponse, responses=_errors(*_READ), tags=["chunks"],
                  name=path.rsplit("/", 1)[1])(endpoint)
 
     count_endpoint("/v1/prefetch", service.prefetch, "Promote the cached prefix to the first tier; returns the "
                                                      "chunks now there.")
-    count_endpoint("/v1/pin", service.pin, "Protect the cached prefix from eviction (pins nest); returns the "
-                                           "chunks pinned.")
-    count_endpoint("/v1/unpin", service.unpin, "Undo one pin of the cached prefix; returns the chunks unpinned.")
+    count_endpoint("/v1/pin", service.pin, "Protect the prompt's full chunks from eviction and deletion, those "
+                                           "cached now and those put later, until the unpin of the same tokens "
+                                           "(pins nest); returns the chunks cached now.")
+    count_endpoint("/v1/unpin", service.unpin, "Undo one pin of the same tokens (another prompt's pins stay); "
+                                               "returns the cached chunks unpinned.")
     count_endpoint("/v1/delete", service.delete, "Delete the prompt's last full chunk and everything cached below "
                                                  "it, except pinned ones; returns the chunks deleted.")
 
-    @app.get("/v1/stats", response_model=schemas.TenantStats, responses=_ERRORS, tags=["service"])
+    @app.get("/v1/stats", response_model=schemas.TenantStats, responses=_errors(*_REFUSALS), tags=["service"])
     async def tenant_stats(who: Principal = Depends(tenant)) -> schemas.TenantStats:
         """This tenant's usage, quota and counters (nothing about other tenants)."""
         return service.tenant_stats(who.tenant)
 
-    @app.get("/v1/admin/stats", response_model=schemas.AdminStats, responses=_ERRORS, tags=["admin"])
+    @app.get("/v1/admin/stats", response_model=schemas.AdminStats, responses=_errors(*_REFUSALS), tags=["admin"])
     async def admin_stats(who: Principal = Depends(admin)) -> schemas.AdminStats:
         """The whole store's statistics and every tenant's."""
         return await run(service.admin_stats)
 
-    @app.post("/v1/admin/flush", response_model=schemas.CountResponse, responses=_ERRORS, tags=["admin"])
+    @app.post("/v1/admin/flush", response_model=schemas.CountResponse, responses=_errors(*_READ), tags=["admin"])
     async def flush(body: schemas.FlushRequest = Body(default_factory=schemas.FlushRequest),
                     who: Principal = Depends(admin)) -> schemas.CountResponse:
         """Delete every unpinned chunk of one tenant, or of all."""
         return schemas.CountResponse(chunks=await run(service.flush, body.tenant))
 
-    @app.get("/metrics", tags=["service"], responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **_ERRORS_BESIDE_BINARY},
+    @app.get("/metrics", tags=["service"], responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
+                                                   **_errors(*_REFUSALS, beside_binary=True)},
              response_class=Response)
     async def metrics(who: Principal = Depends(admin)) -> Response:
         """Prometheus metrics (admin key: they describe every tenant's traffic)."""
@@ -614,7 +741,7 @@ def create_app(config: KVTierConfig) -> FastAPI:
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     if config.server.bench_endpoints:
-        @app.put("/v1/bench/sink", tags=["bench"], responses=_ERRORS, openapi_extra={
+        @app.put("/v1/bench/sink", tags=["bench"], responses=_errors(*_READ), openapi_extra={
             "requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}})
         async def sink(request: Request, who: Principal = Depends(tenant)) -> dict[str, int]:
             """Bench baseline: read the body and drop it."""
@@ -624,7 +751,7 @@ def create_app(config: KVTierConfig) -> FastAPI:
             return {"bytes": n}
 
         @app.get("/v1/bench/source", response_class=FramesResponse, status_code=200, tags=["bench"],
-                 responses=_ERRORS_BESIDE_BINARY)
+                 responses=_errors(*_REFUSALS, beside_binary=True))
         async def source(nbytes: int = Query(ge=0, le=config.server.max_body_bytes),
                          who: Principal = Depends(tenant)) -> FramesResponse:
             """Bench baseline: ``nbytes`` bytes (at most max_body_bytes) from memory, sent like a fetch."""

@@ -4,7 +4,9 @@ buffers, from the moment they are allocated until the put is stored or the fetch
 Without a bound, memory grows with the number of concurrent requests (each up to ``max_body_bytes``, or a
 fetch of ``max_chunks_per_batch`` chunks). With one, a request whose bytes do not fit waits its turn, first
 come first served, so a large request is not starved by a stream of small ones. A request larger than the
-whole budget takes all of it and runs alone. All calls run on the event loop's thread.
+whole budget takes all of it and runs alone. A cancelled wait leaves the queue: the service cancels a request's
+wait when its client leaves or after ``budget_wait_s`` (``Service.hold`` in :mod:`kvtier.api.app`). All calls
+run on the event loop's thread.
 """
 
 from __future__ import annotations
@@ -28,15 +30,24 @@ class ByteBudget:
         """Requests waiting for their bytes."""
         return len(self._queue)
 
-    async def acquire(self, nbytes: int) -> int:
-        """Wait until ``nbytes`` (at most the whole budget) fit behind every earlier request, and hold them.
-        Returns the bytes held, to be given to :meth:`release`."""
+    def try_acquire(self, nbytes: int) -> int | None:
+        """Hold ``nbytes`` (at most the whole budget) now if they fit and nobody waits: the bytes held, to be
+        given to :meth:`release`; None if the request would have to wait."""
         n = min(max(0, nbytes), self.limit)
         if n == 0:  # nothing to hold (a fetch past the prompt's last chunk): no need to queue
             return 0
         if not self._queue and self.held + n <= self.limit:
             self.held += n
             return n
+        return None
+
+    async def acquire(self, nbytes: int) -> int:
+        """Wait until ``nbytes`` (at most the whole budget) fit behind every earlier request, and hold them.
+        Returns the bytes held, to be given to :meth:`release`. Cancelling the wait leaves the queue."""
+        held = self.try_acquire(nbytes)
+        if held is not None:
+            return held
+        n = min(nbytes, self.limit)
         entry = (n, asyncio.get_running_loop().create_future())
         self._queue.append(entry)
         try:

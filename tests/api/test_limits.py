@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -188,3 +189,88 @@ def test_a_body_refused_for_its_size_is_counted_under_its_endpoint(url):
     metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEYS['admin']}"}).text
     assert 'kvtier_requests_total{endpoint="/v1/chunks",status="413"} 1.0' in metrics
     assert 'endpoint="unmatched"' not in metrics
+
+
+def raw(url: str, request: bytes, seconds: float = 5) -> tuple[int, dict]:
+    """Send ``request`` on a connection of its own; the status and JSON body of the reply (0, {} if none came
+    within ``seconds``)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(request)
+        s.settimeout(seconds)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                if not (piece := s.recv(65536)):
+                    break
+                data += piece
+        except TimeoutError:
+            pass
+    if not data:
+        return 0, {}
+    top, _, body = data.partition(b"\r\n\r\n")
+    return int(top.split()[1]), json.loads(body)
+
+
+def heads(method: str, path: str, **headers: object) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: x", f"Authorization: Bearer {KEYS['alice']}"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def chunked(data: bytes) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("path", ["/v1/lookup", "/v1/chunks/fetch"])
+def test_a_client_gone_mid_body_of_a_json_request_is_recorded_as_499(url, path):
+    data = json.dumps({"layout": LAYOUT.fingerprint, "tokens": prompt(64)}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(heads("POST", path, Content_Type="application/json", Content_Length=len(data)) + data[:10])
+        time.sleep(0.2)  # the server is reading the body
+    admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+    deadline = time.monotonic() + 10
+    while f'endpoint="{path}",status="499"' not in (metrics := httpx.get(url + "/metrics", headers=admin).text):
+        assert time.monotonic() < deadline, f"the disconnected request was not recorded as 499: {metrics}"
+        time.sleep(0.05)
+    assert f'endpoint="{path}",status="400"' not in metrics
+
+
+def test_transfer_encoding_with_content_length_is_refused_before_reading(url, root):
+    """RFC 9112 6.3: a message with both may be an attempt at request smuggling; the service refuses it 400,
+    naming both headers, whatever the endpoint, and nothing changes."""
+    before = used(url)
+    data = body(*blobs(root, prompt(2 * C, seed=7)))
+    for request in (heads("PUT", f"/v1/chunks?layout={LAYOUT.fingerprint}", Transfer_Encoding="chunked",
+                          Content_Length=16) + chunked(data),
+                    heads("POST", "/v1/lookup", Content_Type="application/json", Transfer_Encoding="chunked",
+                          Content_Length=len(data)) + chunked(json.dumps({"layout": LAYOUT.fingerprint,
+                                                                           "tokens": prompt(C)}).encode())):
+        status, reply = raw(url, request)
+        assert status == 400 and reply["error"] == "conflicting_length", reply
+        assert "Transfer-Encoding" in reply["detail"] and "Content-Length" in reply["detail"]
+    assert used(url) == before
+    assert put(url, data).json() == {"stored": 2, "present": 0, "dropped": 0}  # the same body, sent once sized
+
+
+def test_json_bodies_are_limited_by_the_token_limit_before_parsing(tmp_path):
+    """max_body_bytes (1 MiB) sizes chunk batches; a JSON body may only be as large as the largest valid one
+    (max_tokens_per_request ids of 10 digits, with ", " between them, and room for the other fields)."""
+    config = make_config(tmp_path, server={"max_body_bytes": 1 << 20, "max_tokens_per_request": 4096,
+                                           "max_chunks_per_batch": 8})
+    with serve(config) as url:
+        Client(url, LAYOUT, api_key=KEYS["alice"]).attach(LAYOUT)
+        largest = json.dumps({"layout": LAYOUT.fingerprint, "tokens": [2**31 - 1] * 4096}).encode()
+        reply = httpx.post(url + "/v1/lookup", content=largest, headers={**AUTH, "Content-Type": "application/json"})
+        assert reply.status_code == 200 and reply.json()["tokens"] == 0, reply.text
+        for path in ("/v1/lookup", "/v1/chunks/fetch", "/v1/pin", "/v1/layouts"):  # headers only: not read
+            status, refusal = raw(url, heads("POST", path, Content_Type="application/json", Content_Length=900_000))
+            assert status == 413 and refusal["error"] == "body_too_large", (path, status, refusal)
+            assert "900000" in refusal["detail"] and "JSON" in refusal["detail"]
+        many = json.dumps({"layout": LAYOUT.fingerprint, "tokens": [1] * 300_000}).encode()
+        refused(httpx.post(url + "/v1/lookup", headers={**AUTH, "Content-Type": "application/json"},
+                           content=iter([many[i : i + 8192] for i in range(0, len(many), 8192)])),
+                413, "over the limit")  # chunked: cut off once past the limit
+        batch = body(b"\x00" * (512 << 10))  # a put body may still take max_body_bytes: read, then refused
+        refused(put(url, batch), 400, "blob 0")
