@@ -20,6 +20,7 @@ for long by stalling: a request body must keep arriving and a response must keep
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import Counter as Tally
@@ -443,10 +444,6 @@ def _frame(header: bytes, buffers: list[memoryview]) -> list[bytes | memoryview]
     return parts
 
 
-class _Stalled(Exception):
-    """A response the client took no piece of for ``body_timeout_s``: it is dropped."""
-
-
 class _Instrument:
     """ASGI middleware: request metrics, and what every request must respect before and while it is read:
     - no Transfer-Encoding beside a Content-Length (400 before anything is read: RFC 9112 section 6.3);
@@ -502,18 +499,31 @@ class _Instrument:
         received = sent = 0
         status = 500
         body_in = responded = gone = False
+        loop = asyncio.get_running_loop()
+        waiting = ""  # what the deadline is armed for while the client is awaited: "receive", "send" or nothing
+
+        def arm(what: str) -> None:  # one deadline per request, armed while a piece is awaited: cheaper than a
+            # cancel scope per piece
+            nonlocal waiting
+            waiting = what
+            deadline.reschedule(loop.time() + self.timeout)
+
+        def disarm() -> None:
+            nonlocal waiting
+            if not deadline.expired():  # else ``waiting`` says what ran out
+                waiting = ""
+                deadline.reschedule(None)
 
         async def counting_receive() -> Message:
             nonlocal received, body_in, gone
             if body_in:  # the whole body is in: what comes next is the client leaving, however late
                 message = await receive()
             else:
+                arm("receive")
                 try:
-                    with anyio.fail_after(self.timeout):
-                        message = await receive()
-                except TimeoutError:
-                    raise Refusal(408, "body_timeout", f"no piece of the request body arrived for {self.timeout} s "
-                                                       "(body_timeout_s)", headers={"Connection": "close"}) from None
+                    message = await receive()
+                finally:  # also when the wait is cancelled (a request's watch while it waits for bytes)
+                    disarm()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_in = not message.get("more_body", False)
@@ -530,22 +540,31 @@ class _Instrument:
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
                 responded = not message.get("more_body", False)
+            arm("send")
             try:
-                with anyio.fail_after(self.timeout):
-                    await send(message)
-            except TimeoutError:
-                raise _Stalled from None
+                await send(message)
+            finally:
+                disarm()
 
         m.in_flight.inc()
         start = time.perf_counter()
         try:
             refusal = self._refusal(scope, limit, what)
             if refusal is not None:
-                await refusal(scope, receive, counting_send)
+                await refusal(scope, receive, send)
+                status, sent = refusal.status_code, len(refusal.body)
             else:
-                await self.app(scope, counting_receive, counting_send)
-        except _Stalled:  # the server closes the connection: it sent only part of the response
-            status = 408
+                async with asyncio.timeout(None) as deadline:
+                    await self.app(scope, counting_receive, counting_send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # not ours
+            if waiting == "receive" and not sent and status == 500:  # no response yet: say why, and close
+                late = _error_response(408, "body_timeout", f"no piece of the request body arrived for {self.timeout}"
+                                                            " s (body_timeout_s)")
+                late.headers["Connection"] = "close"
+                await late(scope, receive, send)
+            status = 408  # a stalled response is dropped: the server closes the connection
         finally:
             m.in_flight.dec()
             endpoint = getattr(scope.get("route"), "path", None) or self._route_path(scope)
