@@ -81,6 +81,8 @@ class ServerConfig(BaseModel):
     body_timeout_s: float = Field(default=30.0, gt=0, description=(
         "the longest a request body may stall: a piece must arrive within this many seconds of the last (else "
         "408), and each piece of a response must be taken by the client within it (else the response is dropped)"))
+    max_layouts_per_tenant: int = Field(default=64, gt=0, description=(
+        "layouts one tenant may attach (each is kept until the service restarts); one more is refused 409"))
     budget_wait_s: float = Field(default=20.0, gt=0, description=(
         "the longest a request waits for its bytes of max_bytes_in_flight before it is refused 503"))
     torch_threads: int | None = Field(default=1, gt=0,

@@ -229,9 +229,13 @@ class Service:
             raise Refusal(413, "chunk_too_large", f"a chunk of this layout takes over {least} bytes framed "
                                                    f"({layout.chunk_bytes} of KV), more than max_body_bytes "
                                                    f"({self.limits.max_body_bytes}): it could not be put")
-        fingerprint = self.store(principal).attach(layout)
         with self._lock:
-            self._attached.setdefault(principal.tenant, set()).add(fingerprint)
+            attached = self._attached.setdefault(principal.tenant, set())
+            if layout.fingerprint not in attached and len(attached) >= self.limits.max_layouts_per_tenant:
+                raise Refusal(409, "too_many_layouts", f"this tenant has {len(attached)} layouts attached, the most "
+                                                       "allowed (max_layouts_per_tenant); use one of them")
+            fingerprint = self.store(principal).attach(layout)
+            attached.add(fingerprint)
         return schemas.AttachResponse(
             fingerprint=fingerprint, root=root_key(fingerprint, principal.namespace).hex(),
             chunk_tokens=layout.chunk_tokens, chunk_bytes=layout.chunk_bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -274,3 +275,21 @@ def test_json_bodies_are_limited_by_the_token_limit_before_parsing(tmp_path):
                 413, "over the limit")  # chunked: cut off once past the limit
         batch = body(b"\x00" * (512 << 10))  # a put body may still take max_body_bytes: read, then refused
         refused(put(url, batch), 400, "blob 0")
+
+
+def test_a_tenant_attaches_at_most_max_layouts_per_tenant(tmp_path):
+    """Layouts stay attached until a restart: their number is bounded per tenant, so no tenant can make the
+    service keep ever more of them; attaching one of its own again, or another tenant's attaching, still works."""
+    config = make_config(tmp_path, server={"max_body_bytes": 64 << 10, "max_tokens_per_request": 4096,
+                                           "max_chunks_per_batch": 8, "max_layouts_per_tenant": 2})
+    layouts = [dataclasses.replace(LAYOUT, model_id=f"model-{i}") for i in range(3)]
+    with serve(config) as url:
+        def attach(layout: KVLayout, key: str) -> httpx.Response:
+            return httpx.post(url + "/v1/layouts", json=layout.to_dict(), headers={"Authorization": f"Bearer {key}"})
+
+        assert [attach(layout, KEYS["alice"]).status_code for layout in layouts[:2]] == [200, 200]
+        refused = attach(layouts[2], KEYS["alice"])
+        assert refused.status_code == 409 and refused.json()["error"] == "too_many_layouts"
+        assert "max_layouts_per_tenant" in refused.json()["detail"]
+        assert attach(layouts[0], KEYS["alice"]).status_code == 200
+        assert attach(layouts[2], KEYS["bob"]).status_code == 200
