@@ -51,7 +51,7 @@ from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
 from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig, ServerConfig
-from kvtier.errors import BlobError, CapacityError, KVTierError, ParentMissingError, TierError
+from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
 from kvtier.kvstore.keys import root_key
 from kvtier.kvstore.store import TieredStore
@@ -322,6 +322,8 @@ class Service:
                                                       headroom=headroom)
         except ParentMissingError:  # not this tenant's, never put, or evicted
             raise _parent_missing(parent) from None
+        except LayoutError as exc:  # KV the store's tiers cannot take (a lossy tier and inf or nan)
+            raise Refusal(400, "LayoutError", str(exc)) from None
         except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
             raise Refusal(400, "bad_chunk", str(exc)) from None
         if result is None:

@@ -33,7 +33,7 @@ import torch
 
 from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, BufferPool, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
-from kvtier.errors import BlobError, KVTierError, LayoutError
+from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, TokenError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
 from kvtier.kvstore.keys import TokenLike, as_tokens, chunk_keys
 from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult
@@ -77,6 +77,18 @@ class PayloadTooLargeError(APIError):
     """413: over a limit (body size, tokens per request, chunks per batch, store capacity)."""
 
 
+class CapacityExceededError(PayloadTooLargeError, CapacityError):
+    """413 ``capacity``: a put no tier can hold; the in-process store raises CapacityError (so does this)."""
+
+
+class RemoteLayoutError(BadRequestError, LayoutError):
+    """400 ``LayoutError``: KV the service's store refused, as the in-process store would (a LayoutError)."""
+
+
+class RemoteTokenError(BadRequestError, TokenError):
+    """400 ``TokenError``: token ids the service refused, as the in-process store would (a TokenError)."""
+
+
 class ServerError(APIError):
     """5xx."""
 
@@ -85,6 +97,10 @@ class ServiceUnavailableError(APIError):
     """The service could not be reached (status 0) after the retries."""
 
 
+# The service's error kinds that are the store's exceptions: raised as classes that are both.
+_BY_KIND: dict[tuple[int, str], type[APIError]] = {(413, "capacity"): CapacityExceededError,
+                                                   (400, "LayoutError"): RemoteLayoutError,
+                                                   (400, "TokenError"): RemoteTokenError}
 _BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
                                          404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
                                          422: BadRequestError}
@@ -104,7 +120,8 @@ def _error(reply: "_Reply") -> APIError:
         body = {"detail": bytes(reply.body).decode(errors="replace")}
     detail = body.get("detail", "")
     error = body.get("error", "validation_error" if reply.status == 422 else "http_error")
-    cls = _BY_STATUS.get(reply.status, ServerError if reply.status >= 500 else APIError)
+    cls = _BY_KIND.get((reply.status, error)) or _BY_STATUS.get(reply.status,
+                                                                ServerError if reply.status >= 500 else APIError)
     return cls(reply.status, error, detail if isinstance(detail, str) else json.dumps(detail))
 
 
@@ -255,7 +272,9 @@ class _Operations:
         C = layout.chunk_tokens
         n_full = len(ids) // C
         keys = chunk_keys(att.root, ids, C)
-        known = self._known.prefix(keys)  # no lookup: a stale guess costs a 409 and a put from the start
+        # No lookup: a stale guess costs a 409 and a put from the start. The last chunk is sent even when known:
+        # if it was evicted since, the put must store it again (it is present only if all its prefix is).
+        known = min(self._known.prefix(keys), max(n_full - 1, 0))
         stored, present, start = 0, known, known
         while start < n_full:
             ends = []  # where the batch sent last ends
@@ -483,6 +502,14 @@ def _full_chunks(tokens: TokenLike, layout: KVLayout) -> np.ndarray:
     return ids[: len(ids) // layout.chunk_tokens * layout.chunk_tokens]
 
 
+def _own_namespace(namespace: str) -> None:
+    """A client works in its API key's tenant, which is its namespace: ``namespace`` (the store's argument, kept
+    so that an engine switches by changing one line) must be ``""``."""
+    if namespace != "":
+        raise ValueError(f"a Client's namespace is its API key's tenant: pass namespace='' (got {namespace!r}), "
+                         "or use another key")
+
+
 class Client(_Operations):
     """Synchronous client. ``layout``: the default layout (attached on first use); ``api_key``: the tenant's
     (or the admin's) key; ``timeout`` in seconds per request; ``retries`` of idempotent calls."""
@@ -534,33 +561,42 @@ class Client(_Operations):
         """Attach ``layout`` (done on first use anyway); returns its fingerprint."""
         return self._run(self.attach_op(layout))
 
-    def keys(self, tokens: TokenLike, layout: KVLayout | None = None) -> list[bytes]:
+    def keys(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> list[bytes]:
         """This tenant's chunk keys of the full chunks of ``tokens``."""
+        _own_namespace(namespace)
         return self._run(self.keys_op(tokens, layout))
 
-    def lookup(self, tokens: TokenLike, layout: KVLayout | None = None) -> LookupResult:
+    def lookup(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> LookupResult:
+        _own_namespace(namespace)
         return self._run(self.lookup_op(tokens, layout))
 
-    def put(self, tokens: TokenLike, kv: torch.Tensor, layout: KVLayout | None = None) -> PutResult:
+    def put(self, tokens: TokenLike, kv: torch.Tensor, namespace: str = "",
+            layout: KVLayout | None = None) -> PutResult:
         """Store the full chunks of ``tokens`` (``kv``: ``[L, T, H, len(tokens), D]``). Chunks this client knows
         to be cached (from its lookups, gets and puts) are not sent again."""
+        _own_namespace(namespace)
         return self._run(self.put_op(tokens, kv, layout))
 
     def get(self, tokens: TokenLike, out: torch.Tensor | None = None, layers: range | None = None,
-            layout: KVLayout | None = None) -> GetResult:
+            namespace: str = "", layout: KVLayout | None = None) -> GetResult:
         """Fetch the cached prefix of ``tokens`` (``layers``: a contiguous range, default all) into ``out``."""
+        _own_namespace(namespace)
         return self._run(self.get_op(tokens, out, layers, layout))
 
-    def pin(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    def pin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return self._run(self.count_op("/v1/pin", tokens, layout, idempotent=False))
 
-    def unpin(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    def unpin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return self._run(self.count_op("/v1/unpin", tokens, layout, idempotent=False))
 
-    def delete(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    def delete(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return self._run(self.delete_op(tokens, layout))
 
-    def prefetch(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    def prefetch(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return self._run(self.count_op("/v1/prefetch", tokens, layout, idempotent=True))
 
     def stats(self) -> dict:
@@ -637,29 +673,38 @@ class AsyncClient(_Operations):
     async def attach(self, layout: KVLayout) -> str:
         return await self._run(self.attach_op(layout))
 
-    async def keys(self, tokens: TokenLike, layout: KVLayout | None = None) -> list[bytes]:
+    async def keys(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> list[bytes]:
+        _own_namespace(namespace)
         return await self._run(self.keys_op(tokens, layout))
 
-    async def lookup(self, tokens: TokenLike, layout: KVLayout | None = None) -> LookupResult:
+    async def lookup(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> LookupResult:
+        _own_namespace(namespace)
         return await self._run(self.lookup_op(tokens, layout))
 
-    async def put(self, tokens: TokenLike, kv: torch.Tensor, layout: KVLayout | None = None) -> PutResult:
+    async def put(self, tokens: TokenLike, kv: torch.Tensor, namespace: str = "",
+                  layout: KVLayout | None = None) -> PutResult:
+        _own_namespace(namespace)
         return await self._run(self.put_op(tokens, kv, layout))
 
     async def get(self, tokens: TokenLike, out: torch.Tensor | None = None, layers: range | None = None,
-                  layout: KVLayout | None = None) -> GetResult:
+                  namespace: str = "", layout: KVLayout | None = None) -> GetResult:
+        _own_namespace(namespace)
         return await self._run(self.get_op(tokens, out, layers, layout))
 
-    async def pin(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    async def pin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return await self._run(self.count_op("/v1/pin", tokens, layout, idempotent=False))
 
-    async def unpin(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    async def unpin(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return await self._run(self.count_op("/v1/unpin", tokens, layout, idempotent=False))
 
-    async def delete(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    async def delete(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return await self._run(self.delete_op(tokens, layout))
 
-    async def prefetch(self, tokens: TokenLike, layout: KVLayout | None = None) -> int:
+    async def prefetch(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> int:
+        _own_namespace(namespace)
         return await self._run(self.count_op("/v1/prefetch", tokens, layout, idempotent=True))
 
     async def stats(self) -> dict:

@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> Report:
                 body = bytes(_frame_bytes(layout, kv))
 
                 def put() -> None:
-                    assert client.put(next(prompts), kv, layout).stored == 1
+                    assert client.put(next(prompts), kv, layout=layout).stored == 1
 
                 def sink() -> None:
                     http.put("/v1/bench/sink", content=body).raise_for_status()
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> Report:
                 _rows(report, "put", mib, len(body), s, b)
 
                 cached = next(prompts)
-                client.put(cached, kv, layout)
+                client.put(cached, kv, layout=layout)
                 out = torch.empty_like(kv)
 
                 def get() -> None:

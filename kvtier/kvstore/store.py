@@ -542,6 +542,12 @@ class TieredStore:
             for t in self.tiers:
                 t.close()
 
+    def __enter__(self) -> "TieredStore":
+        return self  # ``with TieredStore(...) as store:``, as ``with Client(...) as store:``
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ------------------------------------------------------------------ helpers
 
     def _layout(self, layout: KVLayout | None) -> KVLayout:

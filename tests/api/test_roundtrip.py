@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from kvtier.api import AsyncClient, Client
+from kvtier.api.auth import hash_key
 from kvtier.api.client import AuthenticationError, NotFoundError, PermissionDeniedError, ServiceUnavailableError
 from kvtier.errors import LayoutError
 
-from .helpers import KEYS, LAYOUT, kv_for, make_config, prompt, serve
+from .helpers import BLOB_BYTES, KEYS, LAYOUT, kv_for, make_config, prompt, serve
 
 
 
@@ -79,7 +80,7 @@ async def scenario(kind: str, url: str) -> None:
         stats = await c.stats()
         assert stats["tenant"] == "alice" and stats["used_bytes"] == 2 * LAYOUT.chunk_bytes
         assert stats["put_chunks"] == 3
-        assert stats["requests"]["/v1/chunks"] == 1  # the second put knew its chunks were cached: no request
+        assert stats["requests"]["/v1/chunks"] == 2  # the second put knew its chunks cached: it sent the last only
 
         everything = await admin.admin_stats()
         assert everything["store"]["chunks"] == 2
@@ -90,7 +91,7 @@ async def scenario(kind: str, url: str) -> None:
         assert await admin.flush("alice") == 3
         assert (await c.lookup(tokens)).tokens == 0  # the client learns they are gone ...
         assert (await c.put(tokens, kv)).stored == 3  # ... and sends everything at once
-        assert (await c.stats())["requests"]["/v1/chunks"] == 4
+        assert (await c.stats())["requests"]["/v1/chunks"] == 5
         assert await admin.flush() == 3
         with pytest.raises(PermissionDeniedError):
             await c.admin_stats()
@@ -174,6 +175,25 @@ def test_a_put_after_a_delete_sends_what_the_delete_removed(url):
         assert got.tokens == 4 * C and torch.equal(got.kv, kv)
 
 
+def test_a_prompt_evicted_since_the_client_saw_it_is_stored_again(tmp_path):
+    """The client remembers what it saw cached; other traffic evicts the prompt; a put of it again (no lookup
+    first, as an engine offloading KV does) must store it again, as the in-process store would, not report it
+    present and leave it uncached."""
+    C = LAYOUT.chunk_tokens
+    config = make_config(tmp_path, tiers=[{"kind": "host", "capacity_bytes": 4 * BLOB_BYTES}],
+                         tenants=[{"name": "alice", "key_sha256": hash_key(KEYS["alice"])}])
+    tokens, kv = prompt(2 * C), kv_for(2 * C)
+    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c, \
+            Client(url, LAYOUT, api_key=KEYS["alice"]) as observer:
+        assert c.put(tokens, kv).stored == 2
+        for seed in range(1, 5):  # other prompts take the tier
+            c.put(prompt(2 * C, seed=seed), kv_for(2 * C, seed=seed))
+        assert observer.lookup(tokens).tokens == 0
+        assert c.put(tokens, kv).stored == 2
+        got = observer.get(tokens)
+        assert got.tokens == 2 * C and torch.equal(got.kv, kv)
+
+
 class _LoseReply(httpx.BaseTransport):
     """Forwards every request to the real server, but for the first one to ``path`` it drops the reply, as a
     connection lost after the server acted would (a fault that cannot be produced on demand)."""
@@ -213,3 +233,30 @@ def test_an_out_that_is_not_a_tensor_is_a_layout_error(url):
         c.put(prompt(C), kv_for(C))
         with pytest.raises(LayoutError, match="of type ndarray"):
             c.get(prompt(C), out=kv_for(C).numpy())
+
+
+def test_the_client_takes_the_stores_arguments_and_raises_its_errors(tmp_path):
+    """An engine switches by changing one line: the same positional arguments (namespace before layout; a client's
+    namespace is its key's tenant, so only "" is taken), and the store's own exception classes for a put no tier
+    can hold (CapacityError) and KV a lossy tier cannot encode (LayoutError)."""
+    from kvtier.errors import CapacityError
+
+    C = LAYOUT.chunk_tokens
+    config = make_config(tmp_path, tiers=[{"kind": "host", "capacity_bytes": 2 * BLOB_BYTES},
+                                          {"kind": "disk", "capacity_bytes": BLOB_BYTES, "codec": "fp8",
+                                           "path": str(tmp_path / "disk")}],
+                         tenants=[{"name": "alice", "key_sha256": hash_key(KEYS["alice"])}])
+    tokens, kv = prompt(2 * C), kv_for(2 * C)
+    with serve(config) as url, Client(url, api_key=KEYS["alice"]) as c:
+        assert c.put(tokens, kv, "", LAYOUT).stored == 2
+        assert c.lookup(tokens, "", LAYOUT).tokens == 2 * C
+        assert torch.equal(c.get(tokens, None, None, "", LAYOUT).kv, kv)
+        with pytest.raises(ValueError, match="namespace"):
+            c.lookup(tokens, "tenant/bob", LAYOUT)
+        with pytest.raises(CapacityError):
+            c.put(prompt(8 * C, seed=1), kv_for(8 * C, seed=1), layout=LAYOUT)
+        bad = kv_for(C, seed=2)
+        bad[0, 0, 0, 3, 1] = float("nan")
+        with pytest.raises(LayoutError, match="inf, nan"):
+            c.put(prompt(C, seed=2), bad, layout=LAYOUT)
+        assert c.lookup(tokens, layout=LAYOUT).tokens == 2 * C

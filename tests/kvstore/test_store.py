@@ -6,7 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvtier.errors import CapacityError, LayoutError, TokenError
+from kvtier.errors import CapacityError, LayoutError, TierError, TokenError
+from kvtier.kvstore.chunk import Chunk
 from kvtier.kvstore import DiskTier, HostTier, MetaTier, TieredStore
 from kvtier.kvstore.keys import root_key
 from kvtier.layout import KVLayout
@@ -515,3 +516,12 @@ def test_keys_that_are_not_a_chain_from_the_root_are_refused_and_nothing_is_drop
             store.get_keys(wrong, first_parent)
     assert store.counters.verify_failures == 0 and store.lookup(tokens).tokens == 4 * C
     assert store.get_keys(keys[2:], keys[1]).tokens == 2 * C
+
+
+def test_a_store_is_a_context_manager_that_closes_its_tiers(tmp_path):
+    tokens = prompt(41, 1)
+    with TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY) as store:
+        store.put(tokens, kv_for_tokens(TINY, tokens))
+    with pytest.raises(TierError, match="closed"):
+        store.tiers[1].commit(store.tiers[1].prepare(Chunk(b"\1" * 16, b"\0" * 16, np.zeros(C, np.int32),
+                                                          kv_for_tokens(TINY, prompt(42, 1))), TINY))
