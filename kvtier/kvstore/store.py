@@ -537,8 +537,10 @@ class TieredStore:
             }
 
     def close(self) -> None:
-        """Close every tier, once the operation in progress (if any) is done."""
+        """Close every tier, once the operation in progress (if any) is done; first copy down to a persistent
+        tier every prefix of chunks held there (:meth:`_persist_prefixes`), so that a restart finds them."""
         with self._lock:
+            self._persist_prefixes()
             for t in self.tiers:
                 t.close()
 
@@ -911,6 +913,27 @@ class TieredStore:
         node.tiers |= 1
         self.counters.promotions += 1
         return True
+
+    def _persist_prefixes(self) -> None:
+        """Copy down to a persistent tier every chunk that only faster tiers hold but that has a descendant in a
+        persistent tier (without write-through, a hot prefix stays in memory while its continuations are demoted):
+        a restart rebuilds the index by walking down from each prompt's first chunk, and would delete those
+        descendants as orphans. Best effort: a chunk that finds no room is logged."""
+        persistent = sum(1 << t for t, tier in enumerate(self.tiers) if tier.persistent)
+        if not persistent or self.metadata_only:
+            return
+        needed: set[Node] = set()
+        for node in sorted(self.index.nodes.values(), key=lambda n: -n.depth):  # children before their parents
+            kept = node.tiers & persistent or node in needed
+            if kept and node.parent is not None and not node.parent.tiers & persistent:
+                needed.add(node.parent)
+        for node in sorted(needed, key=lambda n: n.depth):
+            while node.key in self.index.nodes and not node.tiers & persistent:
+                t = node.tiers.bit_length() - 1  # the slowest tier holding it
+                if t + 1 == len(self.tiers) or not self._demote(node, t):
+                    log.warning("chunk %s could not be written to a persistent tier: the chunks below it on disk "
+                                "will not survive a restart", node.key.hex())
+                    break
 
     def _recover(self) -> None:
         """Rebuild the index from the persistent tiers: walk down from each prompt's first chunk, so a chunk

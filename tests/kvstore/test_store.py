@@ -525,3 +525,23 @@ def test_a_store_is_a_context_manager_that_closes_its_tiers(tmp_path):
     with pytest.raises(TierError, match="closed"):
         store.tiers[1].commit(store.tiers[1].prepare(Chunk(b"\1" * 16, b"\0" * 16, np.zeros(C, np.int32),
                                                           kv_for_tokens(TINY, prompt(42, 1))), TINY))
+
+
+def test_a_restart_keeps_disk_chunks_whose_prefix_was_only_in_memory(tmp_path):
+    """Without write-through a hot prefix stays in the host tier while its continuations are demoted to disk; a
+    restart rebuilds the index from the disk by walking down from each prompt's first chunk, so closing the store
+    writes such prefixes down: the prompt survives whole."""
+    tokens = prompt(43, 4)
+    kv = kv_for_tokens(TINY, tokens)
+    store = TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    store.put(tokens, kv)
+    for seed in range(44, 47):  # other prompts push the deeper chunks to disk; the first chunk is kept hot
+        store.get(tokens[:C])
+        other = prompt(seed, 1)
+        store.put(other, kv_for_tokens(TINY, other))
+    tiers = [ref.tiers for ref in store.lookup(tokens).chunks]
+    assert tiers[0] == ["host"] and all(t == ["disk"] for t in tiers[1:])
+    store.close()
+    again = TieredStore([host(2), DiskTier(tmp_path, 100 * FP)], layout=TINY)
+    assert torch.equal(again.get(tokens).kv, kv)
+    check_invariants(again)
