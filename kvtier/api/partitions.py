@@ -27,6 +27,9 @@ class Partitions:
             if tenant.quota_bytes is not None:
                 share = tenant.quota_bytes / total
                 store = build_store(config, share=share, partition=tenant.name)
+                # A partition's tiers may hold more KV than its bytes (memory-only chunks beside those on disk, a
+                # lossy codec): the quota also bounds the tenant's KV itself, so what it keeps is what it pays for.
+                store.set_quota(tenant_namespace(tenant.name), tenant.quota_bytes)
                 self.stores[tenant.name] = store
                 self._by_namespace[tenant_namespace(tenant.name)] = store
                 reserved += tenant.quota_bytes

@@ -14,6 +14,7 @@ from kvtier.api.wire import frame_prefix
 from kvtier.compression.codec import get_codec
 from kvtier.kvstore.chunk import Chunk, blob_bytes
 from kvtier.kvstore.keys import chunk_keys
+from kvtier.layout import KVLayout
 
 from .helpers import BLOB_BYTES, BOB_QUOTA, KEYS, LAYOUT, kv_for, make_config, prompt, serve
 
@@ -105,3 +106,21 @@ def test_reserved_tenant_names_are_refused(tmp_path, name, quota):
     tenants = [{"name": name, "key_sha256": hash_key("k" * 32), **({"quota_bytes": quota} if quota else {})}]
     with pytest.raises(ValueError, match=f"tenant name '{name}' is reserved"):
         make_config(tmp_path, tenants=tenants, open_access=True)
+
+
+def test_a_quota_bounds_the_tenants_kv_whatever_its_tiers_codecs(tmp_path):
+    """An int4 disk tier packs about 3x the KV into the partition's bytes: the quota still bounds the KV a tenant
+    keeps (what its stats report as used), not only the bytes its partition's tiers hold."""
+    big = KVLayout("big", num_layers=4, kv_heads=2, head_dim=32, dtype="float16", chunk_tokens=16, page_tokens=16)
+    quota = 256 << 10  # 16 chunks of KV
+    config = make_config(
+        tmp_path, tiers=[{"kind": "host", "capacity_bytes": 1 << 20},
+                         {"kind": "disk", "capacity_bytes": 4 << 20, "path": str(tmp_path / "disk"), "codec": "int4",
+                          "write_through": True}],
+        tenants=[{"name": "bob", "key_sha256": hash_key(KEYS["bob"]), "quota_bytes": quota}])
+    with serve(config) as url, Client(url, big, api_key=KEYS["bob"]) as bob:
+        for seed in range(4):
+            tokens = prompt(8 * 16, seed=seed)
+            bob.put(tokens, torch.randn(big.chunk_shape[:3] + (len(tokens), big.head_dim)).to(torch.float16))
+        stats = bob.stats()
+        assert stats["quota_bytes"] == quota and quota // 2 < stats["used_bytes"] <= quota
