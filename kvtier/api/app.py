@@ -361,9 +361,12 @@ class Service:
             chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C].astype(np.int32), buf)
             fetched.parts += _frame(*encode_blob(chunk, sliced, self.codec))
             parent = keys[i]
+        return fetched
+
+    def count_fetched(self, principal: Principal, fetched: Fetched) -> None:
+        """Count a fetch that is sent (not one whose client left while its chunks were read)."""
         self.count(principal.tenant, fetched_chunks=fetched.chunks, bytes_out=sum(len(p) for p in fetched.parts))
         self.metrics.chunks_moved.labels("out").inc(fetched.chunks)
-        return fetched
 
     def pin(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> int:
         return self.store(principal).pin(tokens, principal.namespace, layout)
@@ -458,7 +461,9 @@ class _Instrument:
       passes it);
     - a body that keeps arriving (408 once no piece came for ``body_timeout_s``, and the connection closes), and a
       response that keeps being read (dropped once the client took no piece for ``body_timeout_s``, recorded 408).
-    A client that leaves before its response is sent is recorded as 499, whatever the app answered."""
+    A client that leaves while its body is read, while it waits for its bytes, or (a fetch) while its chunks are
+    read is recorded as 499, whatever the app answered; one that leaves while a response streams is not seen
+    (uvicorn drops what is sent to a closed connection)."""
 
     def __init__(self, app, service: Service, paths: set[str]) -> None:
         self.app = app
@@ -715,9 +720,12 @@ def create_app(config: KVTierConfig) -> FastAPI:
         held, _ = await service.hold(request, service.fetch_bytes(layout, body))
         try:
             fetched = await run(service.fetch, who, layout, body)
+            if await request.is_disconnected():  # it left while its chunks were read: nothing to send (a 499)
+                raise ClientDisconnect()
         except BaseException:
             service.budget.release(held)
             raise
+        service.count_fetched(who, fetched)
         headers = {"x-kvtier-tokens": str(fetched.tokens), "x-kvtier-tiers": ",".join(fetched.tiers)}
         return FramesResponse(fetched.parts, headers, on_close=partial(service.budget.release, held))
 

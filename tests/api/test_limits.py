@@ -238,6 +238,28 @@ def test_a_client_gone_mid_body_of_a_json_request_is_recorded_as_499(url, path):
     assert f'endpoint="{path}",status="400"' not in metrics
 
 
+def test_a_fetch_whose_client_left_before_its_response_is_a_499_and_counts_nothing_sent(url):
+    """Clients that send a whole fetch and close at once: the service finds them gone once the chunks are read,
+    sends nothing, records 499 and counts no bytes out for the tenant."""
+    tokens = prompt(4 * C, seed=11)
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as alice:
+        alice.put(tokens, kv_for(4 * C))
+        before = alice.stats()["bytes_out"]
+        data = json.dumps({"layout": LAYOUT.fingerprint, "tokens": tokens}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(heads("POST", "/v1/chunks/fetch", Content_Type="application/json",
+                                Content_Length=len(data)) + data)
+        admin = {"Authorization": f"Bearer {KEYS['admin']}"}
+        deadline = time.monotonic() + 10
+        while 'endpoint="/v1/chunks/fetch",status="499"} 3.0' not in (m := httpx.get(url + "/metrics", headers=admin).text):
+            assert time.monotonic() < deadline, m
+            time.sleep(0.05)
+        assert 'endpoint="/v1/chunks/fetch",status="200"' not in m
+        assert alice.stats()["bytes_out"] == before
+
+
 def test_transfer_encoding_with_content_length_is_refused_before_reading(url, root):
     """RFC 9112 6.3: a message with both may be an attempt at request smuggling; the service refuses it 400,
     naming both headers, whatever the endpoint, and nothing changes."""
