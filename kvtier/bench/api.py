@@ -13,6 +13,7 @@ sink) beside the least a put must do with the bytes (copy them into kept memory 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import secrets
@@ -99,7 +100,10 @@ def _timed(fn, n: int) -> list[float]:
 
 
 def _measure(service, baseline, iterations: int, rounds: int, bar) -> tuple[list[float], list[float]]:
-    """Alternate ``rounds`` times between the two, ``iterations`` timed calls each in all."""
+    """Alternate ``rounds`` times between the two, ``iterations`` timed calls each in all. Garbage left by what ran
+    before (the in-process app of :mod:`kvtier.bench.api_cost`) is collected first: a full collection of it takes
+    about 100 ms, which would land in one timed call."""
+    gc.collect()
     service(), baseline()  # warm up both paths
     s_times: list[float] = []
     b_times: list[float] = []
