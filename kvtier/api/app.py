@@ -21,6 +21,7 @@ for long by stalling: a request body must keep arriving and a response must keep
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter as Tally
@@ -408,10 +409,11 @@ class Service:
         return self.partitions.for_namespace(namespace).delete_namespace(namespace)
 
     def source(self, nbytes: int) -> bytes:
-        """Bench only: ``nbytes`` bytes (the last size asked for is kept)."""
+        """Bench only: ``nbytes`` random bytes (the last size asked for is kept). Not zeros: ``bytes(n)`` maps
+        every page to the kernel's one zero page, and sending that is reading one cached page over and over."""
         with self._lock:
             if len(self._source) != nbytes:
-                self._source = bytes(nbytes)
+                self._source = os.urandom(nbytes)
             return self._source
 
 

@@ -69,13 +69,13 @@ def _start(path: str | None) -> tuple[FastAPI, KVTierConfig]:
     if sum(t.quota_bytes is None for t in config.tenants) + config.open_access > 1:
         log.warning("tenants without a quota share one partition: their puts can evict each other's chunks "
                     "(give each a quota_bytes to isolate it)")
-    _keep_freed_memory()
+    keep_freed_memory()
     if config.server.torch_threads is not None:
         torch.set_num_threads(config.server.torch_threads)
     return create_app(config), config
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Have glibc keep freed large blocks (up to 256 MiB at the heap's top) instead of unmapping them: request
     bodies and chunk copies then reuse warm pages instead of page-faulting fresh ones on every request, which
     costs several times the copy itself."""

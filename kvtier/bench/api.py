@@ -30,6 +30,7 @@ import torch
 
 from kvtier.api.auth import hash_key
 from kvtier.api.client import SOCKET_OPTIONS, Client
+from kvtier.api.serve_cli import keep_freed_memory
 from kvtier.bench.api_cost import put_cost, without_settings
 from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, progress
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> Report:
     }
     report = Report("api")
     torch.set_num_threads(1)  # like the server: intra-op threads would fight it for the cores
+    keep_freed_memory()  # like the server: else the baseline's fresh 4 MiB bodies page-fault (the client's are pooled)
     server = ServerProcess(config)
     rng = np.random.default_rng(0)
     try:
