@@ -9,10 +9,16 @@ anonymous tenant of open access) share one store over what the quotas leave.
 
 from __future__ import annotations
 
+import logging
+import shutil
+from pathlib import Path
+
 from kvtier.api.auth import ANONYMOUS, tenant_namespace
 from kvtier.config import SHARED_PARTITION as SHARED
 from kvtier.config import KVTierConfig, build_store
 from kvtier.kvstore.store import TieredStore
+
+log = logging.getLogger(__name__)
 
 
 class Partitions:
@@ -39,6 +45,22 @@ class Partitions:
             self.stores[SHARED] = shared
             for name in sharers:
                 self._by_namespace[tenant_namespace(name)] = shared
+        self._drop_strays(config)
+
+    def _drop_strays(self, config: KVTierConfig) -> None:
+        """Since the last start a tenant may have got or lost a quota: its chunks found in a partition it no longer
+        belongs to are deleted (its own partition cannot reach them, and they took that partition's room), and so
+        is a disk partition's folder that no tenant's quota names any more (no store would account for it)."""
+        for store in self.stores.values():
+            for namespace in [ns for ns, n in store.namespace_bytes.items() if n and self._by_namespace.get(ns) is not store]:
+                log.warning("deleted %d chunks of %s: they are in a partition it does not belong to now",
+                            store.delete_namespace(namespace), namespace)
+        for tier in config.tiers:
+            folders = Path(tier.path) / "partitions" if tier.kind == "disk" else None
+            for folder in sorted(folders.iterdir()) if folders is not None and folders.is_dir() else ():
+                if folder.is_dir() and folder.name not in self.stores:
+                    log.warning("deleted %s: the partition of a tenant that has no quota now", folder)
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def for_namespace(self, namespace: str) -> TieredStore:
         return self._by_namespace[namespace]

@@ -124,3 +124,33 @@ def test_a_quota_bounds_the_tenants_kv_whatever_its_tiers_codecs(tmp_path):
             bob.put(tokens, torch.randn(big.chunk_shape[:3] + (len(tokens), big.head_dim)).to(torch.float16))
         stats = bob.stats()
         assert stats["quota_bytes"] == quota and quota // 2 < stats["used_bytes"] <= quota
+
+
+def test_a_tenant_whose_quota_changed_leaves_nothing_stranded(tmp_path):
+    """Chunks a tenant put while it shared the store are deleted when it gets a partition of its own (they would
+    take the shared room, out of its reach), and its partition's folder when it loses the quota again."""
+    from kvtier.api.auth import tenant_namespace
+    from kvtier.api.partitions import Partitions
+    from kvtier.config import KVTierConfig
+
+    def config(quota: int | None) -> KVTierConfig:
+        return KVTierConfig(tiers=[{"kind": "disk", "capacity_bytes": 4 << 20, "path": str(tmp_path / "disk")}],
+                            tenants=[{"name": "alice", "key_sha256": hash_key(KEYS["alice"])},
+                                     {"name": "bob", "key_sha256": hash_key(KEYS["bob"]), "quota_bytes": quota}])
+
+    bob, alice = tenant_namespace("bob"), tenant_namespace("alice")
+    tokens = prompt(2 * LAYOUT.chunk_tokens)
+    first = Partitions(config(None))
+    for namespace in (bob, alice):
+        first.for_namespace(namespace).put(tokens, kv_for(len(tokens)), namespace=namespace, layout=LAYOUT)
+    first.close()
+    second = Partitions(config(1 << 20))
+    assert bob not in second.stores["shared"].namespace_bytes or not second.stores["shared"].namespace_bytes[bob]
+    assert second.for_namespace(alice).lookup(tokens, alice, LAYOUT).tokens == len(tokens)  # alice keeps hers
+    second.for_namespace(bob).put(tokens, kv_for(len(tokens)), namespace=bob, layout=LAYOUT)
+    second.close()
+    assert (tmp_path / "disk" / "partitions" / "bob").is_dir()
+    third = Partitions(config(None))
+    assert not (tmp_path / "disk" / "partitions" / "bob").exists()
+    assert third.for_namespace(bob).lookup(tokens, bob, LAYOUT).tokens == 0
+    third.close()
