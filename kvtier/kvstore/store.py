@@ -918,7 +918,8 @@ class TieredStore:
         """Copy down to a persistent tier every chunk that only faster tiers hold but that has a descendant in a
         persistent tier (without write-through, a hot prefix stays in memory while its continuations are demoted):
         a restart rebuilds the index by walking down from each prompt's first chunk, and would delete those
-        descendants as orphans. Best effort: a chunk that finds no room is logged."""
+        descendants as orphans. Best effort, and it evicts nothing (every chunk is pinned meanwhile: making room
+        could drop the very ancestors the walk needs): a chunk that finds no free room is logged."""
         persistent = sum(1 << t for t, tier in enumerate(self.tiers) if tier.persistent)
         if not persistent or self.metadata_only:
             return
@@ -927,13 +928,20 @@ class TieredStore:
             kept = node.tiers & persistent or node in needed
             if kept and node.parent is not None and not node.parent.tiers & persistent:
                 needed.add(node.parent)
-        for node in sorted(needed, key=lambda n: n.depth):
-            while node.key in self.index.nodes and not node.tiers & persistent:
-                t = node.tiers.bit_length() - 1  # the slowest tier holding it
-                if t + 1 == len(self.tiers) or not self._demote(node, t):
-                    log.warning("chunk %s could not be written to a persistent tier: the chunks below it on disk "
-                                "will not survive a restart", node.key.hex())
-                    break
+        everything = list(self.index.nodes.values())
+        for node in everything:
+            node.pins += 1
+        try:
+            for node in sorted(needed, key=lambda n: n.depth):
+                while not node.tiers & persistent:
+                    t = node.tiers.bit_length() - 1  # the slowest tier holding it
+                    if t + 1 == len(self.tiers) or not self._demote(node, t):
+                        log.warning("chunk %s could not be written to a persistent tier: the chunks below it there "
+                                    "will not survive a restart", node.key.hex())
+                        break
+        finally:
+            for node in everything:
+                node.pins -= 1
 
     def _recover(self) -> None:
         """Rebuild the index from the persistent tiers: walk down from each prompt's first chunk, so a chunk

@@ -259,7 +259,7 @@ def test_server_failures_are_misses_or_errors_and_close_never_hangs(own_server):
     assert torch.equal(tier.get(kept.key, new_out()).kv, kept.kv)
     procs[1].kill()
     procs[1].wait()
-    tier.close()  # never hangs (the suite's timeout would catch it): it sends nothing
+    tier.close()  # never hangs (the suite's timeout would catch it): one try, within the timeout
     with pytest.raises(RedisTierError, match="cannot read its chunks"):
         RedisTier(url, 1 << 30, prefix=PREFIX, timeout_s=1.0)
 
@@ -322,3 +322,25 @@ def test_a_redis_server_that_stalls_during_a_get_loses_nothing(own_server, tmp_p
         procs[0].send_signal(signal.SIGCONT)
     assert store.lookup(tokens).tokens == 3 * LAYOUT.chunk_tokens and store.counters.drops == 0
     assert torch.equal(store.get(tokens).kv, kv)
+
+
+def test_a_delete_that_missed_the_server_is_sent_by_close(own_server, monkeypatch):
+    """A delete whose command never reaches the server (a connection lost: injected, since a stalled server still
+    runs the command once it wakes) is done here and queued; the close sends it, so the chunk does not come back
+    at the next start."""
+    port, _ = own_server
+    url = f"redis://127.0.0.1:{port}/0"
+    tier = RedisTier(url, 1 << 30, prefix=PREFIX)
+    gone, kept = make_chunk(20), make_chunk(21)
+    tier.commit_many([tier.prepare(gone, LAYOUT), tier.prepare(kept, LAYOUT)])
+    real = redis.client.Pipeline.execute
+
+    def lost(self, *args, **kwargs):
+        monkeypatch.setattr(redis.client.Pipeline, "execute", real)
+        raise redis.ConnectionError("connection lost (injected)")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", lost)
+    assert tier.delete(gone.key) > 0 and tier.stats.errors == 1
+    tier.close()
+    again = RedisTier(url, 1 << 30, prefix=PREFIX)
+    assert {c.key for c, _ in again.scan()} == {kept.key} and len(again) == 1

@@ -139,10 +139,11 @@ def test_disk_restart_lists_files_and_cleans_temporaries(tmp_path):
     cs = chunks(3)
     for c in cs:
         tier.commit(tier.prepare(c, TINY))
-    (tmp_path / "tmp" / "half-written").write_bytes(b"x" * 100)
+    half = tmp_path / "tmp" / f"{cs[0].key.hex()}.kvt.123.1"  # named as the tier names a file it writes
+    half.write_bytes(b"x" * 100)
     again = DiskTier(tmp_path, 1 << 20)
     assert len(again) == 3 and again.used_bytes == tier.used_bytes
-    assert not (tmp_path / "tmp" / "half-written").exists()
+    assert not half.exists()
     found = {c.key: c for c, layout in again.scan()}
     assert set(found) == {c.key for c in cs}
     assert all(found[c.key].parent == c.parent and np.array_equal(found[c.key].tokens, c.tokens) for c in cs)
@@ -264,3 +265,13 @@ def test_disk_short_writes_and_reads_are_continued(tmp_path, monkeypatch):
     monkeypatch.setattr(disk.os, "preadv", short(os.preadv))
     for c in cs:
         assert tier.get(c.key, out) is not None and torch.equal(out, c.kv)
+
+
+def test_opening_a_disk_tier_removes_only_its_own_half_written_files(tmp_path):
+    """A crash may leave files being written in tmp/; opening the tier removes those and nothing else there."""
+    (tmp_path / "tmp" / "project").mkdir(parents=True)
+    (tmp_path / "tmp" / "project" / "notes.txt").write_text("someone's")
+    (tmp_path / "tmp" / "0a1b2c.kvt.4242.7").write_bytes(b"half a chunk")
+    DiskTier(tmp_path, 1 << 20)
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["project"]
+    assert (tmp_path / "tmp" / "project" / "notes.txt").read_text() == "someone's"

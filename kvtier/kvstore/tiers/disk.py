@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
+import re
 import stat
 import threading
 from collections import OrderedDict
@@ -45,6 +45,7 @@ from kvtier.layout import KVLayout
 log = logging.getLogger(__name__)
 
 SUFFIX = ".kvt"
+_TMP_NAME = re.compile(r"[0-9a-f]+\.kvt\.\d+\.\d+")  # a file being written: <key>.kvt.<pid>.<sequence>
 _PAGE = 4096  # the KV of a large chunk starts on a page boundary of the file (see blob_header's align)
 _ALIGN_FROM = 64 * _PAGE  # smaller chunks are not padded: the padding would cost more than it saves
 _FIRST_READ = 2 * _PAGE  # the header and the tokens, in one read
@@ -104,8 +105,10 @@ class DiskTier(Tier):
         self._root = str(self.path)
         self.fsync = fsync
         self._tmp = self.path / "tmp"
-        shutil.rmtree(self._tmp, ignore_errors=True)  # half-written files of an earlier run
         self._tmp.mkdir(parents=True, exist_ok=True)
+        for f in self._tmp.iterdir():  # half-written files of an earlier run (only those: nothing else is ours)
+            if _TMP_NAME.fullmatch(f.name) and f.is_file():
+                f.unlink(missing_ok=True)
         for i in range(256):  # the files' folders, by the key's first byte
             (self.path / f"{i:02x}").mkdir(exist_ok=True)
         self._sizes: dict[bytes, int] = {}

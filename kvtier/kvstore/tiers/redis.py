@@ -20,9 +20,10 @@ server, and no write needs to be atomic.
 
 Failures: gets and summaries never raise. A Redis error during a get is a miss counted in ``stats.errors``,
 and the chunk is kept (the server may answer the next read; the store forgets only a chunk a tier no longer
-contains). The keys of every delete that failed are deleted with the next write that reaches the server. A commit that fails raises
-:class:`RedisTierError` and leaves nothing of the chunk accounted. Every command has a timeout, and
-:meth:`close` only drops the connections, so nothing waits forever.
+contains). The keys of every delete that failed are deleted with the next write that reaches the server, or
+by :meth:`close` (one try). A commit that fails raises :class:`RedisTierError` and leaves nothing of the chunk
+accounted. Every command has a timeout, so nothing waits forever. A commit cut off by a crash may leave parts
+without their index entry: never served, but not deleted either (left for later).
 
 ``used_bytes`` is the sum of the lengths of the values this tier stored (parts and index entries), not
 Redis's own per-key overhead. One tier owns a prefix: two stores sharing a prefix would evict each other's
@@ -441,7 +442,17 @@ class RedisTier(Tier):
         return len(self._entries)
 
     def close(self) -> None:
-        """Drop the connections (sends nothing, so it cannot hang)."""
+        """Send the deletes that have not reached the server yet (one try, within the command timeout: else the
+        chunks they delete would come back at the next start), then drop the connections."""
+        if self._stale:
+            pipe = self._redis.pipeline(transaction=False)
+            stale = self._queue_stale(pipe)
+            try:
+                pipe.execute()
+                self._stale -= stale
+            except redis.RedisError as exc:
+                log.warning("redis tier %s: %d keys deleted here could not be deleted at %s (they come back at the "
+                            "next start): %s", self.name, len(stale), self.where, exc)
         self._pool.disconnect()
 
     # ------------------------------------------------------------------ helpers
