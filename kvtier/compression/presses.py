@@ -42,6 +42,7 @@ from kvtier.integrations import require_transformers
 require_transformers()
 
 RAGGED_ATTENTION = "kvtier_ragged_sdpa"
+PRESSED = "kvtier_pressed"  # the attribute a press sets on a cache it compressed (such KV must never be stored)
 
 
 def _ragged_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -194,6 +195,9 @@ class Press(ABC):
         """:meth:`score` of every layer of ``cache`` (``N`` tokens in each). ``hidden_states``: as in
         :class:`Prefill`, at least ``N`` tokens long."""
         tokens = cache.layers[0].keys.shape[2]
+        if hidden_states[0].shape[1] < tokens:
+            raise ValueError(f"hidden states of {hidden_states[0].shape[1]} tokens for a cache of {tokens}: the presses "
+                             "score a whole prefill (presses.prefill), not the suffix of a cached one")
         first = hidden_states[0][:, :tokens]
         positions = torch.arange(tokens, device=first.device)[None].expand(first.shape[0], -1)
         cos, sin = model.model.rotary_emb(first, positions)
@@ -211,6 +215,7 @@ class Press(ABC):
         """Keep, in every layer and KV head of ``cache``, its budget of highest-scoring tokens (sinks and window
         first), in token order. ``scores``: from :meth:`layer_scores`, which a caller may reuse across ratios."""
         tokens = cache.layers[0].keys.shape[2]
+        setattr(cache, PRESSED, True)  # its positions no longer hold a prompt's tokens: never to be stored
         for cached, layer_scores, keep in zip(cache.layers, scores, self.layer_budgets(tokens, len(scores))):
             ranked = layer_scores.clone()
             sinks = min(self.sinks, keep)

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvtier.compression.presses import PRESSED
 from kvtier.errors import CapacityError, ParentMissingError
 from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
@@ -206,6 +207,12 @@ class HFKVCache:
         ids = [as_tokens(p) for p in prompts]
         if not ids or any(len(p) == 0 for p in ids):
             raise ValueError("give at least one prompt, each of at least one token")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        for i, p in enumerate(ids):
+            if int(p.max()) >= vocab:
+                raise ValueError(f"prompt {i} holds token id {int(p.max())}, beyond the model's vocabulary of {vocab}")
+        if self.pad_token_id >= vocab:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is beyond the model's vocabulary of {vocab}")
         layout = self.layout
         C = layout.chunk_tokens
         cached = [min(self.store.lookup(p, self.namespace, layout).tokens, len(p) - 1) for p in ids]
@@ -250,7 +257,8 @@ class HFKVCache:
         request costs more than the copy. A batch-1 cache from :meth:`load` holds views of it until its first
         forward (which concatenates into new tensors), so run it before the next ``load``."""
         L, T, H, _, D = layout.chunk_shape
-        if self._buffer is None or self._buffer.shape[3] < tokens:
+        b = self._buffer
+        if b is None or b.shape[3] < tokens or b.dtype != layout.torch_dtype or (*b.shape[:3], b.shape[4]) != (L, T, H, D):
             self._buffer = torch.empty((L, T, H, tokens, D), dtype=layout.torch_dtype)
         return self._buffer
 
@@ -302,6 +310,14 @@ class HFKVCache:
         rows = cache.layers[0].keys.shape[0]
         if rows % len(prompts):
             raise ValueError(f"a cache of {rows} rows does not hold {len(prompts)} prompts")
+        if getattr(cache, PRESSED, False):
+            raise ValueError("this cache was compressed by a press: its positions no longer hold the prompt's tokens, "
+                             "and its KV is not the model's for them; it cannot be stored")
+        lengths = {layer.keys.shape[2] for layer in cache.layers}
+        width = max(len(as_tokens(p)) for p in prompts) if loaded is None else loaded.input_ids.shape[1]
+        if len(lengths) != 1 or min(lengths) < width:
+            raise ValueError(f"the cache holds {sorted(lengths)} positions per layer, the prompts need {width} in "
+                             "every layer (a cropped or compressed cache cannot be stored)")
         per = rows // len(prompts)
         stored = 0
         for i, p in enumerate(prompts):
