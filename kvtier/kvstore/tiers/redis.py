@@ -427,15 +427,7 @@ class RedisTier(Tier):
             return 0
         self._forget(key)
         self._stale.update(self._names(key, entry))
-        pipe = self._redis.pipeline(transaction=False)
-        stale = self._queue_stale(pipe)
-        try:
-            pipe.execute()
-            self._stale -= stale
-        except redis.RedisError as exc:
-            log.warning("redis tier %s: deleting at %s failed (retried with the next write): %s",
-                        self.name, self.where, exc)
-            self.stats.errors += 1
+        self._send_stale("retried with the next write")
         return entry.nbytes
 
     def __len__(self) -> int:
@@ -445,15 +437,20 @@ class RedisTier(Tier):
         """Send the deletes that have not reached the server yet (one try, within the command timeout: else the
         chunks they delete would come back at the next start), then drop the connections."""
         if self._stale:
-            pipe = self._redis.pipeline(transaction=False)
-            stale = self._queue_stale(pipe)
-            try:
-                pipe.execute()
-                self._stale -= stale
-            except redis.RedisError as exc:
-                log.warning("redis tier %s: %d keys deleted here could not be deleted at %s (they come back at the "
-                            "next start): %s", self.name, len(stale), self.where, exc)
+            self._send_stale("they come back at the next start")
         self._pool.disconnect()
+
+    def _send_stale(self, else_: str) -> None:
+        """Delete the keys of chunks deleted here; a failure is counted and logged with ``else_`` (what follows)."""
+        pipe = self._redis.pipeline(transaction=False)
+        stale = self._queue_stale(pipe)
+        try:
+            pipe.execute()
+            self._stale -= stale
+        except redis.RedisError as exc:
+            log.warning("redis tier %s: deleting %d keys at %s failed (%s): %s", self.name, len(stale), self.where,
+                        else_, exc)
+            self.stats.errors += 1
 
     # ------------------------------------------------------------------ helpers
 
