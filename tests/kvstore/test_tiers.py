@@ -275,3 +275,31 @@ def test_opening_a_disk_tier_removes_only_its_own_half_written_files(tmp_path):
     DiskTier(tmp_path, 1 << 20)
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == ["project"]
     assert (tmp_path / "tmp" / "project" / "notes.txt").read_text() == "someone's"
+
+
+def test_a_disk_folder_is_opened_by_one_process_at_a_time(tmp_path):
+    """Two stores (processes) on one folder would delete each other's files and fill twice its capacity: the
+    second is refused while the first holds the folder, and may open it once the first has closed."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kvtier.kvstore.tiers import DiskTier; "
+                               f"t = DiskTier({str(tmp_path)!r}, 1 << 20); print('open', flush=True); "
+                               "sys.stdin.readline(); t.close(); print('closed', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(TierError, match="in use by another process"):
+            DiskTier(tmp_path, 1 << 20)
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "closed"
+        tier = DiskTier(tmp_path, 1 << 20)
+        a = chunks(1)[0]
+        tier.commit(tier.prepare(a, TINY))
+        assert len(tier) == 1
+        tier.close()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -92,6 +93,19 @@ def _layer_groups(views: list[tuple[memoryview, int]], num_layers: int) -> Itera
         yield range(g0, min(g0 + group, num_layers))
 
 
+def _lock_folder(path: Path) -> int:
+    """Lock ``path`` for this process (a POSIX lock on ``path/.lock``, released when the process ends or the tier
+    closes); TierError when another process holds it: two stores on one folder would delete each other's files
+    and together fill twice its capacity. The descriptor is returned, to be closed on close()."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TierError(f"disk tier folder {path} is in use by another process (it holds {path / '.lock'})") from None
+    return fd
+
+
 class DiskTier(Tier):
     persistent = True
 
@@ -104,6 +118,8 @@ class DiskTier(Tier):
         self.path = Path(path)
         self._root = str(self.path)
         self.fsync = fsync
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_folder(self.path)
         self._tmp = self.path / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         for f in self._tmp.iterdir():  # half-written files of an earlier run (only those: nothing else is ours)
@@ -374,9 +390,13 @@ class DiskTier(Tier):
         return key in self._sizes
 
     def close(self) -> None:
-        """Stop the hashing thread (after any hash in flight); later commits raise TierError."""
+        """Stop the hashing thread (after any hash in flight) and let another process open the folder; later
+        commits raise TierError."""
         self._closed = True
         self._hasher.shutdown(wait=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the folder's lock
+            self._lock_fd = None
 
     def delete(self, key: bytes) -> int:
         self._forget_head(key)
