@@ -118,10 +118,9 @@ class DiskTier(Tier):
         self.path = Path(path)
         self._root = str(self.path)
         self.fsync = fsync
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock_folder(self.path)
         self._tmp = self.path / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)  # (a path that is a file: NotADirectoryError)
+        self._lock_fd = _lock_folder(self.path)
         for f in self._tmp.iterdir():  # half-written files of an earlier run (only those: nothing else is ours)
             if _TMP_NAME.fullmatch(f.name) and f.is_file():
                 f.unlink(missing_ok=True)
