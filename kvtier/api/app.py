@@ -73,10 +73,10 @@ def json_body_limit(limits: ServerConfig) -> int:
 
 class Refusal(HTTPException):
     """A request refused (4xx, or 503 when the service is busy): ``status``, a short ``error`` kind and a
-    ``detail`` saying what was wrong; ``headers`` go with the answer."""
+    ``detail`` saying what was wrong."""
 
-    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, detail, headers)
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(status, detail)
         self.error = error
 
 

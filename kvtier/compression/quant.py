@@ -43,9 +43,18 @@ MAX_MAGNITUDE = 2.0**60  # what the lossy codecs take: their fp32 arithmetic (su
 _TINY = torch.finfo(torch.bfloat16).tiny  # the smallest normal bf16 (and fp32) number, 2**-126
 
 
+def largest_magnitude(kv: torch.Tensor) -> float:
+    """The largest ``|x|`` of ``kv`` (nan if any is nan; 0 when empty), from its minimum and maximum: no ``|kv|``
+    copy. The lossy codecs take KV whose largest magnitude is at most ``MAX_MAGNITUDE``."""
+    if not kv.numel():
+        return 0.0
+    low, high = torch.aminmax(kv)
+    return max(-float(low), float(high)) if not (low.isnan() or high.isnan()) else float("nan")
+
+
 def _check_kv(kv: torch.Tensor, codec: str) -> None:
     _check(kv.dim() == 5, codec, f"kv must be [L, T, H, C, D], got shape {tuple(kv.shape)}")
-    largest = float(kv.abs().amax()) if kv.numel() else 0.0  # nan if any is nan
+    largest = largest_magnitude(kv)
     _check(largest <= MAX_MAGNITUDE, codec, f"kv must be finite and within +-2**60, got a value of magnitude "
                                             f"{largest}: an inf or nan would spoil its whole head")
 

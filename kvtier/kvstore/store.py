@@ -39,14 +39,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from kvtier.compression.quant import MAX_MAGNITUDE
+from kvtier.compression.quant import MAX_MAGNITUDE, largest_magnitude
 from kvtier.errors import CapacityError, LayoutError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, key_summary, max_blob_bytes
 from kvtier.kvstore.index import Node, PrefixIndex
@@ -359,14 +359,8 @@ class TieredStore:
                 self.take_back(lent)
                 room = self.tiers[0].lend_nbytes(headroom, layout) if headroom and stored else 0
                 if room and room <= self.tiers[0].capacity_bytes:
-                    own = [n for n in (self.index.nodes.get(c.key) for c in chunks) if n is not None]
-                    for n in own:
-                        n.pins += 1
-                    try:
+                    with _pinned(n for n in (self.index.nodes.get(c.key) for c in chunks) if n is not None):
                         self._make_room(0, room, demote)
-                    finally:
-                        for n in own:
-                            n.pins -= 1
 
     def _in_memory_only(self, chunks: Sequence[Chunk], namespace: str, layout: KVLayout) -> bool:
         """Whether a put of ``chunks`` surely writes to the first tier's lent bytes only (and evicts nothing for a
@@ -571,7 +565,7 @@ class TieredStore:
         allowed = {"cpu", "cuda"} | {getattr(t, "device", torch.device("cpu")).type for t in self.tiers}
         if kv.device.type not in allowed:
             raise LayoutError(f"kv is on {kv.device}; this store takes tensors on {sorted(allowed)}")
-        if any(not t.codec.lossless for t in self.tiers) and kv.numel() and not float(kv.abs().amax()) <= MAX_MAGNITUDE:
+        if any(not t.codec.lossless for t in self.tiers) and not largest_magnitude(kv) <= MAX_MAGNITUDE:
             raise LayoutError(f"kv holds inf, nan or values beyond +-{MAX_MAGNITUDE:g}, which the store's lossy tiers "
                               "cannot encode")
 
@@ -768,12 +762,9 @@ class TieredStore:
             prepared = self._prepare(t + 1, chunk, layout)
             if prepared.nbytes > target.capacity_bytes:
                 return False
-            node.pins += 1
-            try:
+            with _pinned([node]):
                 if not self._make_room(t + 1, prepared.nbytes):
                     return False
-            finally:
-                node.pins -= 1
             if not self._commit(t + 1, prepared):
                 return False
         node.tiers |= 1 << (t + 1)
@@ -928,10 +919,7 @@ class TieredStore:
             kept = node.tiers & persistent or node in needed
             if kept and node.parent is not None and not node.parent.tiers & persistent:
                 needed.add(node.parent)
-        everything = list(self.index.nodes.values())
-        for node in everything:
-            node.pins += 1
-        try:
+        with _pinned(self.index.nodes.values()):
             for node in sorted(needed, key=lambda n: n.depth):
                 while not node.tiers & persistent:
                     t = node.tiers.bit_length() - 1  # the slowest tier holding it
@@ -939,9 +927,6 @@ class TieredStore:
                         log.warning("chunk %s could not be written to a persistent tier: the chunks below it there "
                                     "will not survive a restart", node.key.hex())
                         break
-        finally:
-            for node in everything:
-                node.pins -= 1
 
     def _recover(self) -> None:
         """Rebuild the index from the persistent tiers: walk down from each prompt's first chunk, so a chunk
@@ -985,6 +970,19 @@ class TieredStore:
                 key = self.policies[t].victim(lambda k: self._evictable(k, t))
                 if key is None or not self._evict(self.index.nodes[key], t):
                     break
+
+
+@contextmanager
+def _pinned(nodes: Iterable[Node]) -> Iterator[None]:
+    """Hold ``nodes`` pinned (out of eviction's and deletion's reach) for the block."""
+    held = list(nodes)
+    for node in held:
+        node.pins += 1
+    try:
+        yield
+    finally:
+        for node in held:
+            node.pins -= 1
 
 
 def _token_bytes(tokens: np.ndarray) -> memoryview:
