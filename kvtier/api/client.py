@@ -1,7 +1,7 @@
 """Python clients of the kvtier service, sync (:class:`Client`) and async (:class:`AsyncClient`).
 
 They mirror the in-process :class:`~kvtier.kvstore.store.TieredStore` (``put``, ``lookup``, ``get``, ``pin``,
-``unpin``, ``delete``, ``prefetch``, ``stats``, ``keys``, ``attach``) and return the same result types, so an
+``unpin``, ``delete``, ``prefetch``, ``stats``, ``keys``, ``root``, ``put_chunks``, ``attach``) and return the same result types, so an
 engine switches from in-process to remote use by changing the line that makes its store::
 
     store = TieredStore(tiers, layout=layout)                 # in-process
@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ import torch
 
 from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, BufferPool, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
-from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, TokenError
+from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TokenError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
 from kvtier.kvstore.keys import TokenLike, as_tokens, chunk_keys
 from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult
@@ -85,6 +85,10 @@ class RemoteLayoutError(BadRequestError, LayoutError):
     """400 ``LayoutError``: KV the service's store refused, as the in-process store would (a LayoutError)."""
 
 
+class RemoteParentMissingError(ConflictError, ParentMissingError):
+    """The first chunk's parent is not cached (409): put from the prompt's start."""
+
+
 class RemoteTokenError(BadRequestError, TokenError):
     """400 ``TokenError``: token ids the service refused, as the in-process store would (a TokenError)."""
 
@@ -99,6 +103,7 @@ class ServiceUnavailableError(APIError):
 
 # The service's error kinds that are the store's exceptions: raised as classes that are both.
 _BY_KIND: dict[tuple[int, str], type[APIError]] = {(413, "capacity"): CapacityExceededError,
+                                                   (409, "parent_not_cached"): RemoteParentMissingError,
                                                    (400, "LayoutError"): RemoteLayoutError,
                                                    (400, "TokenError"): RemoteTokenError}
 _BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
@@ -262,6 +267,9 @@ class _Operations:
         finally:
             self._known.clear()
 
+    def root_op(self, layout: KVLayout | None) -> Op[bytes]:
+        return (yield from self._ensure_op(layout)).root
+
     def put_op(self, tokens: TokenLike, kv: torch.Tensor, layout: KVLayout | None) -> Op[PutResult]:
         att = yield from self._ensure_op(layout)
         layout = att.layout
@@ -270,51 +278,77 @@ class _Operations:
         if kv.shape[3] != len(ids):
             raise LayoutError(f"kv holds {kv.shape[3]} tokens but {len(ids)} token ids were given")
         C = layout.chunk_tokens
-        n_full = len(ids) // C
         keys = chunk_keys(att.root, ids, C)
+        chunks = [Chunk(key, keys[i - 1] if i else att.root, ids[i * C : (i + 1) * C], kv[:, :, :, i * C : (i + 1) * C])
+                  for i, key in enumerate(keys)]
         # No lookup: a stale guess costs a 409 and a put from the start. The last chunk is sent even when known:
         # if it was evicted since, the put must store it again (it is present only if all its prefix is).
-        known = min(self._known.prefix(keys), max(n_full - 1, 0))
-        stored, present, start = 0, known, known
-        while start < n_full:
+        known = min(self._known.prefix(keys), max(len(keys) - 1, 0))
+        try:
+            stored, present, att = yield from self._chain_op(att, chunks, known)
+            present += known
+        except ConflictError:
+            if known == 0:
+                return PutResult(0, 0, len(chunks))
+            self._known.forget(keys[:known])  # the known prefix was evicted meanwhile: put from the start
+            try:
+                stored, present, att = yield from self._chain_op(att, chunks, 0)
+            except ConflictError:
+                return PutResult(0, 0, len(chunks))
+        return PutResult(stored, present, len(chunks) - stored - present)
+
+    def put_chunks_op(self, chunks: list[Chunk], root: bytes, layout: KVLayout | None) -> Op[PutResult]:
+        att = yield from self._ensure_op(layout)
+        if not chunks:
+            return PutResult(0, 0, 0)
+        if root != att.root:
+            raise ValueError(f"root {root.hex()} is not this tenant's root of layout {att.layout.fingerprint} "
+                             "(Client.root gives it)")
+        for prev, c in zip(chunks, chunks[1:]):
+            if c.parent != prev.key:
+                raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {prev.key.hex()}")
+        stored, present, _ = yield from self._chain_op(att, chunks, 0)
+        return PutResult(stored, present, len(chunks) - stored - present)
+
+    def _chain_op(self, att: _Attached, chunks: list[Chunk], start: int) -> Op[tuple[int, int, _Attached]]:
+        """Send ``chunks[start:]`` (a chain) in as few requests as the service's limits allow; returns the chunks
+        stored and found present, and the attachment last used. A 409 of the first request (its first chunk's
+        parent is not cached) propagates; after that one, the rest of the chain is dropped: a chunk this put
+        stored was evicted meanwhile, or the service dropped chunks for room."""
+        stored = present = 0
+        first = start
+        while start < len(chunks):
             ends = []  # where the batch sent last ends
 
             def batch(a: _Attached) -> _Call:
-                parts, end = self._batch(ids, kv, keys, a, start, n_full)
+                parts, end = self._frames(chunks, a, start)
                 ends.append(end)
-                return _Call("PUT", "/v1/chunks", parts=parts, params={"layout": layout.fingerprint})
+                return _Call("PUT", "/v1/chunks", parts=parts, params={"layout": a.layout.fingerprint})
 
             try:
                 resp, att = yield from self._layout_call(att, batch)
             except ConflictError:
-                if start != known or known == 0:
-                    break  # a chunk this put stored was evicted meanwhile: the rest is dropped
-                self._known.forget(keys[:known])
-                stored, present, start, known = 0, 0, 0, 0
-                continue
+                if start == first:
+                    raise
+                break
             result = resp.json()
             stored += result["stored"]
             present += result["present"]
-            end = ends[-1]
-            self._known.update(keys[start:end], result["stored"] + result["present"])
+            self._known.update([c.key for c in chunks[start : ends[-1]]], result["stored"] + result["present"])
             if result["dropped"]:
                 break
-            start = end
-        return PutResult(stored, present, n_full - stored - present)
+            start = ends[-1]
+        return stored, present, att
 
-    def _batch(self, ids: np.ndarray, kv: torch.Tensor, keys: list[bytes], att: _Attached, start: int,
-               n_full: int) -> tuple[list[bytes | memoryview], int]:
-        """The framed blobs of chunks ``start``, ``start + 1``, ... that fit one request (the service's
+    def _frames(self, chunks: list[Chunk], att: _Attached, start: int) -> tuple[list[bytes | memoryview], int]:
+        """The framed blobs of ``chunks[start]``, ``chunks[start + 1]``, ... that fit one request (the service's
         max_chunks_per_batch, max_tokens_per_request and max_body_bytes; at least one chunk), and the index after
         the last."""
-        C = att.layout.chunk_tokens
         parts: list[bytes | memoryview] = []
         size, end = 0, start
-        most = max(1, min(att.max_chunks, att.max_tokens // C))
-        while end < n_full and end - start < most:
-            i = end
-            chunk = Chunk(keys[i], keys[i - 1] if i else att.root, ids[i * C : (i + 1) * C], kv[:, :, :, i * C : (i + 1) * C])
-            header, buffers = encode_blob(chunk, att.layout, self.codec)
+        most = max(1, min(att.max_chunks, att.max_tokens // att.layout.chunk_tokens))
+        while end < len(chunks) and end - start < most:
+            header, buffers = encode_blob(chunks[end], att.layout, self.codec)
             n = len(header) + sum(len(b) for b in buffers)
             if end > start and size + FRAME_PREFIX + n > att.max_body:
                 break  # encoded again as the next batch's first
@@ -577,6 +611,19 @@ class Client(_Operations):
         _own_namespace(namespace)
         return self._run(self.put_op(tokens, kv, layout))
 
+    def root(self, namespace: str = "", layout: KVLayout | None = None) -> bytes:
+        """The parent key of this tenant's first chunk of ``layout``."""
+        _own_namespace(namespace)
+        return self._run(self.root_op(layout))
+
+    def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",
+                   layout: KVLayout | None = None) -> PutResult:
+        """Store a chain of chunks built elsewhere (keys from :meth:`keys`, the first parent :meth:`root` or a
+        cached chunk's key), as the store's ``put_chunks``: a first parent that is not cached raises a
+        ParentMissingError (put from the start)."""
+        _own_namespace(namespace)
+        return self._run(self.put_chunks_op(list(chunks), root, layout))
+
     def get(self, tokens: TokenLike, out: torch.Tensor | None = None, layers: range | None = None,
             namespace: str = "", layout: KVLayout | None = None) -> GetResult:
         """Fetch the cached prefix of ``tokens`` (``layers``: a contiguous range, default all) into ``out``."""
@@ -685,6 +732,15 @@ class AsyncClient(_Operations):
                   layout: KVLayout | None = None) -> PutResult:
         _own_namespace(namespace)
         return await self._run(self.put_op(tokens, kv, layout))
+
+    async def root(self, namespace: str = "", layout: KVLayout | None = None) -> bytes:
+        _own_namespace(namespace)
+        return await self._run(self.root_op(layout))
+
+    async def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",
+                         layout: KVLayout | None = None) -> PutResult:
+        _own_namespace(namespace)
+        return await self._run(self.put_chunks_op(list(chunks), root, layout))
 
     async def get(self, tokens: TokenLike, out: torch.Tensor | None = None, layers: range | None = None,
                   namespace: str = "", layout: KVLayout | None = None) -> GetResult:

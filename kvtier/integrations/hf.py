@@ -1,4 +1,5 @@
-"""Hugging Face transformers adapter: reuse cached prefixes from a TieredStore, prefill only the rest.
+"""Hugging Face transformers adapter: reuse cached prefixes from a TieredStore, or from the kvtier service
+through a :class:`~kvtier.api.client.Client` (the same calls), prefill only the rest.
 
 For a batch of prompts the adapter
 
@@ -39,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -47,9 +49,12 @@ from kvtier.compression.presses import PRESSED
 from kvtier.errors import CapacityError, ParentMissingError
 from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
-from kvtier.kvstore.keys import as_tokens, root_key
+from kvtier.kvstore.keys import as_tokens
 from kvtier.kvstore.store import TieredStore
 from kvtier.layout import DTYPES, KVLayout
+
+if TYPE_CHECKING:
+    from kvtier.api.client import Client
 
 Prompt = Sequence[int] | torch.Tensor
 log = logging.getLogger(__name__)
@@ -162,9 +167,10 @@ class Prefilled:
 
 
 class HFKVCache:
-    """Serve a transformers causal LM's prompts from a TieredStore (see the module docstring)."""
+    """Serve a transformers causal LM's prompts from a TieredStore or a service's Client (see the module
+    docstring). With a Client, ``namespace`` must be ``""``: the API key names the tenant."""
 
-    def __init__(self, model: torch.nn.Module, store: TieredStore, chunk_tokens: int = 256, namespace: str = "",
+    def __init__(self, model: torch.nn.Module, store: TieredStore | Client, chunk_tokens: int = 256, namespace: str = "",
                  model_id: str | None = None, pad_token_id: int = 0) -> None:
         require_transformers()
         self.model = model
@@ -306,7 +312,7 @@ class HFKVCache:
         start = time.perf_counter()
         layout = self.layout if loaded is None else loaded.layout  # the attention that computed the KV
         C = layout.chunk_tokens
-        root = root_key(layout.fingerprint, self.namespace)
+        root = self.store.root(self.namespace, layout)
         rows = cache.layers[0].keys.shape[0]
         if rows % len(prompts):
             raise ValueError(f"a cache of {rows} rows does not hold {len(prompts)} prompts")

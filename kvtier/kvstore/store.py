@@ -176,10 +176,14 @@ class TieredStore:
             self.layouts.setdefault(layout.fingerprint, layout)
         return layout.fingerprint
 
+    def root(self, namespace: str = "", layout: KVLayout | None = None) -> bytes:
+        """The parent key of the first chunk of every prompt of ``namespace`` and ``layout``."""
+        return root_key(self._layout(layout).fingerprint, namespace)
+
     def keys(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> list[bytes]:
         """Chunk keys of the full chunks of ``tokens``."""
         layout = self._layout(layout)
-        return chunk_keys(root_key(layout.fingerprint, namespace), as_tokens(tokens), layout.chunk_tokens)
+        return chunk_keys(self.root(namespace, layout), as_tokens(tokens), layout.chunk_tokens)
 
     def lookup(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> LookupResult:
         """The longest cached prefix of ``tokens``, in whole chunks."""

@@ -260,3 +260,53 @@ def test_the_client_takes_the_stores_arguments_and_raises_its_errors(tmp_path):
         with pytest.raises(LayoutError, match="inf, nan"):
             c.put(prompt(C, seed=2), bad, layout=LAYOUT)
         assert c.lookup(tokens, layout=LAYOUT).tokens == 2 * C
+
+
+async def chain_scenario(kind: str, url: str) -> None:
+    """``root`` and ``put_chunks``, the store's calls for chunks built elsewhere (the transformers adapter's)."""
+    from kvtier.api.client import BadRequestError, ConflictError
+    from kvtier.errors import ParentMissingError
+    from kvtier.kvstore.chunk import Chunk
+    from kvtier.kvstore.keys import root_key
+
+    C = LAYOUT.chunk_tokens
+    c = open_client(kind, url, KEYS["alice"])
+    try:
+        tokens = prompt(10 * C, seed=5)  # more chunks than max_chunks_per_batch (8): two requests
+        kv = kv_for(len(tokens), seed=5)
+        root, keys = await c.root(), await c.keys(tokens)
+        assert root != root_key(LAYOUT.fingerprint, "")  # the tenant's own root, not the bare namespace's
+        ids = torch.tensor(tokens, dtype=torch.int32).numpy()
+        chunks = [Chunk(k, keys[i - 1] if i else root, ids[i * C : (i + 1) * C], kv[:, :, :, i * C : (i + 1) * C])
+                  for i, k in enumerate(keys)]
+        with pytest.raises(ParentMissingError) as missing:  # the first parent is not cached yet
+            await c.put_chunks(chunks[4:], root)
+        assert isinstance(missing.value, ConflictError) and "parent" in str(missing.value)
+        with pytest.raises(ValueError, match="root"):
+            await c.put_chunks(chunks, keys[0])
+        with pytest.raises(ValueError, match="expected"):
+            await c.put_chunks([chunks[0], chunks[2]], root)
+        with pytest.raises(ValueError, match="namespace"):
+            await c.put_chunks(chunks, root, "tenant/bob")
+        forged = Chunk(keys[0], root, ids[C : 2 * C], chunks[0].kv)  # a key that is not H(parent || tokens)
+        with pytest.raises(BadRequestError):
+            await c.put_chunks([forged], root)
+        assert (await c.lookup(tokens)).tokens == 0  # nothing refused was stored
+
+        put = await c.put_chunks(chunks[:2], root)
+        assert (put.stored, put.present, put.dropped) == (2, 0, 0)
+        rest = await c.put_chunks(chunks[1:], root)  # from a cached parent on: one present, eight new
+        assert (rest.stored, rest.present, rest.dropped) == (8, 1, 0)
+        assert (await c.put_chunks(chunks, root)).present == 10
+        # the two refused by the service, the first two chunks, then nine and ten in two requests each (8 at most)
+        assert (await c.stats())["requests"]["/v1/chunks"] == 2 + 1 + 2 + 2
+        got = await c.get(tokens)
+        assert got.tokens == 10 * C and torch.equal(got.kv, kv)
+        assert (await c.put_chunks([], root)).stored == 0
+    finally:
+        await close(c)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_chunks_built_elsewhere_are_put_as_a_chain(url, kind):
+    asyncio.run(chain_scenario(kind, url))

@@ -51,6 +51,31 @@ def test_prefill_reuses_the_cached_prefix_and_matches(smollm2, tokens) -> None:
     assert a.store.stats()["chunks"] == len(tokens) // C
 
 
+def test_the_adapter_works_through_the_service(smollm2, tokens) -> None:
+    """An engine switches to a kvtier server by changing the line that makes its store: the adapter over a Client
+    of a real server (uvicorn on 127.0.0.1) reuses the prefix, and its logits and greedy tokens are exact."""
+    from kvtier.api import Client
+    from kvtier.api.auth import hash_key
+    from kvtier.config import KVTierConfig
+    from tests.api.helpers import serve
+
+    model, _ = smollm2
+    config = KVTierConfig(tiers=[{"kind": "host", "capacity_bytes": 256 << 20}],
+                          tenants=[{"name": "engine", "key_sha256": hash_key("engine-key")}])
+    with serve(config) as url, Client(url, api_key="engine-key") as client:
+        a = adapter(model, client)
+        assert a.prefill([tokens[:200]]).loaded.reused == [0]
+        assert client.stats()["put_chunks"] == 3
+        again = a.prefill([tokens])
+        assert again.loaded.reused == [192] and again.loaded.suffix == len(tokens) - 192
+        torch.testing.assert_close(again.logits[0], full_logits(model, tokens)[192:], atol=ATOL, rtol=0)
+        assert client.stats()["put_chunks"] == len(tokens) // C
+        out, loaded = a.generate([tokens[:250]], max_new_tokens=8, do_sample=False)
+        assert loaded.reused == [192]
+        assert torch.equal(out, model.generate(torch.tensor([tokens[:250]]), max_new_tokens=8, do_sample=False,
+                                               pad_token_id=0))
+
+
 def test_generate_gives_the_same_greedy_tokens(smollm2, tokens) -> None:
     model, _ = smollm2
     a = adapter(model)
