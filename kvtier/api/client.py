@@ -1,8 +1,8 @@
 """Python clients of the kvtier service, sync (:class:`Client`) and async (:class:`AsyncClient`).
 
 They mirror the in-process :class:`~kvtier.kvstore.store.TieredStore` (``put``, ``lookup``, ``get``, ``pin``,
-``unpin``, ``delete``, ``prefetch``, ``stats``, ``keys``, ``root``, ``put_chunks``, ``attach``) and return the same result types, so an
-engine switches from in-process to remote use by changing the line that makes its store::
+``unpin``, ``delete``, ``prefetch``, ``stats``, ``keys``, ``root``, ``put_chunks``, ``attach``) and return the
+same result types, so an engine switches from in-process to remote use by changing the line that makes its store::
 
     store = TieredStore(tiers, layout=layout)                 # in-process
     store = Client("http://127.0.0.1:8470", layout, api_key)  # remote
@@ -34,7 +34,7 @@ import torch
 from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, BufferPool, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
 from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TokenError
-from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob
+from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, max_blob_bytes
 from kvtier.kvstore.keys import TokenLike, as_tokens, chunk_keys
 from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult
 from kvtier.layout import KVLayout
@@ -285,14 +285,14 @@ class _Operations:
         # if it was evicted since, the put must store it again (it is present only if all its prefix is).
         known = min(self._known.prefix(keys), max(len(keys) - 1, 0))
         try:
-            stored, present, att = yield from self._chain_op(att, chunks, known)
+            stored, present = yield from self._chain_op(att, chunks, known)
             present += known
         except ConflictError:
             if known == 0:
                 return PutResult(0, 0, len(chunks))
             self._known.forget(keys[:known])  # the known prefix was evicted meanwhile: put from the start
             try:
-                stored, present, att = yield from self._chain_op(att, chunks, 0)
+                stored, present = yield from self._chain_op(att, chunks, 0)
             except ConflictError:
                 return PutResult(0, 0, len(chunks))
         return PutResult(stored, present, len(chunks) - stored - present)
@@ -307,12 +307,12 @@ class _Operations:
         for prev, c in zip(chunks, chunks[1:]):
             if c.parent != prev.key:
                 raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {prev.key.hex()}")
-        stored, present, _ = yield from self._chain_op(att, chunks, 0)
+        stored, present = yield from self._chain_op(att, chunks, 0)
         return PutResult(stored, present, len(chunks) - stored - present)
 
-    def _chain_op(self, att: _Attached, chunks: list[Chunk], start: int) -> Op[tuple[int, int, _Attached]]:
+    def _chain_op(self, att: _Attached, chunks: list[Chunk], start: int) -> Op[tuple[int, int]]:
         """Send ``chunks[start:]`` (a chain) in as few requests as the service's limits allow; returns the chunks
-        stored and found present, and the attachment last used. A 409 of the first request (its first chunk's
+        stored and found present. A 409 of the first request (its first chunk's
         parent is not cached) propagates; after that one, the rest of the chain is dropped: a chunk this put
         stored was evicted meanwhile, or the service dropped chunks for room."""
         stored = present = 0
@@ -338,7 +338,7 @@ class _Operations:
             if result["dropped"]:
                 break
             start = ends[-1]
-        return stored, present, att
+        return stored, present
 
     def _frames(self, chunks: list[Chunk], att: _Attached, start: int) -> tuple[list[bytes | memoryview], int]:
         """The framed blobs of ``chunks[start]``, ``chunks[start + 1]``, ... that fit one request (the service's
@@ -377,14 +377,17 @@ class _Operations:
         if len(ids) > att.max_tokens:  # as a lookup of it would be
             raise PayloadTooLargeError(413, "too_many_tokens", f"{len(ids)} tokens in one request; the limit is "
                                                                f"{att.max_tokens}")
+        sliced = layer_slice(layout, layers)
+        per_reply = max(1, self._rx.max_bytes // (FRAME_PREFIX + max_blob_bytes(sliced)))  # fit a pooled buffer
         tiers: list[str] = []
         n = 0
         while n < len(keys):
+            asked = []
 
             def fetch(a: _Attached) -> _Call:  # the tokens up to the batch's end are all the service needs
-                upto = min(len(keys), n + a.max_chunks) * C
+                asked.append(min(len(keys) - n, a.max_chunks, per_reply))
                 return _Call("POST", "/v1/chunks/fetch", binary=True, json={
-                    "layout": layout.fingerprint, "tokens": ids[:upto].tolist(), "start_chunk": n,
+                    "layout": layout.fingerprint, "tokens": ids[: (n + asked[-1]) * C].tolist(), "start_chunk": n,
                     "layer_start": layers.start, "layer_stop": layers.stop})
 
             reply, att = yield from self._layout_call(att, fetch)
@@ -392,13 +395,12 @@ class _Operations:
             got = int(reply.headers["x-kvtier-tokens"]) // C
             tiers += [t for t in reply.headers["x-kvtier-tiers"].split(",") if t]
             n += got
-            if got < att.max_chunks:
+            if got < asked[-1]:
                 break
         if out is None:
             out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim), dtype=layout.torch_dtype)
         else:
             layout.check_out(out, layers, n * C)
-        sliced = layer_slice(layout, layers)
         i = 0
         for reply in replies:
             for blob in split_frames(memoryview(reply.body)):

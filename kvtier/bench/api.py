@@ -57,7 +57,8 @@ def free_port() -> int:
 
 class ServerProcess:
     """``kvtier serve`` in a subprocess with ``config`` (and ``env`` added to the environment, whose own
-    ``KVTIER_*`` variables are left out: they would override ``config``); ``url`` once started."""
+    ``KVTIER_*`` variables are left out: they would override ``config``); ``url`` once started. Stopped by
+    :meth:`stop`, or on leaving it as a context manager."""
 
     def __init__(self, config: dict, env: dict[str, str] | None = None, startup_s: float = 60.0) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="kvtier-serve-")
@@ -79,6 +80,12 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError(f"kvtier serve did not start (exit code {self.proc.returncode})")
             time.sleep(0.1)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

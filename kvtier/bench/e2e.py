@@ -8,7 +8,9 @@ request after the first, in the same run:
   memory (the same prefix length kvtier reuses);
 - kvtier host / disk: :class:`kvtier.integrations.hf.HFKVCache` over a store with one host tier or one disk
   tier: lookup, fetch, rebuild the cache, prefill the suffix. The prompt's new chunks are stored after the
-  first token (not timed; an engine does it off the critical path).
+  first token (not timed; an engine does it off the critical path);
+- kvtier service: the same adapter over a :class:`kvtier.api.Client` of a ``kvtier serve`` subprocess on
+  127.0.0.1 (one host tier): the lookup and the fetch go over HTTP.
 
 TTFT is to the logits of the last prompt token. The fast measurements (ideal, host, disk) are repeated
 ``--repeats`` times, interleaved, and the fastest kept (the machine is shared; the store is not changed
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import secrets
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
+from kvtier.api.auth import hash_key
+from kvtier.api.client import Client
+from kvtier.bench.api import ServerProcess
 from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, progress
 
@@ -49,6 +55,7 @@ class Timing:
     ideal: float
     host: float
     disk: float
+    service: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=at_least(1), default=256)
 
 
+_NAMES = {"host": "kvtier host tier", "disk": "kvtier disk tier", "service": "kvtier service (HTTP, host tier)"}
+
+
 class _Bench:
-    def __init__(self, model, tokenizer, chunk_tokens: int, repeats: int, disk_dir: str) -> None:
+    def __init__(self, model, tokenizer, chunk_tokens: int, repeats: int, disk_dir: str, client) -> None:
         from kvtier.integrations.hf import HFKVCache
         from kvtier.kvstore.store import TieredStore
         from kvtier.kvstore.tiers.disk import DiskTier
@@ -71,6 +81,8 @@ class _Bench:
         self.model, self.tokenizer, self.repeats = model, tokenizer, repeats
         self.host = HFKVCache(model, TieredStore([HostTier(4 << 30)]), chunk_tokens)
         self.disk = HFKVCache(model, TieredStore([DiskTier(disk_dir, 16 << 30)]), chunk_tokens)
+        self.service = HFKVCache(model, client, chunk_tokens)
+        self.adapters = (self.host, self.disk, self.service)
         self.timings: list[Timing] = []
 
     @torch.no_grad()
@@ -101,22 +113,23 @@ class _Bench:
         machine is shared); then store the prompt. Returns the recompute output (for decoding a reply)."""
         rec_s, out = self.recompute(ids)
         if cold:
-            for adapter in (self.host, self.disk):
+            for adapter in self.adapters:
                 adapter.store_prompts([ids], out.cache)
             return out
-        host, disk, ideal = [], [], []
+        times: list[list[float]] = [[] for _ in self.adapters]
+        ideal = []
         for _ in range(self.repeats):
-            host_s, host_pre = self.kvtier(self.host, ids)
-            disk_s, disk_pre = self.kvtier(self.disk, ids)
-            reused = host_pre.loaded.reused[0]
-            if disk_pre.loaded.reused[0] != reused:
-                raise RuntimeError(f"host and disk stores reused {reused} and {disk_pre.loaded.reused[0]} tokens")
-            ideal.append(self.ideal(ids, out.cache, reused))
-            host.append(host_s)
-            disk.append(disk_s)
-        self.host.store_prompts([ids], host_pre.cache, host_pre.loaded)
-        self.disk.store_prompts([ids], disk_pre.cache, disk_pre.loaded)
-        self.timings.append(Timing(workload, len(ids), reused, rec_s, min(ideal), min(host), min(disk)))
+            served = [self.kvtier(adapter, ids) for adapter in self.adapters]
+            reused = {pre.loaded.reused[0] for _, pre in served}
+            if len(reused) != 1:
+                raise RuntimeError(f"the host, disk and service stores reused {[p.loaded.reused[0] for _, p in served]} "
+                                   "tokens")
+            ideal.append(self.ideal(ids, out.cache, *reused))
+            for spent, (seconds, _) in zip(times, served):
+                spent.append(seconds)
+        for adapter, (_, pre) in zip(self.adapters, served):
+            adapter.store_prompts([ids], pre.cache, pre.loaded)
+        self.timings.append(Timing(workload, len(ids), *reused, rec_s, min(ideal), *map(min, times)))
         return out
 
     @torch.no_grad()
@@ -145,8 +158,12 @@ def run(args: argparse.Namespace) -> Report:
     model, tokenizer = load_smollm2(dtype=torch.float32)
     text = english_text("heldout")
     report = Report("e2e")
-    with tempfile.TemporaryDirectory(prefix="kvtier-e2e-") as disk_dir:
-        bench = _Bench(model, tokenizer, args.chunk_tokens, args.repeats, disk_dir)
+    key = secrets.token_hex(16)
+    service = {"tiers": [{"kind": "host", "capacity_bytes": 1 << 30}],  # the prompts' KV: about 0.3 GiB
+               "tenants": [{"name": "e2e", "key_sha256": hash_key(key)}]}
+    with ServerProcess(service) as server, Client(server.url, api_key=key, timeout=300) as client, \
+            tempfile.TemporaryDirectory(prefix="kvtier-e2e-") as disk_dir:
+        bench = _Bench(model, tokenizer, args.chunk_tokens, args.repeats, disk_dir, client)
         assistant = tokenizer("<|im_start|>assistant\n", add_special_tokens=False).input_ids
         # Shared document + short questions.
         document = tokenizer(text[: args.document_tokens * 8]).input_ids[: args.document_tokens]
@@ -162,22 +179,25 @@ def run(args: argparse.Namespace) -> Report:
             prompt = prompt + bench.reply(out, args.reply_tokens) + tokenizer("<|im_end|>\n", add_special_tokens=False).input_ids
     for workload in ("document-qa", "chat"):
         rows = [t for t in bench.timings if t.workload == workload]
-        total = {k: sum(getattr(t, k) for t in rows) for k in ("recompute", "ideal", "host", "disk")}
+        total = {k: sum(getattr(t, k) for t in rows) for k in ("recompute", "ideal", "host", "disk", "service")}
         prompt_tokens = sum(t.prompt_tokens for t in rows)
         report.add(f"{workload}: tokens reused ({len(rows)} warm requests, {prompt_tokens} prompt tokens)",
                    sum(t.reused for t in rows) / prompt_tokens, "fraction")
         report.add(f"{workload}: TTFT recompute", total["recompute"] / len(rows), "s")
-        for way in ("ideal", "host", "disk"):
-            name = way if way == "ideal" else f"kvtier {way} tier"
+        for way in ("ideal", "host", "disk", "service"):
+            name = way if way == "ideal" else _NAMES[way]
             report.add(f"{workload}: TTFT {name} vs recompute", total[way] / len(rows), "s", "recompute",
                        total["recompute"] / len(rows), higher_is_better=False)
-        for way in ("host", "disk"):
-            report.add(f"{workload}: TTFT kvtier {way} tier vs ideal (ratio: ideal time / kvtier time)",
+        for way in ("host", "disk", "service"):
+            report.add(f"{workload}: TTFT {_NAMES[way]} vs ideal (ratio: ideal time / kvtier time)",
                        total[way] / len(rows), "s", "ideal", total["ideal"] / len(rows), higher_is_better=False)
+        report.add(f"{workload}: TTFT {_NAMES['service']} vs in process (ratio: in-process time / service time)",
+                   total["service"] / len(rows), "s", _NAMES["host"], total["host"] / len(rows), higher_is_better=False)
         for i, t in enumerate(rows):
             report.notes.append(f"{workload} request {i + 1}: {t.prompt_tokens} tokens, {t.reused} reused; TTFT "
                                 f"recompute {t.recompute:.3f} s, ideal {t.ideal:.3f}, host {t.host:.3f}, "
-                                f"disk {t.disk:.3f}")
+                                f"disk {t.disk:.3f}, service {t.service:.3f}")
     report.notes.append("SmolLM2-135M fp32 on CPU; TTFT = lookup + fetch + cache rebuild + suffix prefill; "
-                        "fastest of the interleaved kvtier and ideal repeats")
+                        "fastest of the interleaved kvtier and ideal repeats; the service: `kvtier serve` with one "
+                        "host tier in a subprocess on 127.0.0.1, reached through kvtier.api.Client")
     return report

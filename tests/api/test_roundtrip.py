@@ -310,3 +310,24 @@ async def chain_scenario(kind: str, url: str) -> None:
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_chunks_built_elsewhere_are_put_as_a_chain(url, kind):
     asyncio.run(chain_scenario(kind, url))
+
+
+def test_a_get_is_fetched_in_replies_that_fit_a_pooled_buffer(url):
+    """A reply larger than the client's pooled buffers would be received into fresh memory (page faults on every
+    get): the client asks for as many chunks per request as one pooled buffer holds, and stops at the first
+    reply that brings fewer than it asked for (the cached prefix ends there)."""
+    from kvtier.api.wire import FRAME_PREFIX, BufferPool
+    from kvtier.kvstore.chunk import max_blob_bytes
+
+    C = LAYOUT.chunk_tokens
+    tokens, kv = prompt(5 * C, seed=7), kv_for(5 * C, seed=7)
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        assert c.put(tokens[: 3 * C], kv[:, :, :, : 3 * C]).stored == 3
+        c._rx = BufferPool(max_bytes=2 * (FRAME_PREFIX + max_blob_bytes(LAYOUT)) + 1)  # room for two framed blobs
+        before = c.stats()["requests"].get("/v1/chunks/fetch", 0)
+        got = c.get(tokens)
+        assert got.tokens == 3 * C and torch.equal(got.kv, kv[:, :, :, : 3 * C])
+        assert c.stats()["requests"]["/v1/chunks/fetch"] - before == 2  # chunks 0-1, then 2 (asked for 2-3)
+        assert c.put(tokens, kv).stored == 2
+        assert torch.equal(c.get(tokens).kv, kv)
+        assert c.stats()["requests"]["/v1/chunks/fetch"] - before == 2 + 3  # 0-1, 2-3, 4
