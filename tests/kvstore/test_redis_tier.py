@@ -6,6 +6,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -344,3 +345,68 @@ def test_a_delete_that_missed_the_server_is_sent_by_close(own_server, monkeypatc
     tier.close()
     again = RedisTier(url, 1 << 30, prefix=PREFIX)
     assert {c.key for c, _ in again.scan()} == {kept.key} and len(again) == 1
+
+
+class CuttingProxy:
+    """A TCP proxy to a redis-server on ``port`` that, once :meth:`cut_after` is called, forwards that many more
+    bytes of what its clients send and then closes both ends: a connection really lost in the middle of a
+    command stream (no mock: the server sees exactly that)."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.allow: int | None = None  # bytes still to forward once armed
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut_after(self, nbytes: int) -> None:
+        self.allow = nbytes
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._forward, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._forward, args=(server, client, False), daemon=True).start()
+
+    def _forward(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                if upstream and self.allow is not None and len(data) >= self.allow:
+                    dst.sendall(data[: self.allow])
+                    break
+                if upstream and self.allow is not None:
+                    self.allow -= len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            s.close()
+
+
+def test_a_commit_cut_off_midway_leaves_nothing_in_redis(own_server):
+    """A commit is one transaction: a connection lost after some of its parts reached the server (and this process
+    gone before any retry) leaves no part behind, where parts without their index entry would never be deleted."""
+    port, _ = own_server
+    proxy = CuttingProxy(port)
+    raw = redis.Redis(port=port)
+    try:
+        tier = RedisTier(f"redis://127.0.0.1:{proxy.port}/0", 1 << 30, prefix=PREFIX, max_value_bytes=4096)
+        prepared = tier.prepare(make_chunk(30), LAYOUT)
+        parts = prepared.payload[1]
+        assert len(parts) >= 4
+        proxy.cut_after(3 * len(parts[0]))  # the first two parts' commands arrive whole, the rest and EXEC never
+        with pytest.raises(RedisTierError, match="storing 1 chunk"):
+            tier.commit(prepared)
+        time.sleep(0.2)  # the server has read what arrived and seen the connection close
+        assert raw.dbsize() == 0
+        assert len(RedisTier(f"redis://127.0.0.1:{port}/0", 1 << 30, prefix=PREFIX)) == 0
+    finally:
+        proxy.close()
+        raw.close()

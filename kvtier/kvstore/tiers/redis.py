@@ -9,21 +9,22 @@ Keys, for chunk key ``k`` (hex ``h``) and ``prefix`` (default ``kvtier:``):
   blob's head (header and tokens, a few KiB). Start-up lists these entries alone to rebuild the tier's
   sizes and the store's index without reading any KV.
 
-A commit sends the parts, then the index entry, in one pipeline, straight from the tensors' memory: the
-pure-Python command packer passes memoryviews to the socket, where redis-py's hiredis packer would copy each
-value twice (hiredis still parses the replies). A get reads exactly the byte ranges it needs (``GETRANGE``:
+A commit sends the parts, then the index entry, in one transaction (MULTI/EXEC, pipelined), straight from the
+tensors' memory: the pure-Python command packer passes memoryviews to the socket, where redis-py's hiredis
+packer would copy each value twice (hiredis still parses the replies). A get reads exactly the byte ranges it needs (``GETRANGE``:
 the whole blob, or the header, tokens and requested layers), verifies the tokens' and layers' checksums as
 :class:`~kvtier.kvstore.tiers.disk.DiskTier` does, and copies the raw codec's bytes straight into ``out``. A
 missing part reads as an empty range, so a chunk that lost a part, or holds a bad one, is a miss that is
 deleted and counted in ``stats.corrupt``: no torn or corrupt chunk is ever served, whatever happened to the
-server, and no write needs to be atomic.
+server. The transaction is there so that nothing leaks: a commit cut off before its EXEC arrived (the connection
+lost, this process killed) leaves no part behind without its index entry.
 
 Failures: gets and summaries never raise. A Redis error during a get is a miss counted in ``stats.errors``,
 and the chunk is kept (the server may answer the next read; the store forgets only a chunk a tier no longer
-contains). The keys of every delete that failed are deleted with the next write that reaches the server, or
-by :meth:`close` (one try). A commit that fails raises :class:`RedisTierError` and leaves nothing of the chunk
-accounted. Every command has a timeout, so nothing waits forever. A commit cut off by a crash may leave parts
-without their index entry: never served, but not deleted either (left for later).
+contains). The keys of every delete that failed are deleted by the next delete or commit that reaches the
+server (a commit sends them first, on their own: a transaction Redis refuses, e.g. when full, would drop them
+with it), or by :meth:`close` (one try). A commit that fails raises :class:`RedisTierError` and leaves nothing
+of the chunk accounted. Every command has a timeout, so nothing waits forever.
 
 ``used_bytes`` is the sum of the lengths of the values this tier stored (parts and index entries), not
 Redis's own per-key overhead. One tier owns a prefix: two stores sharing a prefix would evict each other's
@@ -309,11 +310,13 @@ class RedisTier(Tier):
         self.commit_many([prepared])
 
     def commit_many(self, prepared: Sequence[Prepared]) -> None:
-        """Store the chunks in pipelines of up to about 64 MiB. Raises RedisTierError if one fails; the chunks
-        of earlier pipelines are stored then, the others are not."""
+        """Store the chunks in transactions (MULTI/EXEC) of up to about 64 MiB: a transaction cut off (the
+        connection lost, this process killed) leaves nothing of its chunks in Redis. Raises RedisTierError if one
+        fails; the chunks of earlier transactions are stored then, the others are not."""
         for batch in self._batches(prepared, lambda p: p.nbytes):
-            pipe = self._redis.pipeline(transaction=False)
-            stale = self._queue_stale(pipe)
+            if self._stale:  # on their own: a transaction refused (Redis full) would drop them with it
+                self._send_stale("retried with the next write")
+            pipe = self._redis.pipeline(transaction=True)
             for p in batch:
                 old = self._entries.get(p.key)
                 if old is not None:
@@ -323,15 +326,12 @@ class RedisTier(Tier):
                     pipe.set(self._part(p.key, i), part)
                 pipe.set(self._meta(p.key), meta)
             try:
-                replies = pipe.execute(raise_on_error=False)
-                if stale and not isinstance(replies[0], Exception):
-                    self._stale -= stale  # deleted, even if a write below was refused (e.g. Redis is full)
-                failed = next((r for r in replies[1 if stale else 0 :] if isinstance(r, Exception)), None)
+                failed = next((r for r in pipe.execute(raise_on_error=False) if isinstance(r, Exception)), None)
                 if failed is not None:
                     raise failed
             except redis.RedisError as exc:
                 self.stats.errors += 1
-                for p in batch:  # some of its commands may have run: delete its keys later
+                for p in batch:  # some of its commands may have run (EXEC runs the others): delete its keys later
                     if p.key in self._entries:
                         self._stale.update(self._names(p.key, self._entries[p.key]))
                         self._forget(p.key)
