@@ -27,16 +27,13 @@ with it), or by :meth:`close` (one try). A commit that fails raises :class:`Redi
 of the chunk accounted. Every command has a timeout, so nothing waits forever.
 
 ``used_bytes`` is the sum of the lengths of the values this tier stored (parts and index entries), not
-Redis's own per-key overhead. One tier owns a prefix: its connections are named after it (``CLIENT SETNAME``),
-and a tier refuses to start while another live store's connections carry that name (two stores sharing a prefix
-would evict each other's chunks unseen); a store that exited or crashed holds no connection, so its restart
-is never refused.
+Redis's own per-key overhead. One tier owns a prefix: two stores sharing a prefix would evict each other's
+chunks unseen.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -206,12 +203,9 @@ class RedisTier(Tier):
         self.part_bytes = int(max_value_bytes)
         # hiredis parses replies; the pure-Python packer sends memoryviews of the tensors without copying them
         # (redis-py's hiredis packer copies every value twice).
-        # Every connection of this tier is named tag-token: another live store on the prefix shows in CLIENT LIST.
-        self._tag = f"kvtier-{prefix.encode().hex()}"
         self._pool = redis.ConnectionPool.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1),
-            command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode),
-            client_name=f"{self._tag}-{secrets.token_hex(8)}")
+            command_packer=PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode))
         self._redis = redis.Redis(connection_pool=self._pool)
         kwargs = self._pool.connection_kwargs
         self.where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
@@ -219,7 +213,6 @@ class RedisTier(Tier):
         self._used = 0
         self._stale: set[bytes] = set()  # Redis keys to delete with the next write that reaches the server
         try:
-            self._claim_prefix()
             for key, meta, header in self._read_index(self._list_index()):
                 if header is None:
                     self.stats.corrupt += 1
@@ -230,25 +223,6 @@ class RedisTier(Tier):
         except redis.RedisError as exc:
             self._pool.disconnect()
             raise RedisTierError(f"redis tier {name!r}: cannot read its chunks from {self.where}: {exc}") from None
-
-    def _claim_prefix(self) -> None:
-        """Refuse to start while another store's connections to this server use the prefix: two stores on one
-        prefix would evict and overwrite each other's chunks unseen. A store that exited or crashed has no
-        connections left, so a restart is never refused. Where CLIENT LIST is not allowed, the check is skipped."""
-        mine = self._pool.connection_kwargs["client_name"]
-        self._redis.ping()  # a connection of this tier, named, exists from here on
-        try:
-            clients = self._redis.client_list()
-        except redis.ResponseError as exc:
-            log.warning("redis tier %s: cannot list the clients of %s (%s): two stores on prefix %r would not be "
-                        "noticed", self.name, self.where, exc, self.prefix)
-            return
-        other = next((c for c in clients if c.get("name", "").startswith(self._tag + "-") and c["name"] != mine), None)
-        if other is not None:
-            self._pool.disconnect()
-            raise RedisTierError(f"redis tier {self.name!r}: prefix {self.prefix!r} at {self.where} is in use by "
-                                 f"another store (client {other.get('addr')}); two stores on one prefix would evict "
-                                 "each other's chunks: give each its own prefix, or stop the other one")
 
     # ------------------------------------------------------------------ keys and index entries
 
