@@ -36,7 +36,7 @@ from kvtier.compression.codec import get_codec
 from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TokenError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, max_blob_bytes
 from kvtier.kvstore.keys import TokenLike, as_tokens, chunk_keys
-from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult
+from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult, check_chain
 from kvtier.layout import KVLayout
 
 T = TypeVar("T")
@@ -291,6 +291,7 @@ class _Operations:
             if known == 0:
                 return PutResult(0, 0, len(chunks))
             self._known.forget(keys[:known])  # the known prefix was evicted meanwhile: put from the start
+            att = self._attached.get(layout.fingerprint, att)  # under the limits of a new attachment, if there was one
             try:
                 stored, present = yield from self._chain_op(att, chunks, 0)
             except ConflictError:
@@ -298,15 +299,15 @@ class _Operations:
         return PutResult(stored, present, len(chunks) - stored - present)
 
     def put_chunks_op(self, chunks: list[Chunk], root: bytes, layout: KVLayout | None) -> Op[PutResult]:
+        """Checked here as the store checks them, before anything is sent: a chain longer than one request is
+        stored request by request, and a refusal of a later one would leave the earlier ones stored."""
         att = yield from self._ensure_op(layout)
-        if not chunks:
-            return PutResult(0, 0, 0)
         if root != att.root:
             raise ValueError(f"root {root.hex()} is not this tenant's root of layout {att.layout.fingerprint} "
                              "(Client.root gives it)")
-        for prev, c in zip(chunks, chunks[1:]):
-            if c.parent != prev.key:
-                raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {prev.key.hex()}")
+        check_chain(chunks, att.layout)
+        if not chunks:
+            return PutResult(0, 0, 0)
         stored, present = yield from self._chain_op(att, chunks, 0)
         return PutResult(stored, present, len(chunks) - stored - present)
 

@@ -68,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=at_least(1), default=256)
 
 
+_HOST_BYTES = 4 << 30  # the host tier, in process and in the service: room for every prompt's KV
 _NAMES = {"host": "kvtier host tier", "disk": "kvtier disk tier", "service": "kvtier service (HTTP, host tier)"}
 
 
@@ -79,7 +80,7 @@ class _Bench:
         from kvtier.kvstore.tiers.memory import HostTier
 
         self.model, self.tokenizer, self.repeats = model, tokenizer, repeats
-        self.host = HFKVCache(model, TieredStore([HostTier(4 << 30)]), chunk_tokens)
+        self.host = HFKVCache(model, TieredStore([HostTier(_HOST_BYTES)]), chunk_tokens)
         self.disk = HFKVCache(model, TieredStore([DiskTier(disk_dir, 16 << 30)]), chunk_tokens)
         self.service = HFKVCache(model, client, chunk_tokens)
         self.adapters = (self.host, self.disk, self.service)
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> Report:
     text = english_text("heldout")
     report = Report("e2e")
     key = secrets.token_hex(16)
-    service = {"tiers": [{"kind": "host", "capacity_bytes": 1 << 30}],  # the prompts' KV: about 0.3 GiB
+    service = {"tiers": [{"kind": "host", "capacity_bytes": _HOST_BYTES}],
                "tenants": [{"name": "e2e", "key_sha256": hash_key(key)}]}
     with ServerProcess(service) as server, Client(server.url, api_key=key, timeout=300) as client, \
             tempfile.TemporaryDirectory(prefix="kvtier-e2e-") as disk_dir:

@@ -379,26 +379,10 @@ class TieredStore:
             raise ValueError(f"root {root.hex()} is not the root of namespace {namespace!r} and layout "
                              f"{layout.fingerprint}")
         self._cached_parent(chunks, root, namespace, layout)  # fails fast; checked again under the lock
-        expected = chunks[0].parent if chunks else root
-        for c in chunks:
-            if c.parent != expected:
-                raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {expected.hex()}")
-            tokens = as_tokens(c.tokens)
-            if len(tokens) != layout.chunk_tokens:
-                raise ValueError(f"chunk {c.key.hex()} has {len(tokens)} tokens, the layout needs {layout.chunk_tokens}")
-            if chain_key(c.parent, _token_bytes(tokens)) != c.key:
-                raise ValueError(f"chunk key {c.key.hex()} is not H(parent || tokens)")
-            if not self.metadata_only:
-                layout.check_kv(c.kv, layout.chunk_tokens, name=f"kv of chunk {c.key.hex()}")
-                if c.kv.shape[3] != layout.chunk_tokens:
-                    raise LayoutError(f"kv of chunk {c.key.hex()} holds {c.kv.shape[3]} tokens, a chunk "
-                                      f"{layout.chunk_tokens}")
-                if c.summary is not None and (tuple(c.summary.shape) != layout.summary_shape
-                                              or c.summary.dtype != layout.torch_dtype):
-                    raise LayoutError(f"key summary of chunk {c.key.hex()} is {tuple(c.summary.shape)} "
-                                      f"{c.summary.dtype}, the layout's is {layout.summary_shape} {layout.torch_dtype}")
+        check_chain(chunks, layout, with_kv=not self.metadata_only)
+        if not self.metadata_only:
+            for c in chunks:
                 self._check_kv(c.kv)
-            expected = c.key
         return self._put_chain(list(chunks), root, layout, namespace, len(chunks))
 
     def put_keys(self, keys: Sequence[bytes], root: bytes, namespace: str = "", layout: KVLayout | None = None) -> PutResult:
@@ -987,6 +971,31 @@ def _pinned(nodes: Iterable[Node]) -> Iterator[None]:
     finally:
         for node in held:
             node.pins -= 1
+
+
+def check_chain(chunks: Sequence[Chunk], layout: KVLayout, with_kv: bool = True) -> None:
+    """Raise unless ``chunks`` is a chain of chunks of ``layout``: each one's parent the previous one's key (the
+    first's is not checked here), its key ``H(parent || tokens)`` of ``chunk_tokens`` tokens (ValueError) and,
+    ``with_kv``, its KV ``[L, T, H, chunk_tokens, D]`` and key summary (if any) of the layout (LayoutError)."""
+    expected = chunks[0].parent if chunks else b""
+    for c in chunks:
+        if c.parent != expected:
+            raise ValueError(f"chunk {c.key.hex()} has parent {c.parent.hex()}, expected {expected.hex()}")
+        tokens = as_tokens(c.tokens)
+        if len(tokens) != layout.chunk_tokens:
+            raise ValueError(f"chunk {c.key.hex()} has {len(tokens)} tokens, the layout needs {layout.chunk_tokens}")
+        if chain_key(c.parent, _token_bytes(tokens)) != c.key:
+            raise ValueError(f"chunk key {c.key.hex()} is not H(parent || tokens)")
+        if with_kv:
+            layout.check_kv(c.kv, layout.chunk_tokens, name=f"kv of chunk {c.key.hex()}")
+            if c.kv.shape[3] != layout.chunk_tokens:
+                raise LayoutError(f"kv of chunk {c.key.hex()} holds {c.kv.shape[3]} tokens, a chunk "
+                                  f"{layout.chunk_tokens}")
+            if c.summary is not None and (tuple(c.summary.shape) != layout.summary_shape
+                                          or c.summary.dtype != layout.torch_dtype):
+                raise LayoutError(f"key summary of chunk {c.key.hex()} is {tuple(c.summary.shape)} "
+                                  f"{c.summary.dtype}, the layout's is {layout.summary_shape} {layout.torch_dtype}")
+        expected = c.key
 
 
 def _token_bytes(tokens: np.ndarray) -> memoryview:

@@ -264,7 +264,7 @@ def test_the_client_takes_the_stores_arguments_and_raises_its_errors(tmp_path):
 
 async def chain_scenario(kind: str, url: str) -> None:
     """``root`` and ``put_chunks``, the store's calls for chunks built elsewhere (the transformers adapter's)."""
-    from kvtier.api.client import BadRequestError, ConflictError
+    from kvtier.api.client import ConflictError
     from kvtier.errors import ParentMissingError
     from kvtier.kvstore.chunk import Chunk
     from kvtier.kvstore.keys import root_key
@@ -288,9 +288,17 @@ async def chain_scenario(kind: str, url: str) -> None:
             await c.put_chunks([chunks[0], chunks[2]], root)
         with pytest.raises(ValueError, match="namespace"):
             await c.put_chunks(chunks, root, "tenant/bob")
-        forged = Chunk(keys[0], root, ids[C : 2 * C], chunks[0].kv)  # a key that is not H(parent || tokens)
-        with pytest.raises(BadRequestError):
-            await c.put_chunks([forged], root)
+        # checked as the store checks them, before anything is sent: a bad chunk in the second request's part of
+        # the chain must not leave the first request's chunks stored
+        forged = chunks[:9] + [Chunk(keys[9], keys[8], ids[:C], chunks[9].kv)]  # a key that is not H(parent || tokens)
+        with pytest.raises(ValueError, match="H\\(parent"):
+            await c.put_chunks(forged, root)
+        with pytest.raises(LayoutError, match="dtype"):
+            await c.put_chunks(chunks[:9] + [Chunk(keys[9], keys[8], chunks[9].tokens, chunks[9].kv.float())], root)
+        with pytest.raises(LayoutError, match="tokens"):
+            await c.put_chunks([Chunk(keys[0], root, chunks[0].tokens, kv[:, :, :, : 2 * C])], root)
+        with pytest.raises(ValueError, match="root"):
+            await c.put_chunks([], keys[0])
         assert (await c.lookup(tokens)).tokens == 0  # nothing refused was stored
 
         put = await c.put_chunks(chunks[:2], root)
@@ -298,8 +306,8 @@ async def chain_scenario(kind: str, url: str) -> None:
         rest = await c.put_chunks(chunks[1:], root)  # from a cached parent on: one present, eight new
         assert (rest.stored, rest.present, rest.dropped) == (8, 1, 0)
         assert (await c.put_chunks(chunks, root)).present == 10
-        # the two refused by the service, the first two chunks, then nine and ten in two requests each (8 at most)
-        assert (await c.stats())["requests"]["/v1/chunks"] == 2 + 1 + 2 + 2
+        # the one refused by the service (409), the first two chunks, then nine and ten in two requests each (8 at most)
+        assert (await c.stats())["requests"]["/v1/chunks"] == 1 + 1 + 2 + 2
         got = await c.get(tokens)
         assert got.tokens == 10 * C and torch.equal(got.kv, kv)
         assert (await c.put_chunks([], root)).stored == 0
@@ -331,3 +339,21 @@ def test_a_get_is_fetched_in_replies_that_fit_a_pooled_buffer(url):
         assert c.put(tokens, kv).stored == 2
         assert torch.equal(c.get(tokens).kv, kv)
         assert c.stats()["requests"]["/v1/chunks/fetch"] - before == 2 + 3  # 0-1, 2-3, 4
+
+
+def test_a_put_retried_after_a_restart_takes_the_new_limits(tmp_path):
+    """The service restarts (memory only: its chunks are gone) with a smaller max_chunks_per_batch: a put that
+    extends a prompt the client saw cached is refused (409), the client attaches again and sends the whole
+    prompt from its start, in batches of the new size."""
+    C = LAYOUT.chunk_tokens
+    tokens, kv = prompt(12 * C, seed=9), kv_for(12 * C, seed=9)
+    tiers = [{"kind": "host", "capacity_bytes": 1 << 20}]
+    config = make_config(tmp_path, tiers=tiers)
+    with serve(config) as url:
+        c = Client(url, LAYOUT, api_key=KEYS["alice"])
+        assert c.put(tokens[: 10 * C], kv[:, :, :, : 10 * C]).stored == 10
+    smaller = make_config(tmp_path, tiers=tiers, server={"max_chunks_per_batch": 2})
+    with serve(smaller, port=int(url.rsplit(":", 1)[1])), c:
+        put = c.put(tokens, kv)
+        assert (put.stored, put.present, put.dropped) == (12, 0, 0)
+        assert torch.equal(c.get(tokens).kv, kv)
