@@ -410,3 +410,53 @@ def test_a_commit_cut_off_midway_leaves_nothing_in_redis(own_server):
     finally:
         proxy.close()
         raw.close()
+
+
+def test_a_commit_after_deletes_that_did_not_reach_the_server(own_server):
+    """Deletes that failed are sent before the next commit, on their own; while they cannot be sent, the commit is
+    refused too (else a chunk stored again could be deleted by them later). Connections really cut by a proxy."""
+    port, _ = own_server
+    proxy = CuttingProxy(port)
+    try:
+        tier = RedisTier(f"redis://127.0.0.1:{proxy.port}/0", 1 << 30, prefix=PREFIX, max_value_bytes=4096)
+        again, other = make_chunk(50), make_chunk(51)
+        tier.commit_many([tier.prepare(again, LAYOUT), tier.prepare(other, LAYOUT)])
+        proxy.cut_after(0)
+        assert tier.delete(again.key) > 0 and tier._stale  # its DEL never arrived: queued
+        with pytest.raises(RedisTierError, match="deletes queued before"):
+            tier.commit(tier.prepare(again, LAYOUT))
+        assert not tier.contains(again.key)
+        proxy.allow = None  # the network is back
+        tier.commit(tier.prepare(again, LAYOUT))  # the queued DEL first, then the chunk
+        assert not tier._stale and tier.delete(other.key) > 0
+        assert torch.equal(tier.get(again.key, new_out()).kv, again.kv) and tier.stats.corrupt == 0
+    finally:
+        proxy.close()
+
+
+def test_a_user_denied_transactions_still_stores(own_server, caplog):
+    """An ACL that denies MULTI/EXEC: the tier warns and commits with plain pipelines."""
+    port, _ = own_server
+    raw = redis.Redis(port=port)
+    raw.acl_setuser("plain", enabled=True, passwords=["+pw"], keys=[PREFIX + "*"],
+                    commands=["+@read", "+@write", "+ping", "+hello", "+scan", "-multi", "-exec"])
+    try:
+        tier = RedisTier(f"redis://plain:pw@127.0.0.1:{port}/0", 1 << 30, prefix=PREFIX)
+        assert "transactions are refused" in caplog.text
+        chunk = make_chunk(60)
+        tier.commit(tier.prepare(chunk, LAYOUT))
+        assert torch.equal(tier.get(chunk.key, new_out()).kv, chunk.kv)
+        tier.close()
+    finally:
+        raw.close()
+
+
+def test_a_prefix_followed_by_hex_digits_is_another_tiers(url, raw):
+    """``kvtier-test:`` lists ``kvtier-test:*:m``, which also matches the keys of a tier on ``kvtier-test:ab``: they
+    are not this tier's chunks (their keys would be 17 bytes), so they are neither counted nor deleted."""
+    other = RedisTier(url, 1 << 30, prefix=PREFIX + "ab")
+    chunk = make_chunk(70)
+    other.commit(other.prepare(chunk, LAYOUT))
+    mine = RedisTier(url, 1 << 30, prefix=PREFIX)
+    assert len(mine) == 0 and mine.stats.corrupt == 0
+    assert RedisTier(url, 1 << 30, prefix=PREFIX + "ab").contains(chunk.key)

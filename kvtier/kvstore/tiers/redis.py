@@ -17,18 +17,21 @@ the whole blob, or the header, tokens and requested layers), verifies the tokens
 missing part reads as an empty range, so a chunk that lost a part, or holds a bad one, is a miss that is
 deleted and counted in ``stats.corrupt``: no torn or corrupt chunk is ever served, whatever happened to the
 server. The transaction is there so that nothing leaks: a commit cut off before its EXEC arrived (the connection
-lost, this process killed) leaves no part behind without its index entry.
+lost, this process killed) leaves no part behind without its index entry. (A user whose ACL denies MULTI/EXEC
+gets plain pipelines, with a warning at start-up; a commit cut off may then leave parts behind.)
 
 Failures: gets and summaries never raise. A Redis error during a get is a miss counted in ``stats.errors``,
 and the chunk is kept (the server may answer the next read; the store forgets only a chunk a tier no longer
 contains). The keys of every delete that failed are deleted by the next delete or commit that reaches the
-server (a commit sends them first, on their own: a transaction Redis refuses, e.g. when full, would drop them
-with it), or by :meth:`close` (one try). A commit that fails raises :class:`RedisTierError` and leaves nothing
+server, or by :meth:`close` (one try). A commit sends them first, on their own (a transaction Redis refuses, e.g.
+when full, would drop them with it), and is refused while they cannot be sent (they could delete a chunk it
+stored again). A commit that fails raises :class:`RedisTierError` and leaves nothing
 of the chunk accounted. Every command has a timeout, so nothing waits forever.
 
 ``used_bytes`` is the sum of the lengths of the values this tier stored (parts and index entries), not
 Redis's own per-key overhead. One tier owns a prefix: two stores sharing a prefix would evict each other's
-chunks unseen.
+chunks unseen (not detected). Another prefix that starts with this one is another tier's: its keys are not
+chunk keys of this one (a key is 16 bytes), so they are left alone.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from redis.retry import Retry
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError, CodecError, LayoutError, TierError
 from kvtier.kvstore.chunk import BlobHeader, Chunk, byte_view, checksum, encode_blob, header_length, layer_checksums, parse_header
+from kvtier.kvstore.keys import KEY_BYTES
 from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
 
@@ -213,6 +217,7 @@ class RedisTier(Tier):
         self._used = 0
         self._stale: set[bytes] = set()  # Redis keys to delete with the next write that reaches the server
         try:
+            self._atomic = self._transactions_allowed()
             for key, meta, header in self._read_index(self._list_index()):
                 if header is None:
                     self.stats.corrupt += 1
@@ -223,6 +228,19 @@ class RedisTier(Tier):
         except redis.RedisError as exc:
             self._pool.disconnect()
             raise RedisTierError(f"redis tier {name!r}: cannot read its chunks from {self.where}: {exc}") from None
+
+    def _transactions_allowed(self) -> bool:
+        """Whether this connection's user may run MULTI/EXEC (an ACL may deny it). Without, commits are plain
+        pipelines: a commit cut off may then leave parts behind (never served, never deleted)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.exists(self._meta(bytes(KEY_BYTES)))
+        try:
+            pipe.execute()
+        except redis.ResponseError as exc:
+            log.warning("redis tier %s: transactions are refused at %s (%s): commits are plain pipelines, and one "
+                        "cut off may leave parts behind", self.name, self.where, exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ keys and index entries
 
@@ -241,9 +259,11 @@ class RedisTier(Tier):
         keys = []
         for name in self._redis.scan_iter(match=pattern, count=1000):
             try:
-                keys.append(bytes.fromhex(name[len(self.prefix.encode()) : -2].decode()))
+                key = bytes.fromhex(name[len(self.prefix.encode()) : -2].decode())
             except ValueError:
                 continue
+            if len(key) == KEY_BYTES:  # else another prefix's (this one followed by hex digits)
+                keys.append(key)
         return keys
 
     def _read_index(self, keys: Sequence[bytes]) -> Iterator[tuple[bytes, bytes, BlobHeader | None]]:
@@ -314,9 +334,12 @@ class RedisTier(Tier):
         connection lost, this process killed) leaves nothing of its chunks in Redis. Raises RedisTierError if one
         fails; the chunks of earlier transactions are stored then, the others are not."""
         for batch in self._batches(prepared, lambda p: p.nbytes):
-            if self._stale:  # on their own: a transaction refused (Redis full) would drop them with it
-                self._send_stale("retried with the next write")
-            pipe = self._redis.pipeline(transaction=True)
+            # the queued deletes on their own: a transaction refused (Redis full) would drop them with it; and if
+            # they fail, so would the commit (and a commit that did go through could be deleted by them later)
+            if self._stale and not self._send_stale("retried with the next write"):
+                raise RedisTierError(f"redis tier {self.name!r}: storing {len(batch)} chunk(s) at {self.where} "
+                                     "failed: the deletes queued before it could not be sent")
+            pipe = self._redis.pipeline(transaction=self._atomic)
             for p in batch:
                 old = self._entries.get(p.key)
                 if old is not None:
@@ -440,17 +463,20 @@ class RedisTier(Tier):
             self._send_stale("they come back at the next start")
         self._pool.disconnect()
 
-    def _send_stale(self, else_: str) -> None:
-        """Delete the keys of chunks deleted here; a failure is counted and logged with ``else_`` (what follows)."""
+    def _send_stale(self, else_: str) -> bool:
+        """Delete the keys of chunks deleted here; whether that worked. A failure is counted and logged with
+        ``else_`` (what follows)."""
         pipe = self._redis.pipeline(transaction=False)
         stale = self._queue_stale(pipe)
         try:
             pipe.execute()
-            self._stale -= stale
         except redis.RedisError as exc:
             log.warning("redis tier %s: deleting %d keys at %s failed (%s): %s", self.name, len(stale), self.where,
                         else_, exc)
             self.stats.errors += 1
+            return False
+        self._stale -= stale
+        return True
 
     # ------------------------------------------------------------------ helpers
 
