@@ -4,6 +4,9 @@ Per turn it prints the prompt tokens, the tokens served from the store, and the 
 kvtier and without it (a full prefill), then the reply. Run from the repository root:
 
     .venv/bin/python examples/chat_smollm2.py [--turns 4] [--reply-tokens 40] [--chunk-tokens 64]
+
+With ``--url`` the KV lives in a kvtier service instead of this process (the one line that changes is the
+store's): ``bash scripts/run.sh`` serves one on http://127.0.0.1:8470 with open access, so no key is needed.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 
 import torch
 
+from kvtier.api import Client
 from kvtier.integrations.hf import HFKVCache
 from kvtier.integrations.smollm2 import load_smollm2
 from kvtier.kvstore.store import TieredStore
@@ -33,10 +37,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--reply-tokens", type=int, default=40)
     parser.add_argument("--chunk-tokens", type=int, default=64)
+    parser.add_argument("--url", help="a kvtier service to keep the KV in, e.g. http://127.0.0.1:8470")
+    parser.add_argument("--api-key", help="the tenant's API key at --url (none for open access)")
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2(dtype=torch.float32)
-    kv = HFKVCache(model, TieredStore([HostTier(1 << 30)]), chunk_tokens=args.chunk_tokens)
+    store = Client(args.url, api_key=args.api_key) if args.url else TieredStore([HostTier(1 << 30)])
+    kv = HFKVCache(model, store, chunk_tokens=args.chunk_tokens)
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompt = encode("<|im_start|>system\nYou are a concise, helpful assistant.<|im_end|>\n")
