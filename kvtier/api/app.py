@@ -35,6 +35,7 @@ import anyio
 import numpy as np
 import torch
 from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -430,6 +431,11 @@ def _layers(layout: KVLayout, start: int | None, stop: int | None) -> range:
     return layers
 
 
+def _printable(value: str | int) -> str | int:
+    """``value`` as JSON can carry it in UTF-8 (a lone surrogate, from a JSON escape, cannot be)."""
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
 def _replay(first: Message, receive: Receive) -> Receive:
     """``receive``, giving ``first`` (a message already received from it) before anything else."""
     pending = [first]
@@ -657,6 +663,13 @@ def create_app(config: KVTierConfig) -> FastAPI:
         error = getattr(exc, "error", "http_error")
         return JSONResponse({"error": error, "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes each bad value, and one JSON cannot carry back (NaN, 1e400, a lone surrogate)
+        # made it a 500: what was wrong, and where, without the value
+        return JSONResponse({"detail": [{"type": e["type"], "loc": [_printable(x) for x in e["loc"]],
+                                         "msg": _printable(e["msg"])} for e in exc.errors()]}, status_code=422)
 
     @app.exception_handler(CapacityError)
     async def capacity_error(request: Request, exc: CapacityError) -> JSONResponse:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 FINGERPRINT = r"^[0-9a-f]{32}$"
 Fingerprint = Annotated[str, Field(pattern=FINGERPRINT, description="a layout fingerprint (POST /v1/layouts)")]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]  # a JSON integer: not true, "5" or 1.0
 
 
 class Layout(BaseModel):

@@ -315,3 +315,21 @@ def test_a_tenant_attaches_at_most_max_layouts_per_tenant(tmp_path):
         assert "max_layouts_per_tenant" in refused.json()["detail"]
         assert attach(layouts[0], KEYS["alice"]).status_code == 200
         assert attach(layouts[2], KEYS["bob"]).status_code == 200
+
+
+@pytest.mark.parametrize("payload", [b'{"layout": "%s", "tokens": [NaN]}', b'{"layout": "%s", "tokens": [1e400]}',
+                                     b'{"layout": "\\ud800%s", "tokens": []}', b'{"layout": "%s", "\\ud800": 1}'])
+def test_json_values_no_answer_can_echo_still_get_a_422(url, root, payload):
+    """Python's JSON reader takes NaN, 1e400 and lone surrogates, which no JSON answer can carry back: the 422 says
+    what was wrong and where, without the value, and the connection stays usable."""
+    with httpx.Client(base_url=url, headers={**AUTH, "Content-Type": "application/json"}) as http:
+        reply = http.post("/v1/lookup", content=payload.replace(b"%s", LAYOUT.fingerprint.encode()))
+        assert reply.status_code == 422, reply.text
+        assert all({"type", "loc", "msg"} <= set(e) for e in reply.json()["detail"])
+        assert http.post("/v1/lookup", json={"layout": LAYOUT.fingerprint, "tokens": []}).status_code == 200
+
+
+@pytest.mark.parametrize("token", [True, "5", 1.0])
+def test_a_token_id_is_a_json_integer(url, root, token):
+    reply = httpx.post(url + "/v1/lookup", json={"layout": LAYOUT.fingerprint, "tokens": [token]}, headers=AUTH)
+    assert reply.status_code == 422 and reply.json()["detail"][0]["loc"] == ["body", "tokens", 0], reply.text
