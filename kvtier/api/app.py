@@ -3,7 +3,8 @@
 
 Every tenant endpoint takes token ids and a layout fingerprint; the server derives the chunk keys from the
 tenant's own namespace, so a request can only ever name its own tenant's chunks. The one place a client
-names a key is the parent of the first chunk of a put, and that must be the tenant's root or a chunk of the
+names a key is the chunk a request's tokens follow (the parent of a put's first chunk; a lookup's or fetch's
+``parent``, for a prompt too long for one request), and that must be the tenant's root or a cached chunk of the
 tenant's namespace: any other key, cached or not, gets the same 409. Layouts are attached per tenant.
 
 Chunk data travels in the blob format (:mod:`kvtier.kvstore.chunk`), framed by :mod:`kvtier.api.wire`. A put
@@ -55,7 +56,7 @@ from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig, ServerConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TierError
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
-from kvtier.kvstore.keys import root_key
+from kvtier.kvstore.keys import as_tokens, chunk_keys, root_key
 from kvtier.kvstore.store import TieredStore
 from kvtier.layout import KVLayout
 
@@ -244,9 +245,21 @@ class Service:
             limits=schemas.Limits(**self.limits.model_dump(include=set(schemas.Limits.model_fields))),
         )
 
-    def lookup(self, principal: Principal, layout: KVLayout, tokens: list[int]) -> schemas.LookupResponse:
-        result = self.store(principal).lookup(tokens, principal.namespace, layout)
-        self.count(principal.tenant, lookup_tokens=len(tokens), hit_tokens=result.tokens)
+    def chain(self, principal: Principal, layout: KVLayout, req: schemas.ChainRequest) -> tuple[bytes, list[bytes]]:
+        """The key the request's tokens follow (its ``parent``, or the tenant's root) and the keys of its full
+        chunks; a 409 when that parent is not one of the tenant's cached chunks."""
+        store = self.store(principal)
+        base = store.root(principal.namespace, layout) if req.parent is None else bytes.fromhex(req.parent)
+        try:
+            store.check_parent(base, principal.namespace, layout)
+        except ParentMissingError:
+            raise _parent_missing(base) from None
+        return base, chunk_keys(base, as_tokens(req.tokens), layout.chunk_tokens)
+
+    def lookup(self, principal: Principal, layout: KVLayout, req: schemas.ChainRequest) -> schemas.LookupResponse:
+        _, keys = self.chain(principal, layout, req)
+        result = self.store(principal).lookup_keys(keys, layout, n_tokens=len(req.tokens))
+        self.count(principal.tenant, lookup_tokens=len(req.tokens), hit_tokens=result.tokens)
         return schemas.LookupResponse(tokens=result.tokens, chunks=[
             schemas.ChunkInfo(index=c.index, key=c.key.hex(), tiers=c.tiers) for c in result.chunks])
 
@@ -346,10 +359,9 @@ class Service:
         sliced = layer_slice(layout, layers)
         ids = np.asarray(req.tokens, dtype=np.int64)
         store = self.store(principal)
-        keys = store.keys(ids, principal.namespace, layout)
+        base, keys = self.chain(principal, layout, req)
         C = layout.chunk_tokens
-        parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else root_key(
-            layout.fingerprint, principal.namespace)
+        parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else base
         stop = min(len(keys), req.start_chunk + self.limits.max_chunks_per_batch)
         fetched = Fetched([], 0, [], 0)
         for i in range(req.start_chunk, stop):
@@ -700,11 +712,12 @@ def create_app(config: KVTierConfig) -> FastAPI:
         return service.attach(who, layout)
 
     @app.post("/v1/lookup", response_model=schemas.LookupResponse, responses=_errors(*_READ), tags=["chunks"])
-    async def lookup(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.LookupResponse:
-        """The longest cached prefix of the tokens: its length and, per chunk, its key and tiers."""
+    async def lookup(body: schemas.ChainRequest, who: Principal = Depends(tenant)) -> schemas.LookupResponse:
+        """The longest cached prefix of the tokens (after ``parent``, if given): its length and, per chunk, its
+        index among these tokens' chunks, its key and tiers."""
         layout = service.layout(who, body.layout)
         service.check_tokens(len(body.tokens))
-        return await run(service.lookup, who, layout, body.tokens)
+        return await run(service.lookup, who, layout, body)
 
     @app.put("/v1/chunks", response_model=schemas.PutResponse, responses=_errors(*_READ, 503), tags=["chunks"],
              openapi_extra={"requestBody": {

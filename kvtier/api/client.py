@@ -241,12 +241,30 @@ class _Operations:
         return chunk_keys(att.root, as_tokens(tokens), att.layout.chunk_tokens)
 
     def lookup_op(self, tokens: TokenLike, layout: KVLayout | None) -> Op[LookupResult]:
+        """One request per ``max_tokens_per_request`` tokens, each after the last chunk of the one before, as
+        long as everything so far is cached."""
         att = yield from self._ensure_op(layout)
+        C = att.layout.chunk_tokens
         ids = _full_chunks(tokens, att.layout)
-        body = yield from self._tokens_op("/v1/lookup", ids, att.layout)
-        chunks = [ChunkRef(c["index"], bytes.fromhex(c["key"]), c["tiers"]) for c in body["chunks"]]
-        self._known.update(chunk_keys(att.root, ids, att.layout.chunk_tokens), len(chunks))
-        return LookupResult(body["tokens"], chunks)
+        keys = chunk_keys(att.root, ids, C)
+        refs: list[ChunkRef] = []
+        while True:
+            start = len(refs)
+            ends = []
+
+            def lookup(a: _Attached) -> _Call:
+                ends.append(min(len(keys), start + max(1, a.max_tokens // C)))
+                return _Call("POST", "/v1/lookup", json=_chain_body(a, ids, keys, start, ends[-1]))
+
+            try:
+                resp, att = yield from self._layout_call(att, lookup)
+            except RemoteParentMissingError:  # the chunks before this request's were evicted meanwhile
+                break
+            refs += [ChunkRef(start + c["index"], bytes.fromhex(c["key"]), c["tiers"]) for c in resp.json()["chunks"]]
+            if len(refs) < ends[-1] or ends[-1] == len(keys):
+                break
+        self._known.update(keys, len(refs))
+        return LookupResult(len(refs) * C, refs)
 
     def count_op(self, path: str, tokens: TokenLike, layout: KVLayout | None, idempotent: bool) -> Op[int]:
         return (yield from self._tokens_op(path, tokens, layout, idempotent))["chunks"]
@@ -375,9 +393,6 @@ class _Operations:
                   replies: list[_Reply]) -> Op[GetResult]:
         layout = att.layout
         C = layout.chunk_tokens
-        if len(ids) > att.max_tokens:  # as a lookup of it would be
-            raise PayloadTooLargeError(413, "too_many_tokens", f"{len(ids)} tokens in one request; the limit is "
-                                                               f"{att.max_tokens}")
         sliced = layer_slice(layout, layers)
         per_reply = max(1, self._rx.max_bytes // (FRAME_PREFIX + max_blob_bytes(sliced)))  # fit a pooled buffer
         tiers: list[str] = []
@@ -385,13 +400,16 @@ class _Operations:
         while n < len(keys):
             asked = []
 
-            def fetch(a: _Attached) -> _Call:  # the tokens up to the batch's end are all the service needs
-                asked.append(min(len(keys) - n, a.max_chunks, per_reply))
+            def fetch(a: _Attached) -> _Call:  # the batch's tokens, after the chunk before them
+                asked.append(min(len(keys) - n, a.max_chunks, per_reply, max(1, a.max_tokens // C)))
                 return _Call("POST", "/v1/chunks/fetch", binary=True, json={
-                    "layout": layout.fingerprint, "tokens": ids[: (n + asked[-1]) * C].tolist(), "start_chunk": n,
-                    "layer_start": layers.start, "layer_stop": layers.stop})
+                    **_chain_body(a, ids, keys, n, n + asked[-1]), "layer_start": layers.start,
+                    "layer_stop": layers.stop})
 
-            reply, att = yield from self._layout_call(att, fetch)
+            try:
+                reply, att = yield from self._layout_call(att, fetch)
+            except RemoteParentMissingError:  # the chunks before this batch were evicted meanwhile
+                break
             replies.append(reply)
             got = int(reply.headers["x-kvtier-tokens"]) // C
             tiers += [t for t in reply.headers["x-kvtier-tiers"].split(",") if t]
@@ -532,6 +550,15 @@ class _Receiver:
 async def _aiter(pieces: list[memoryview]):
     for piece in pieces:
         yield piece
+
+
+def _chain_body(att: _Attached, ids: np.ndarray, keys: list[bytes], start: int, end: int) -> dict[str, Any]:
+    """The JSON of a lookup or fetch of chunks ``[start, end)``: their tokens, after the chunk before them."""
+    C = att.layout.chunk_tokens
+    body = {"layout": att.layout.fingerprint, "tokens": ids[start * C : end * C].tolist()}
+    if start:
+        body["parent"] = keys[start - 1].hex()
+    return body
 
 
 def _full_chunks(tokens: TokenLike, layout: KVLayout) -> np.ndarray:

@@ -45,7 +45,13 @@ class TokensRequest(BaseModel):
     tokens: list[TokenId]
 
 
-class FetchRequest(TokensRequest):
+class ChainRequest(TokensRequest):
+    parent: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$", description=(
+        "the key of a cached chunk that these tokens follow (a prompt too long for one request goes in several); "
+        "default: the tokens start the prompt. A key that is not one of this tenant's cached chunks is a 409"))
+
+
+class FetchRequest(ChainRequest):
     start_chunk: int = Field(default=0, ge=0, description="the first chunk to return (the batch holds at most "
                                                           "max_chunks_per_batch chunks)")
     layer_start: int | None = Field(default=None, ge=0, description="first layer to fetch (default 0)")

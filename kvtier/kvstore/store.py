@@ -180,6 +180,14 @@ class TieredStore:
         """The parent key of the first chunk of every prompt of ``namespace`` and ``layout``."""
         return root_key(self._layout(layout).fingerprint, namespace)
 
+    def check_parent(self, key: bytes, namespace: str = "", layout: KVLayout | None = None) -> None:
+        """ParentMissingError unless ``key`` is the root of ``namespace`` and ``layout`` or a chunk cached in them:
+        a prompt's tokens after that chunk can then be keyed from it (``chunk_keys(key, tokens, ...)``)."""
+        layout = self._layout(layout)
+        if key != self.root(namespace, layout):
+            with self._lock:
+                self._parent_node(key, namespace, layout)
+
     def keys(self, tokens: TokenLike, namespace: str = "", layout: KVLayout | None = None) -> list[bytes]:
         """Chunk keys of the full chunks of ``tokens``."""
         layout = self._layout(layout)
@@ -582,11 +590,15 @@ class TieredStore:
         at ``root``); ParentMissingError when that parent is not cached in this namespace and layout."""
         if not chunks or chunks[0].parent == root:
             return None
-        parent = self.index.get(chunks[0].parent)
-        if parent is None or parent.namespace != namespace or parent.layout != layout.fingerprint:
-            raise ParentMissingError(f"parent {chunks[0].parent.hex()} of the first chunk is neither the root nor "
-                                     "cached in this namespace and layout (never put, or evicted)")
-        return parent
+        return self._parent_node(chunks[0].parent, namespace, layout)
+
+    def _parent_node(self, key: bytes, namespace: str, layout: KVLayout) -> Node:
+        """The node of ``key`` if it is cached in ``namespace`` and ``layout``; ParentMissingError otherwise."""
+        node = self.index.get(key)
+        if node is None or node.namespace != namespace or node.layout != layout.fingerprint:
+            raise ParentMissingError(f"parent {key.hex()} is neither the root nor cached in this namespace and layout "
+                                     "(never put, or evicted)")
+        return node
 
     def _put_chain(self, chunks: list[Chunk], root: bytes, layout: KVLayout, namespace: str, n_full: int) -> PutResult:
         if any(not self.tiers[i].summary_on_demand for i in self._put_tiers()):

@@ -104,7 +104,7 @@ def test_limits_say_what_was_wrong(url, root):
             "max_body_bytes")  # no chunk of it could ever be put
     assert used(url) == before
     with Client(url, LAYOUT, api_key=KEYS["alice"]) as c, pytest.raises(PayloadTooLargeError) as err:
-        c.lookup(prompt(5000))
+        c.pin(prompt(5000))  # a lookup or get goes in several requests; a pin names its prompt in one
     assert "4992 tokens" in err.value.detail  # the client sends the full chunks only
 
 
@@ -169,20 +169,37 @@ def test_a_service_restarted_with_other_limits_is_followed_at_once(tmp_path, fir
                 assert c.put(tokens, kv).stored == 19
 
 
-def test_batches_follow_the_token_limit_and_long_gets_are_refused_up_front(tmp_path):
-    """max_tokens_per_request 64 of 16-token chunks: a put goes 4 chunks a batch; a get of more tokens than a
-    request may carry is refused by the client as the service would refuse a lookup of it."""
+def test_prompts_longer_than_one_request_go_in_several(tmp_path):
+    """max_tokens_per_request 64 of 16-token chunks: a put goes 4 chunks a request, and so do a lookup and a get,
+    each after the last chunk of the one before (its ``parent``); they stop at the end of the cached prefix, and
+    a parent that is not the tenant's cached chunk is a 409, whoever's it is."""
     small = LAYOUT.chunk_tokens * 4
     config = make_config(tmp_path, server={"max_body_bytes": 64 << 10, "max_tokens_per_request": small,
                                            "max_chunks_per_batch": 8})
-    tokens, kv = prompt(8 * C, seed=6), kv_for(8 * C, seed=6)
-    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
-        assert c.put(tokens, kv).stored == 8
-        assert c.stats()["requests"]["/v1/chunks"] == 2
-        got = c.get(tokens[:small])
-        assert got.tokens == small and torch.equal(got.kv, kv[:, :, :, :small])
-        with pytest.raises(PayloadTooLargeError, match=f"{8 * C} tokens in one request; the limit is {small}"):
-            c.get(tokens)
+    tokens, kv = prompt(10 * C, seed=6), kv_for(10 * C, seed=6)
+    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c, \
+            Client(url, LAYOUT, api_key=KEYS["bob"]) as bob:
+        assert c.put(tokens, kv).stored == 10
+        assert c.stats()["requests"]["/v1/chunks"] == 3
+        found = c.lookup(tokens + [7])
+        assert found.tokens == 10 * C and [r.index for r in found.chunks] == list(range(10))
+        assert [r.key for r in found.chunks] == c.keys(tokens)
+        got = c.get(tokens)
+        assert got.tokens == 10 * C and torch.equal(got.kv, kv)
+        requests = c.stats()["requests"]
+        assert (requests["/v1/lookup"], requests["/v1/chunks/fetch"]) == (3, 3)  # 4 + 4 + 2 chunks each
+        assert c.delete(tokens[: 4 * C]) == 7  # chunk 3 and everything below it: 3 to 9
+        assert c.lookup(tokens).tokens == 3 * C and torch.equal(c.get(tokens).kv, kv[:, :, :, : 3 * C])
+        keys = c.keys(tokens)
+        for parent, status in ((keys[1], 200), (keys[3], 409)):  # alice's own cached chunk; a deleted one
+            reply = httpx.post(url + "/v1/lookup", headers=AUTH, json={
+                "layout": LAYOUT.fingerprint, "tokens": tokens[2 * C : 3 * C], "parent": parent.hex()})
+            assert reply.status_code == status, reply.text
+        bob.attach(LAYOUT)
+        stolen = httpx.post(url + "/v1/chunks/fetch", json={"layout": LAYOUT.fingerprint, "tokens": tokens[C : 2 * C],
+                                                             "parent": keys[0].hex()},
+                            headers={"Authorization": f"Bearer {KEYS['bob']}"})
+        assert stolen.status_code == 409 and stolen.json()["error"] == "parent_not_cached"  # alice's key, to bob
 
 
 def test_a_body_refused_for_its_size_is_counted_under_its_endpoint(url):

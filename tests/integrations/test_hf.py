@@ -53,7 +53,8 @@ def test_prefill_reuses_the_cached_prefix_and_matches(smollm2, tokens) -> None:
 
 def test_the_adapter_works_through_the_service(smollm2, tokens) -> None:
     """An engine switches to a kvtier server by changing the line that makes its store: the adapter over a Client
-    of a real server (uvicorn on 127.0.0.1) reuses the prefix, and its logits and greedy tokens are exact."""
+    of a real server (uvicorn on 127.0.0.1) reuses the prefix, and its logits and greedy tokens are exact. The
+    server takes 128 tokens a request: lookups, gets and puts of the 320-token prompt go in several."""
     from kvtier.api import Client
     from kvtier.api.auth import hash_key
     from kvtier.config import KVTierConfig
@@ -61,7 +62,8 @@ def test_the_adapter_works_through_the_service(smollm2, tokens) -> None:
 
     model, _ = smollm2
     config = KVTierConfig(tiers=[{"kind": "host", "capacity_bytes": 256 << 20}],
-                          tenants=[{"name": "engine", "key_sha256": hash_key("engine-key")}])
+                          tenants=[{"name": "engine", "key_sha256": hash_key("engine-key")}],
+                          server={"max_tokens_per_request": 2 * C})
     with serve(config) as url, Client(url, api_key="engine-key") as client:
         a = adapter(model, client)
         assert a.prefill([tokens[:200]]).loaded.reused == [0]
