@@ -431,8 +431,9 @@ class Service:
 
 
 def _parent_missing(key: bytes) -> Refusal:
-    return Refusal(409, "parent_not_cached", f"the parent {key.hex()} of the first chunk is neither this tenant's "
-                                              "root nor one of its cached chunks: put from the prompt's start")
+    return Refusal(409, "parent_not_cached", f"the parent {key.hex()} (the chunk the tokens follow) is neither this "
+                                              "tenant's root nor one of its cached chunks (never put, or evicted): "
+                                              "start from the prompt's first chunk")
 
 
 def _layers(layout: KVLayout, start: int | None, stop: int | None) -> range:

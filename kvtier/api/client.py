@@ -86,7 +86,7 @@ class RemoteLayoutError(BadRequestError, LayoutError):
 
 
 class RemoteParentMissingError(ConflictError, ParentMissingError):
-    """The first chunk's parent is not cached (409): put from the prompt's start."""
+    """The chunk a request's tokens follow is not cached (409): start from the prompt's first chunk."""
 
 
 class RemoteTokenError(BadRequestError, TokenError):
@@ -260,7 +260,11 @@ class _Operations:
                 resp, att = yield from self._layout_call(att, lookup)
             except RemoteParentMissingError:  # the chunks before this request's were evicted meanwhile
                 break
-            refs += [ChunkRef(start + c["index"], bytes.fromhex(c["key"]), c["tiers"]) for c in resp.json()["chunks"]]
+            found = [ChunkRef(start + c["index"], bytes.fromhex(c["key"]), c["tiers"]) for c in resp.json()["chunks"]]
+            if [r.key for r in found] != keys[start : start + len(found)]:
+                raise ServerError(resp.status, "wrong_chunks", f"the service answered a lookup of chunks from {start} "
+                                                               "on with other chunks' keys")
+            refs += found
             if len(refs) < ends[-1] or ends[-1] == len(keys):
                 break
         self._known.update(keys, len(refs))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvtier.api import Client
-from kvtier.api.client import PayloadTooLargeError
+from kvtier.api.client import PayloadTooLargeError, ServerError
 from kvtier.api.wire import frame_prefix
 from kvtier.bench.api import free_port
 from kvtier.compression.codec import get_codec
@@ -350,3 +350,34 @@ def test_json_values_no_answer_can_echo_still_get_a_422(url, root, payload):
 def test_a_token_id_is_a_json_integer(url, root, token):
     reply = httpx.post(url + "/v1/lookup", json={"layout": LAYOUT.fingerprint, "tokens": [token]}, headers=AUTH)
     assert reply.status_code == 422 and reply.json()["detail"][0]["loc"] == ["body", "tokens", 0], reply.text
+
+
+def test_a_lookup_answered_with_other_chunks_is_an_error(tmp_path):
+    """A server that ignored ``parent`` (an older one: unknown fields were dropped) would match a later request's
+    tokens from the root and answer other chunks' keys: the client checks every key it is given."""
+    def parentless(app):  # the fault: the service never sees a lookup's parent
+        async def older(scope, receive, send):
+            if scope["type"] != "http" or scope["path"] != "/v1/lookup":
+                return await app(scope, receive, send)
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body, more = body + message.get("body", b""), message.get("more_body", False)
+            request = json.loads(body)
+            request.pop("parent", None)
+            replay = [{"type": "http.request", "body": json.dumps(request).encode(), "more_body": False}]
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+            headers.append((b"content-length", str(len(replay[0]["body"])).encode()))
+            await app({**scope, "headers": headers}, lambda: _pop(replay, receive), send)
+        return older
+
+    config = make_config(tmp_path, server={"max_tokens_per_request": 2 * C})
+    tokens = prompt(4 * C, seed=12)
+    with serve(config, wrap=parentless) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        c.put(tokens[: 2 * C] * 2, kv_for(4 * C, seed=12))  # chunks whose tokens the second request repeats
+        with pytest.raises(ServerError, match="other chunks' keys"):
+            c.lookup(tokens[: 2 * C] * 2)
+
+
+async def _pop(replay: list, receive):
+    return replay.pop() if replay else await receive()
