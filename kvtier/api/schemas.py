@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, Field
 
 FINGERPRINT = r"^[0-9a-f]{32}$"
+CHUNK_KEY = FINGERPRINT  # a chunk key, like a fingerprint: 16 bytes in lowercase hex
 Fingerprint = Annotated[str, Field(pattern=FINGERPRINT, description="a layout fingerprint (POST /v1/layouts)")]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]  # a JSON integer: not true, "5" or 1.0
 
@@ -46,7 +47,7 @@ class TokensRequest(BaseModel):
 
 
 class ChainRequest(TokensRequest):
-    parent: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$", description=(
+    parent: str | None = Field(default=None, pattern=CHUNK_KEY, description=(
         "the key of a cached chunk that these tokens follow (a prompt too long for one request goes in several); "
         "default: the tokens start the prompt. A key that is not one of this tenant's cached chunks is a 409"))
 
