@@ -29,6 +29,11 @@ class ConfigError(KVTierError, ValueError):
     """A configuration that cannot work (unknown tier kind, negative capacity, ...)."""
 
 
+class StoreUnavailableError(KVTierError):
+    """The store could not answer just now: a remote service unreachable, busy or failing (5xx). It says nothing
+    about what the store holds; a caller serving a model goes on without it (the transformers adapter does)."""
+
+
 class TierError(KVTierError):
     """A tier failed to store a chunk (disk full, Redis unreachable, ...). The store treats the chunk as
     not taken by that tier and carries on; nothing already stored is affected."""

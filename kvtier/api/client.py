@@ -33,7 +33,8 @@ import torch
 
 from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, BufferPool, frame_prefix, layer_slice, split_frames
 from kvtier.compression.codec import get_codec
-from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TokenError
+from kvtier.errors import (BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError,
+                           StoreUnavailableError, TokenError)
 from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, max_blob_bytes
 from kvtier.kvstore.keys import TokenLike, as_tokens, chunk_keys
 from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult, check_chain
@@ -93,11 +94,11 @@ class RemoteTokenError(BadRequestError, TokenError):
     """400 ``TokenError``: token ids the service refused, as the in-process store would (a TokenError)."""
 
 
-class ServerError(APIError):
-    """5xx."""
+class ServerError(APIError, StoreUnavailableError):
+    """5xx (after the retries, for a 502, 503 or 504 of an idempotent call)."""
 
 
-class ServiceUnavailableError(APIError):
+class ServiceUnavailableError(APIError, StoreUnavailableError):
     """The service could not be reached (status 0) after the retries."""
 
 

@@ -39,6 +39,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,11 +47,11 @@ import numpy as np
 import torch
 
 from kvtier.compression.presses import PRESSED
-from kvtier.errors import CapacityError, ParentMissingError
+from kvtier.errors import CapacityError, ParentMissingError, StoreUnavailableError
 from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
 from kvtier.kvstore.keys import as_tokens
-from kvtier.kvstore.store import TieredStore
+from kvtier.kvstore.store import GetResult, TieredStore
 from kvtier.layout import DTYPES, KVLayout
 
 if TYPE_CHECKING:
@@ -170,8 +171,8 @@ class HFKVCache:
     """Serve a transformers causal LM's prompts from a TieredStore or a service's Client (see the module
     docstring). With a Client, ``namespace`` must be ``""``: the API key names the tenant."""
 
-    def __init__(self, model: torch.nn.Module, store: TieredStore | Client, chunk_tokens: int = 256, namespace: str = "",
-                 model_id: str | None = None, pad_token_id: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, store: TieredStore | Client, chunk_tokens: int = 256,
+                 namespace: str = "", model_id: str | None = None, pad_token_id: int = 0) -> None:
         require_transformers()
         self.model = model
         self.store = store
@@ -197,7 +198,11 @@ class HFKVCache:
         layout = self._layouts.get(which)
         if layout is None:
             layout = model_layout(self.model, self.chunk_tokens, self.model_id, self._digest)
-            self.store.attach(layout)
+            try:
+                self.store.attach(layout)
+            except StoreUnavailableError as exc:  # attached on a later call (a Client also attaches on first use)
+                log.warning("kvtier store unavailable: %s", exc)
+                return layout
             self._layouts[which] = layout
         return layout
 
@@ -206,7 +211,8 @@ class HFKVCache:
     def load(self, prompts: Sequence[Prompt]) -> Loaded:
         """Look up and fetch the cached prefixes of ``prompts`` and build the batch and its cache. For one
         prompt the cache views this adapter's fetch buffer until its first forward: run it before the next
-        ``load`` (:meth:`prefill` and :meth:`generate` do)."""
+        ``load`` (:meth:`prefill` and :meth:`generate` do). A store that cannot answer (a service down) is a miss:
+        the model computes the whole prompt, and a warning is logged."""
         from transformers import DynamicCache
 
         start = time.perf_counter()
@@ -221,14 +227,14 @@ class HFKVCache:
             raise ValueError(f"pad_token_id {self.pad_token_id} is beyond the model's vocabulary of {vocab}")
         layout = self.layout
         C = layout.chunk_tokens
-        cached = [min(self.store.lookup(p, self.namespace, layout).tokens, len(p) - 1) for p in ids]
+        cached = [min(self._cached(p, layout), len(p) - 1) for p in ids]
         suffix = max(len(p) - c for p, c in zip(ids, cached))
         wanted = [max(0, len(p) - suffix) for p in ids]
         fetched, tiers, buffers = [], [], []
         for p, w in zip(ids, wanted):
             n = -(-w // C) * C
             out = self._scratch(n, layout) if len(ids) == 1 else None
-            got = self.store.get(p[:n], out=out, namespace=self.namespace, layout=layout) if n else None
+            got = self._get(p[:n], out, layout) if n else None
             fetched.append(got.tokens if got else 0)
             tiers.append(got.tiers if got else [])
             buffers.append(got.kv if got else None)
@@ -308,11 +314,11 @@ class HFKVCache:
         """Put the new full chunks of every prompt, read from ``cache``: laid out as in ``loaded``, or (None)
         row ``i`` holding prompt ``i`` from position 0; a cache of ``k`` rows per prompt (beams, several returned
         sequences) holds prompt ``i`` in row ``i * k``. Best effort: a prompt the store cannot hold (a
-        CapacityError) is skipped. Returns the number of chunks stored."""
+        CapacityError) is skipped, and nothing is stored while the store is unavailable (a service down: logged).
+        Returns the number of chunks stored."""
         start = time.perf_counter()
         layout = self.layout if loaded is None else loaded.layout  # the attention that computed the KV
         C = layout.chunk_tokens
-        root = self.store.root(self.namespace, layout)
         rows = cache.layers[0].keys.shape[0]
         if rows % len(prompts):
             raise ValueError(f"a cache of {rows} rows does not hold {len(prompts)} prompts")
@@ -326,24 +332,45 @@ class HFKVCache:
                              "every layer (a cropped or compressed cache cannot be stored)")
         per = rows // len(prompts)
         stored = 0
-        for i, p in enumerate(prompts):
-            ids = as_tokens(p)
-            keys = self.store.keys(ids, self.namespace, layout)
-            first = 0 if loaded is None else min(loaded.fetched[i] // C, len(keys))
-            pad = 0 if loaded is None else loaded.input_ids.shape[1] - len(ids)
-            chunks = [self._chunk(cache, i * per, pad, ids, keys, j, root, layout) for j in range(first, len(keys))]
-            if not chunks:
-                continue
-            try:
+        try:
+            root = self.store.root(self.namespace, layout)
+            for i, p in enumerate(prompts):
+                ids = as_tokens(p)
+                keys = self.store.keys(ids, self.namespace, layout)
+                first = 0 if loaded is None else min(loaded.fetched[i] // C, len(keys))
+                pad = 0 if loaded is None else loaded.input_ids.shape[1] - len(ids)
+                chunk = partial(self._chunk, cache, i * per, pad, ids, keys, root=root, layout=layout)
+                chunks = [chunk(j) for j in range(first, len(keys))]
+                if not chunks:
+                    continue
                 try:
-                    stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
-                except ParentMissingError:  # the fetched prefix was evicted meanwhile: store from the start
-                    chunks = [self._chunk(cache, i * per, pad, ids, keys, j, root, layout) for j in range(len(keys))]
-                    stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
-            except CapacityError as exc:
-                log.warning("prompt %d of %d tokens not stored: %s", i, len(ids), exc)
+                    try:
+                        stored += self.store.put_chunks(chunks, root, self.namespace, layout).stored
+                    except ParentMissingError:  # the fetched prefix was evicted meanwhile: store from the start
+                        stored += self.store.put_chunks([chunk(j) for j in range(len(keys))], root, self.namespace,
+                                                        layout).stored
+                except CapacityError as exc:
+                    log.warning("prompt %d of %d tokens not stored: %s", i, len(ids), exc)
+        except StoreUnavailableError as exc:
+            log.warning("kvtier store unavailable, prompts not stored: %s", exc)
         self.timings["store_s"] = time.perf_counter() - start
         return stored
+
+    def _cached(self, prompt: np.ndarray, layout: KVLayout) -> int:
+        """Tokens of ``prompt`` the store holds; 0 while it is unavailable."""
+        try:
+            return self.store.lookup(prompt, self.namespace, layout).tokens
+        except StoreUnavailableError as exc:
+            log.warning("kvtier store unavailable, prefilling without it: %s", exc)
+            return 0
+
+    def _get(self, prompt: np.ndarray, out: torch.Tensor | None, layout: KVLayout) -> GetResult | None:
+        """The cached prefix of ``prompt`` (into ``out``); None while the store is unavailable."""
+        try:
+            return self.store.get(prompt, out=out, namespace=self.namespace, layout=layout)
+        except StoreUnavailableError as exc:
+            log.warning("kvtier store unavailable, prefilling without it: %s", exc)
+            return None
 
     def _chunk(self, cache, row: int, pad: int, ids: np.ndarray, keys: list[bytes], j: int, root: bytes,
                layout: KVLayout) -> Chunk:

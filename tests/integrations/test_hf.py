@@ -78,6 +78,29 @@ def test_the_adapter_works_through_the_service(smollm2, tokens) -> None:
                                                pad_token_id=0))
 
 
+def test_the_model_runs_on_while_the_service_is_down(smollm2, tokens, caplog) -> None:
+    """A cache that cannot answer is a miss, never a failed request: with the server gone the adapter computes the
+    whole prompt (exact logits) and stores nothing; once a server is back it reuses again."""
+    from kvtier.api import Client
+    from kvtier.api.auth import hash_key
+    from kvtier.config import KVTierConfig
+    from tests.api.helpers import serve
+
+    model, _ = smollm2
+    config = KVTierConfig(tiers=[{"kind": "host", "capacity_bytes": 256 << 20}],
+                          tenants=[{"name": "engine", "key_sha256": hash_key("engine-key")}])
+    with serve(config) as url:
+        client = Client(url, api_key="engine-key", retries=1, backoff=0.01)
+        a = adapter(model, client)
+        assert a.prefill([tokens[:200]]).loaded.reused == [0]
+    down = a.prefill([tokens])  # lookup, get and put all find no server
+    assert down.loaded.reused == [0] and "kvtier store unavailable" in caplog.text
+    torch.testing.assert_close(down.logits[0], full_logits(model, tokens), atol=ATOL, rtol=0)
+    with serve(config, port=int(url.rsplit(":", 1)[1])), client:  # back, empty (memory only)
+        assert a.prefill([tokens]).loaded.reused == [0]
+        assert a.prefill([tokens]).loaded.reused == [min(len(tokens) // C * C, len(tokens) - 1)]
+
+
 def test_generate_gives_the_same_greedy_tokens(smollm2, tokens) -> None:
     model, _ = smollm2
     a = adapter(model)
