@@ -18,9 +18,9 @@ def _bench_parser(sub) -> None:
 
 def _run_bench(name: str, options: list[str]) -> int:
     """Import only the chosen benchmark, parse its own options, run it and print the report. A bad option, or
-    input the benchmark refuses (a KVTierError, ValueError or OSError: a malformed trace, a folder it cannot
-    write), is ``kvtier bench NAME: error: ...`` and exit status 2."""
-    from kvtier.errors import KVTierError
+    input the benchmark refuses (a BenchInputError: a malformed trace, contradicting options), is
+    ``kvtier bench NAME: error: ...`` and exit status 2; any other error keeps its traceback (a bug)."""
+    from kvtier.bench.args import BenchInputError
 
     module = importlib.import_module(BENCHMARKS[name])
     parser = argparse.ArgumentParser(prog=f"kvtier bench {name}", description=(module.__doc__ or "").strip())
@@ -29,7 +29,7 @@ def _run_bench(name: str, options: list[str]) -> int:
     args = parser.parse_args(options)
     try:
         report = module.run(args)
-    except (KVTierError, ValueError, OSError) as exc:
+    except BenchInputError as exc:
         parser.error(str(exc))
     report.print(as_json=args.json)
     return 0

@@ -182,6 +182,11 @@ def build_tiers(config: KVTierConfig, share: float = 1.0, partition: str | None 
     return tiers
 
 
+def partitions_dir(tc: TierConfig) -> Path:
+    """The folder holding a disk tier's per-tenant partitions (one subfolder each, named after the partition)."""
+    return Path(tc.path) / "partitions"
+
+
 def _build_tier(tc: TierConfig, capacity: int, partition: str | None):
     """The tier ``tc`` describes, of ``capacity`` bytes, in ``partition``'s place (see :func:`build_tiers`)."""
     from kvtier.kvstore.tiers import DeviceTier, DiskTier, HostTier
@@ -192,7 +197,7 @@ def _build_tier(tc: TierConfig, capacity: int, partition: str | None):
     if tc.kind == "host":
         return HostTier(capacity, tc.codec, name=name)
     if tc.kind == "disk":
-        path = Path(tc.path) / "partitions" / partition if partition else Path(tc.path)
+        path = partitions_dir(tc) / partition if partition else Path(tc.path)
         return DiskTier(path, capacity, tc.codec, name=name, fsync=tc.fsync)
     from kvtier.kvstore.tiers.redis import RedisTier
 

@@ -245,19 +245,24 @@ class Service:
             limits=schemas.Limits(**self.limits.model_dump(include=set(schemas.Limits.model_fields))),
         )
 
-    def chain(self, principal: Principal, layout: KVLayout, req: schemas.ChainRequest) -> tuple[bytes, list[bytes]]:
-        """The key the request's tokens follow (its ``parent``, or the tenant's root) and the keys of its full
-        chunks; a 409 when that parent is not one of the tenant's cached chunks."""
+    def chain(self, principal: Principal, layout: KVLayout,
+              req: schemas.ChainRequest) -> tuple[bytes, np.ndarray, list[bytes]]:
+        """The key the request's tokens follow (its ``parent``, or the tenant's root), the tokens and the keys of
+        their full chunks; a 409 when that parent is not one of the tenant's cached chunks."""
         store = self.store(principal)
-        base = store.root(principal.namespace, layout) if req.parent is None else bytes.fromhex(req.parent)
-        try:
-            store.check_parent(base, principal.namespace, layout)
-        except ParentMissingError:
-            raise _parent_missing(base) from None
-        return base, chunk_keys(base, as_tokens(req.tokens), layout.chunk_tokens)
+        if req.parent is None:
+            base = store.root(principal.namespace, layout)
+        else:
+            base = bytes.fromhex(req.parent)
+            try:
+                store.check_parent(base, principal.namespace, layout)
+            except ParentMissingError:
+                raise _parent_missing(base) from None
+        ids = as_tokens(req.tokens)
+        return base, ids, chunk_keys(base, ids, layout.chunk_tokens)
 
     def lookup(self, principal: Principal, layout: KVLayout, req: schemas.ChainRequest) -> schemas.LookupResponse:
-        _, keys = self.chain(principal, layout, req)
+        _, _, keys = self.chain(principal, layout, req)
         result = self.store(principal).lookup_keys(keys, layout, n_tokens=len(req.tokens))
         self.count(principal.tenant, lookup_tokens=len(req.tokens), hit_tokens=result.tokens)
         return schemas.LookupResponse(tokens=result.tokens, chunks=[
@@ -337,8 +342,8 @@ class Service:
                                                       headroom=headroom)
         except ParentMissingError:  # not this tenant's, never put, or evicted
             raise _parent_missing(parent) from None
-        except LayoutError as exc:  # KV the store's tiers cannot take (a lossy tier and inf or nan)
-            raise Refusal(400, "LayoutError", str(exc)) from None
+        except LayoutError:  # KV the store's tiers cannot take (a lossy tier and inf or nan): the KVTierError
+            raise  # handler answers it; it is a ValueError too
         except ValueError as exc:  # the chain does not hold (CapacityError is not one: a 413 below)
             raise Refusal(400, "bad_chunk", str(exc)) from None
         if result is None:
@@ -357,9 +362,8 @@ class Service:
         own buffer (the one copy), and frame them as blobs of the (layer-sliced) layout."""
         layers = _layers(layout, req.layer_start, req.layer_stop)
         sliced = layer_slice(layout, layers)
-        ids = np.asarray(req.tokens, dtype=np.int64)
         store = self.store(principal)
-        base, keys = self.chain(principal, layout, req)
+        base, ids, keys = self.chain(principal, layout, req)
         C = layout.chunk_tokens
         parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else base
         stop = min(len(keys), req.start_chunk + self.limits.max_chunks_per_batch)
@@ -372,7 +376,7 @@ class Service:
             fetched.tiers += got.tiers
             fetched.tokens += C
             fetched.chunks += 1
-            chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C].astype(np.int32), buf)
+            chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C], buf)
             fetched.parts += _frame(*encode_blob(chunk, sliced, self.codec))
             parent = keys[i]
         return fetched

@@ -166,6 +166,11 @@ class _Attached:
     max_body: int
     max_tokens: int
 
+    @property
+    def chunks_per_request(self) -> int:
+        """The most full chunks whose token ids one request may carry (at least one)."""
+        return max(1, self.max_tokens // self.layout.chunk_tokens)
+
 
 Op = Generator[_Call, _Reply, T]
 
@@ -254,7 +259,7 @@ class _Operations:
             ends = []
 
             def lookup(a: _Attached) -> _Call:
-                ends.append(min(len(keys), start + max(1, a.max_tokens // C)))
+                ends.append(min(len(keys), start + a.chunks_per_request))
                 return _Call("POST", "/v1/lookup", json=_chain_body(a, ids, keys, start, ends[-1]))
 
             try:
@@ -307,19 +312,14 @@ class _Operations:
         # No lookup: a stale guess costs a 409 and a put from the start. The last chunk is sent even when known:
         # if it was evicted since, the put must store it again (it is present only if all its prefix is).
         known = min(self._known.prefix(keys), max(len(keys) - 1, 0))
-        try:
-            stored, present = yield from self._chain_op(att, chunks, known)
-            present += known
-        except ConflictError:
-            if known == 0:
-                return PutResult(0, 0, len(chunks))
-            self._known.forget(keys[:known])  # the known prefix was evicted meanwhile: put from the start
-            att = self._attached.get(layout.fingerprint, att)  # under the limits of a new attachment, if there was one
+        for start in dict.fromkeys((known, 0)):  # from the known prefix; after a 409, from the start
             try:
-                stored, present = yield from self._chain_op(att, chunks, 0)
+                stored, present = yield from self._chain_op(att, chunks, start)
+                return PutResult(stored, present + start, len(chunks) - stored - present - start)
             except ConflictError:
-                return PutResult(0, 0, len(chunks))
-        return PutResult(stored, present, len(chunks) - stored - present)
+                self._known.forget(keys[:start])  # the known prefix was evicted meanwhile
+                att = self._attached.get(layout.fingerprint, att)  # under the limits of a new attachment, if any
+        return PutResult(0, 0, len(chunks))
 
     def put_chunks_op(self, chunks: list[Chunk], root: bytes, layout: KVLayout | None) -> Op[PutResult]:
         """Checked here as the store checks them, before anything is sent: a chain longer than one request is
@@ -336,9 +336,9 @@ class _Operations:
 
     def _chain_op(self, att: _Attached, chunks: list[Chunk], start: int) -> Op[tuple[int, int]]:
         """Send ``chunks[start:]`` (a chain) in as few requests as the service's limits allow; returns the chunks
-        stored and found present. A 409 of the first request (its first chunk's
-        parent is not cached) propagates; after that one, the rest of the chain is dropped: a chunk this put
-        stored was evicted meanwhile, or the service dropped chunks for room."""
+        stored and found present. A 409 of the first request (its first chunk's parent is not cached) propagates;
+        after that one, the rest of the chain is dropped: a chunk this put stored was evicted meanwhile, or the
+        service dropped chunks for room."""
         stored = present = 0
         first = start
         while start < len(chunks):
@@ -370,7 +370,7 @@ class _Operations:
         the last."""
         parts: list[bytes | memoryview] = []
         size, end = 0, start
-        most = max(1, min(att.max_chunks, att.max_tokens // att.layout.chunk_tokens))
+        most = min(att.max_chunks, att.chunks_per_request)
         while end < len(chunks) and end - start < most:
             header, buffers = encode_blob(chunks[end], att.layout, self.codec)
             n = len(header) + sum(len(b) for b in buffers)
@@ -406,7 +406,7 @@ class _Operations:
             asked = []
 
             def fetch(a: _Attached) -> _Call:  # the batch's tokens, after the chunk before them
-                asked.append(min(len(keys) - n, a.max_chunks, per_reply, max(1, a.max_tokens // C)))
+                asked.append(min(len(keys) - n, a.max_chunks, per_reply, a.chunks_per_request))
                 return _Call("POST", "/v1/chunks/fetch", binary=True, json={
                     **_chain_body(a, ids, keys, n, n + asked[-1]), "layer_start": layers.start,
                     "layer_stop": layers.stop})

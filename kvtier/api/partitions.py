@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 from kvtier.api.auth import ANONYMOUS, tenant_namespace
 from kvtier.config import SHARED_PARTITION as SHARED
-from kvtier.config import KVTierConfig, build_store
+from kvtier.config import KVTierConfig, build_store, partitions_dir
 from kvtier.kvstore.store import TieredStore
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,9 @@ class Partitions:
                 log.warning("deleted %d chunks of %s: they are in a partition it does not belong to now",
                             store.delete_namespace(namespace), namespace)
         for tier in config.tiers:
-            folders = Path(tier.path) / "partitions" if tier.kind == "disk" else None
-            for folder in sorted(folders.iterdir()) if folders is not None and folders.is_dir() else ():
+            if tier.kind != "disk" or not partitions_dir(tier).is_dir():
+                continue
+            for folder in sorted(partitions_dir(tier).iterdir()):
                 if folder.is_dir() and folder.name not in self.stores:
                     log.warning("deleted %s: the partition of a tenant that has no quota now", folder)
                     shutil.rmtree(folder, ignore_errors=True)

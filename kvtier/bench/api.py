@@ -142,47 +142,43 @@ def run(args: argparse.Namespace) -> Report:
     report = Report("api")
     torch.set_num_threads(1)  # like the server: intra-op threads would fight it for the cores
     keep_freed_memory()  # like the server: else the baseline's fresh 4 MiB bodies page-fault (the client's are pooled)
-    server = ServerProcess(config)
     rng = np.random.default_rng(0)
-    try:
-        with Client(server.url, api_key=key, timeout=60) as client, \
-                httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                             transport=httpx.HTTPTransport(socket_options=SOCKET_OPTIONS)) as http:
-            bar = progress(total=2 * len(args.sizes) * args.rounds, desc="bench api")
-            for mib in args.sizes:
-                layout = KVLayout("bench", num_layers=mib, kv_heads=_HEADS, head_dim=_HEAD_DIM,
-                                  chunk_tokens=_CHUNK_TOKENS)
-                kv = torch.randn(layout.chunk_shape, dtype=torch.float16)
-                prompts = iter(rng.integers(0, 50_000, size=(args.iterations + 2, _CHUNK_TOKENS)))  # warm-up, get
-                body = bytes(_frame_bytes(layout, kv))
+    with ServerProcess(config) as server, Client(server.url, api_key=key, timeout=60) as client, \
+            httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                         transport=httpx.HTTPTransport(socket_options=SOCKET_OPTIONS)) as http:
+        bar = progress(total=2 * len(args.sizes) * args.rounds, desc="bench api")
+        for mib in args.sizes:
+            layout = KVLayout("bench", num_layers=mib, kv_heads=_HEADS, head_dim=_HEAD_DIM,
+                              chunk_tokens=_CHUNK_TOKENS)
+            kv = torch.randn(layout.chunk_shape, dtype=torch.float16)
+            prompts = iter(rng.integers(0, 50_000, size=(args.iterations + 2, _CHUNK_TOKENS)))  # warm-up, get
+            body = bytes(_frame_bytes(layout, kv))
 
-                def put() -> None:
-                    assert client.put(next(prompts), kv, layout=layout).stored == 1
+            def put() -> None:
+                assert client.put(next(prompts), kv, layout=layout).stored == 1
 
-                def sink() -> None:
-                    http.put("/v1/bench/sink", content=body).raise_for_status()
+            def sink() -> None:
+                http.put("/v1/bench/sink", content=body).raise_for_status()
 
-                s, b = _measure(put, sink, args.iterations, args.rounds, bar)
-                _rows(report, "put", mib, len(body), s, b)
+            s, b = _measure(put, sink, args.iterations, args.rounds, bar)
+            _rows(report, "put", mib, len(body), s, b)
 
-                cached = next(prompts)
-                client.put(cached, kv, layout=layout)
-                out = torch.empty_like(kv)
+            cached = next(prompts)
+            client.put(cached, kv, layout=layout)
+            out = torch.empty_like(kv)
 
-                def get() -> None:
-                    assert client.get(cached, out=out, layout=layout).tokens == _CHUNK_TOKENS
+            def get() -> None:
+                assert client.get(cached, out=out, layout=layout).tokens == _CHUNK_TOKENS
 
-                def source() -> None:
-                    http.get("/v1/bench/source", params={"nbytes": len(body)}).raise_for_status()
+            def source() -> None:
+                http.get("/v1/bench/source", params={"nbytes": len(body)}).raise_for_status()
 
-                s, b = _measure(get, source, args.iterations, args.rounds, bar)
-                _rows(report, "get", mib, len(body), s, b)
-                put_s, sink_s, floor_s = put_cost(config, key, layout, args.iterations, rng)
-                report.add(f"put {mib} MiB service work beyond the sink, in process", (put_s - sink_s) * 1e3, "ms",
-                           "copy + XXH3 of the body into kept memory", floor_s * 1e3, higher_is_better=False)
-            bar.close()
-    finally:
-        server.stop()
+            s, b = _measure(get, source, args.iterations, args.rounds, bar)
+            _rows(report, "get", mib, len(body), s, b)
+            put_s, sink_s, floor_s = put_cost(config, key, layout, args.iterations, rng)
+            report.add(f"put {mib} MiB service work beyond the sink, in process", (put_s - sink_s) * 1e3, "ms",
+                       "copy + XXH3 of the body into kept memory", floor_s * 1e3, higher_is_better=False)
+        bar.close()
     report.notes.append("service: kvtier.api.Client put (upload, verify, store) / get (fetch, verify, decode into a tensor) "
                         "against a real `kvtier serve` subprocess on 127.0.0.1, host tier only; baseline: the same "
                         "server's bare sink/source endpoints with bodies of the same size (httpx, one connection each), "

@@ -1,4 +1,5 @@
-"""Option types the benchmarks share: argparse refuses a bad value with a message naming the option."""
+"""Option types the benchmarks share: argparse refuses a bad value with a message naming the option; and the
+error for input a benchmark refuses once it runs (:class:`BenchInputError`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from kvtier.errors import KVTierError
+
 T = TypeVar("T")
+
+
+class BenchInputError(KVTierError, ValueError):
+    """Input a benchmark refuses once it runs (a malformed or empty trace, options that contradict each other):
+    ``kvtier bench`` reports it as a usage error (exit status 2, no traceback); any other error is a bug."""
 
 
 def _integer(text: str) -> int:

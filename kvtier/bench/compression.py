@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kvtier.bench.args import at_least, fill_defaults, fraction, listed, one_of
+from kvtier.bench.args import BenchInputError, at_least, fill_defaults, fraction, listed, one_of
 from kvtier.bench.report import Report, progress
 from kvtier.compression import available_codecs
 
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> Report:
     from kvtier.bench.text import english_text
-    from kvtier.compression.evaluate import Quality, cache_to_kv, reference, reference_quality
+    from kvtier.compression.evaluate import Quality, reference, reference_quality
     from kvtier.integrations.smollm2 import load_smollm2
 
     fill_defaults(args, NORMAL, QUICK)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> Report:
     need = args.windows * window
     ids = tokenizer(text[: 12 * need + 4000], return_tensors="pt").input_ids
     if ids.shape[1] < need:
-        raise ValueError(f"the held-out text has {ids.shape[1]} tokens, --windows x (--context + --continuation + 1) "
+        raise BenchInputError(f"the held-out text has {ids.shape[1]} tokens, --windows x (--context + --continuation + 1) "
                          f"= {need} needed")
     start = time.perf_counter()
     refs = []

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvtier.bench.args import at_least, listed, one_of, output_file, token_list, tokens
+from kvtier.bench.args import BenchInputError, at_least, listed, one_of, output_file, token_list, tokens
 from kvtier.bench.belady import BeladyPolicy
 from kvtier.bench.report import Report, progress
 from kvtier.bench.traces import DEFAULT_MOONCAKE, Trace, load_mooncake, long_doc_qa, multi_round_qa
@@ -186,12 +186,12 @@ def run(args: argparse.Namespace) -> Report:
     trace = load_mooncake(args.trace, limit=args.limit)
     capacities = sorted(set(args.capacities))
     if capacities[0] < trace.block_tokens:
-        raise ValueError(f"capacity {capacities[0]} holds no {trace.block_tokens}-token block")
+        raise BenchInputError(f"capacity {capacities[0]} holds no {trace.block_tokens}-token block")
     headline = args.headline
     if headline is None:
         headline = 3_000_000 if 3_000_000 in capacities else capacities[len(capacities) // 2]
     elif headline not in capacities:
-        raise ValueError(f"--headline {headline} is not one of --capacities {capacities}")
+        raise BenchInputError(f"--headline {headline} is not one of --capacities {capacities}")
     workloads = [Workload(trace, capacities, headline)]
     if not args.no_generated:
         workloads += generated_workloads(args.seed)

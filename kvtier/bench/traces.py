@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from kvtier.bench.args import BenchInputError
+
 DEFAULT_MOONCAKE = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mooncake_conversation.jsonl"
 """``../shared/traces/mooncake_conversation.jsonl`` relative to the repository."""
 
@@ -46,13 +48,13 @@ def load_mooncake(path: str | Path = DEFAULT_MOONCAKE, block_tokens: int = 512, 
     that cannot be read, a line that is not such an object, or a file with no request is a ValueError naming the
     file (and line)."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1 request, got {limit}")
+        raise BenchInputError(f"limit must be at least 1 request, got {limit}")
     requests = []
     latest = -math.inf  # the largest timestamp so far
     try:
         f = open(path)
     except OSError as exc:
-        raise ValueError(f"cannot read the trace {path}: {exc.strerror}") from None
+        raise BenchInputError(f"cannot read the trace {path}: {exc.strerror}") from None
     with f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -62,18 +64,18 @@ def load_mooncake(path: str | Path = DEFAULT_MOONCAKE, block_tokens: int = 512, 
             try:
                 n, ids, timestamp = _mooncake_request(json.loads(line))
             except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{number}: not a Mooncake request (input_length and hash_ids): "
+                raise BenchInputError(f"{path}:{number}: not a Mooncake request (input_length and hash_ids): "
                                  f"{type(exc).__name__}: {exc}") from None
             if n < 0 or len(ids) * block_tokens < n:
-                raise ValueError(f"{path}:{number}: a request of {n} tokens has {len(ids)} blocks of {block_tokens}")
+                raise BenchInputError(f"{path}:{number}: a request of {n} tokens has {len(ids)} blocks of {block_tokens}")
             if timestamp is not None:
                 if timestamp < latest:
-                    raise ValueError(f"{path}:{number}: timestamp {timestamp} is before an earlier line's {latest}: "
+                    raise BenchInputError(f"{path}:{number}: timestamp {timestamp} is before an earlier line's {latest}: "
                                      "requests are replayed in file order, so the trace must be sorted by time")
                 latest = timestamp
             requests.append(Request(tuple(ids[: n // block_tokens]), n))
     if not requests:
-        raise ValueError(f"{path}: the trace has no requests")
+        raise BenchInputError(f"{path}: the trace has no requests")
     return Trace(Path(path).stem, block_tokens, requests)
 
 

@@ -37,11 +37,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -51,13 +51,14 @@ from kvtier.errors import CapacityError, ParentMissingError, StoreUnavailableErr
 from kvtier.integrations import require_transformers
 from kvtier.kvstore.chunk import Chunk
 from kvtier.kvstore.keys import as_tokens
-from kvtier.kvstore.store import GetResult, TieredStore
+from kvtier.kvstore.store import TieredStore
 from kvtier.layout import DTYPES, KVLayout
 
 if TYPE_CHECKING:
     from kvtier.api.client import Client
 
 Prompt = Sequence[int] | torch.Tensor
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
@@ -198,11 +199,7 @@ class HFKVCache:
         layout = self._layouts.get(which)
         if layout is None:
             layout = model_layout(self.model, self.chunk_tokens, self.model_id, self._digest)
-            try:
-                self.store.attach(layout)
-            except StoreUnavailableError as exc:  # attached on a later call (a Client also attaches on first use)
-                log.warning("kvtier store unavailable: %s", exc)
-                return layout
+            self._unless_unavailable(lambda: self.store.attach(layout), None)  # a Client attaches on first use too
             self._layouts[which] = layout
         return layout
 
@@ -220,21 +217,23 @@ class HFKVCache:
         if not ids or any(len(p) == 0 for p in ids):
             raise ValueError("give at least one prompt, each of at least one token")
         vocab = self.model.get_input_embeddings().num_embeddings
-        for i, p in enumerate(ids):
-            if int(p.max()) >= vocab:
-                raise ValueError(f"prompt {i} holds token id {int(p.max())}, beyond the model's vocabulary of {vocab}")
+        for i, top in enumerate(int(p.max()) for p in ids):
+            if top >= vocab:
+                raise ValueError(f"prompt {i} holds token id {top}, beyond the model's vocabulary of {vocab}")
         if self.pad_token_id >= vocab:
             raise ValueError(f"pad_token_id {self.pad_token_id} is beyond the model's vocabulary of {vocab}")
         layout = self.layout
         C = layout.chunk_tokens
-        cached = [min(self._cached(p, layout), len(p) - 1) for p in ids]
+        cached = [min(self._unless_unavailable(lambda: self.store.lookup(p, self.namespace, layout).tokens, 0),
+                      len(p) - 1) for p in ids]
         suffix = max(len(p) - c for p, c in zip(ids, cached))
         wanted = [max(0, len(p) - suffix) for p in ids]
         fetched, tiers, buffers = [], [], []
         for p, w in zip(ids, wanted):
             n = -(-w // C) * C
             out = self._scratch(n, layout) if len(ids) == 1 else None
-            got = self._get(p[:n], out, layout) if n else None
+            got = self._unless_unavailable(
+                lambda: self.store.get(p[:n], out=out, namespace=self.namespace, layout=layout), None) if n else None
             fetched.append(got.tokens if got else 0)
             tiers.append(got.tiers if got else [])
             buffers.append(got.kv if got else None)
@@ -326,7 +325,8 @@ class HFKVCache:
             raise ValueError("this cache was compressed by a press: its positions no longer hold the prompt's tokens, "
                              "and its KV is not the model's for them; it cannot be stored")
         lengths = {layer.keys.shape[2] for layer in cache.layers}
-        width = max(len(as_tokens(p)) for p in prompts) if loaded is None else loaded.input_ids.shape[1]
+        prompt_ids = [as_tokens(p) for p in prompts]
+        width = max(map(len, prompt_ids)) if loaded is None else loaded.input_ids.shape[1]
         if len(lengths) != 1 or min(lengths) < width:
             raise ValueError(f"the cache holds {sorted(lengths)} positions per layer, the prompts need {width} in "
                              "every layer (a cropped or compressed cache cannot be stored)")
@@ -334,8 +334,7 @@ class HFKVCache:
         stored = 0
         try:
             root = self.store.root(self.namespace, layout)
-            for i, p in enumerate(prompts):
-                ids = as_tokens(p)
+            for i, ids in enumerate(prompt_ids):
                 keys = self.store.keys(ids, self.namespace, layout)
                 first = 0 if loaded is None else min(loaded.fetched[i] // C, len(keys))
                 pad = 0 if loaded is None else loaded.input_ids.shape[1] - len(ids)
@@ -356,21 +355,14 @@ class HFKVCache:
         self.timings["store_s"] = time.perf_counter() - start
         return stored
 
-    def _cached(self, prompt: np.ndarray, layout: KVLayout) -> int:
-        """Tokens of ``prompt`` the store holds; 0 while it is unavailable."""
+    @staticmethod
+    def _unless_unavailable(call: Callable[[], T], default: T) -> T:
+        """``call()``, or ``default`` (logged) while the store cannot answer (a service down): a miss."""
         try:
-            return self.store.lookup(prompt, self.namespace, layout).tokens
+            return call()
         except StoreUnavailableError as exc:
-            log.warning("kvtier store unavailable, prefilling without it: %s", exc)
-            return 0
-
-    def _get(self, prompt: np.ndarray, out: torch.Tensor | None, layout: KVLayout) -> GetResult | None:
-        """The cached prefix of ``prompt`` (into ``out``); None while the store is unavailable."""
-        try:
-            return self.store.get(prompt, out=out, namespace=self.namespace, layout=layout)
-        except StoreUnavailableError as exc:
-            log.warning("kvtier store unavailable, prefilling without it: %s", exc)
-            return None
+            log.warning("kvtier store unavailable, the model runs without it: %s", exc)
+            return default
 
     def _chunk(self, cache, row: int, pad: int, ids: np.ndarray, keys: list[bytes], j: int, root: bytes,
                layout: KVLayout) -> Chunk:

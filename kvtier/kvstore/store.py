@@ -162,7 +162,7 @@ class TieredStore:
         self.quotas: dict[str, int] = {}
         self.counters = _Counters(tier_hits={t.name: 0 for t in self.tiers})
         self._scratch: OrderedDict[str, list[torch.Tensor]] = OrderedDict()  # idle chunk buffers, per layout used last
-        self._pinned: Counter[tuple[bytes, ...]] = Counter()  # pins per pinned prompt (its chunk keys)
+        self._pinned_prompts: Counter[tuple[bytes, ...]] = Counter()  # pins per pinned prompt (its chunk keys)
         self._pins: Counter[bytes] = Counter()  # pins per chunk key of those prompts, cached or still to come
         for t in self.tiers:
             t.keep_summaries = self.keep_summaries
@@ -255,7 +255,7 @@ class TieredStore:
             if kv.shape[3] != len(ids):
                 raise LayoutError(f"kv holds {kv.shape[3]} tokens but {len(ids)} token ids were given")
             self._check_kv(kv)
-        root = root_key(layout.fingerprint, namespace)
+        root = self.root(namespace, layout)
         keys = chunk_keys(root, ids, C)
         chunks = []
         for i, key in enumerate(keys):
@@ -268,10 +268,8 @@ class TieredStore:
         """Fetch the longest cached prefix of ``tokens`` into ``out`` (``[len(layers), T, H, >= n, D]``;
         allocated when None). ``layers`` (default all) selects a contiguous range of layers."""
         layout = self._layout(layout)
-        ids = as_tokens(tokens)
-        root = root_key(layout.fingerprint, namespace)
-        keys = chunk_keys(root, ids, layout.chunk_tokens)
-        return self.get_keys(keys, root, out, layers, layout)
+        root = self.root(namespace, layout)
+        return self.get_keys(chunk_keys(root, as_tokens(tokens), layout.chunk_tokens), root, out, layers, layout)
 
     def get_keys(self, keys: Sequence[bytes], root: bytes, out: torch.Tensor | None = None,
                  layers: range | None = None, layout: KVLayout | None = None) -> GetResult:
@@ -371,7 +369,7 @@ class TieredStore:
                 self.take_back(lent)
                 room = self.tiers[0].lend_nbytes(headroom, layout) if headroom and stored else 0
                 if room and room <= self.tiers[0].capacity_bytes:
-                    with _pinned(n for n in (self.index.nodes.get(c.key) for c in chunks) if n is not None):
+                    with _pinned(self.index.match([c.key for c in chunks])):  # what this put stored
                         self._make_room(0, room, demote)
 
     def _in_memory_only(self, chunks: Sequence[Chunk], namespace: str, layout: KVLayout) -> bool:
@@ -383,7 +381,7 @@ class TieredStore:
                 and (quota is None or self.namespace_bytes.get(namespace, 0) + len(chunks) * layout.chunk_bytes <= quota))
 
     def _put_verified(self, chunks: list[Chunk], root: bytes, namespace: str, layout: KVLayout) -> PutResult:
-        if root != root_key(layout.fingerprint, namespace):
+        if root != self.root(namespace, layout):
             raise ValueError(f"root {root.hex()} is not the root of namespace {namespace!r} and layout "
                              f"{layout.fingerprint}")
         self._cached_parent(chunks, root, namespace, layout)  # fails fast; checked again under the lock
@@ -406,7 +404,7 @@ class TieredStore:
         later, until :meth:`unpin` of the same tokens; returns the chunks cached (and pinned) now. Pins nest."""
         keys = tuple(self.keys(tokens, namespace, layout))
         with self._lock:
-            self._pinned[keys] += 1
+            self._pinned_prompts[keys] += 1
             self._pins.update(keys)
             nodes = self.index.match(keys)
             for n in nodes:
@@ -418,11 +416,10 @@ class TieredStore:
         on the same chunks stay); returns the cached chunks it unpinned."""
         keys = tuple(self.keys(tokens, namespace, layout))
         with self._lock:
-            if not self._pinned[keys]:
-                del self._pinned[keys]
+            if not self._pinned_prompts[keys]:
                 return 0
-            self._pinned -= Counter({keys: 1})
-            self._pins -= Counter(keys)  # drops the keys no pin covers any more
+            _decrement(self._pinned_prompts, [keys])
+            _decrement(self._pins, keys)  # drops the keys no pin covers any more
             nodes = self.index.match(keys)
             for n in nodes:
                 n.pins -= 1
@@ -471,28 +468,24 @@ class TieredStore:
         """Promote the cached prefix of ``tokens`` to the first tier; returns the chunks now there."""
         layout = self._layout(layout)
         keys = self.keys(tokens, namespace, layout)
-        root = root_key(layout.fingerprint, namespace)
         with self._lock:
             nodes = self.index.match(keys)
-            for n in nodes:
-                n.pins += 1
             promoted = []
-            try:
-                parent = root
-                for node in nodes:
-                    if not node.tiers & 1:
-                        with self._scratch_for(layout) as buf:
-                            got = self._fetch(node, parent, buf, range(layout.num_layers))
-                            if got is None or not self._promote(node, got[1], layout, got[0]):
-                                break
-                        promoted.append(node)
-                    parent = node.key
-                return sum(1 for n in nodes if n.tiers & 1)
-            finally:
-                for node in reversed(promoted):
-                    self._admit(0, node, layout)
-                for n in nodes:
-                    n.pins -= 1
+            with _pinned(nodes):
+                try:
+                    parent = self.root(namespace, layout)
+                    for node in nodes:
+                        if not node.tiers & 1:
+                            with self._scratch_for(layout) as buf:
+                                got = self._fetch(node, parent, buf, range(layout.num_layers))
+                                if got is None or not self._promote(node, got[1], layout, got[0]):
+                                    break
+                            promoted.append(node)
+                        parent = node.key
+                    return sum(1 for n in nodes if n.tiers & 1)
+                finally:
+                    for node in reversed(promoted):
+                        self._admit(0, node, layout)
 
     def stats(self) -> dict:
         """Counters, hit rate and per-tier occupancy."""
@@ -751,8 +744,7 @@ class TieredStore:
             else:
                 chunk = self.tiers[t].get(node.key, buf)
                 if chunk is None:
-                    if not self.tiers[t].contains(node.key):
-                        self._forget(node, t)  # the tier found it corrupt and deleted it
+                    self._missed(node, t)
                     return False
                 chunk.summary = self._summary(node, t)
                 if not node.tiers >> t & 1:
@@ -825,8 +817,8 @@ class TieredStore:
     def _summary(self, node: Node, t: int) -> torch.Tensor | None:
         """``node``'s key summary from tier ``t`` (a tier that finds it corrupt deletes the chunk: forget it)."""
         summary = self.tiers[t].summary(node.key)
-        if summary is None and not self.tiers[t].contains(node.key):
-            self._forget(node, t)
+        if summary is None:
+            self._missed(node, t)
         return summary
 
     def _summary_from_kv(self, node: Node, t: int) -> torch.Tensor | None:
@@ -834,8 +826,7 @@ class TieredStore:
         layout = self.layouts[node.layout]
         with self._scratch_for(layout) as buf:
             if self.tiers[t].get(node.key, buf) is None:
-                if not self.tiers[t].contains(node.key):
-                    self._forget(node, t)  # found corrupt (else it cannot be read just now)
+                self._missed(node, t)
                 return None
             summary = key_summary(buf, layout.page_tokens)
         self.tiers[t].set_summary(node.key, summary)
@@ -857,9 +848,14 @@ class TieredStore:
             if chunk is not None:
                 self.counters.verify_failures += 1
                 tier.delete(node.key)
-            if not tier.contains(node.key):
-                self._forget(node, t)  # deleted, here or by the tier itself (corrupt)
+            self._missed(node, t)
         return None
+
+    def _missed(self, node: Node, t: int) -> None:
+        """After a read of ``node`` from tier ``t`` gave nothing: forget the copy if the tier no longer has it
+        (deleted as corrupt, here or by the tier); one that cannot be read just now is kept."""
+        if not self.tiers[t].contains(node.key):
+            self._forget(node, t)
 
     def _after_get(self, fetched: list[tuple[Node, int, Chunk]], layers: range, layout: KVLayout,
                    reuse: float) -> None:
@@ -872,18 +868,15 @@ class TieredStore:
                     policy.touch(node.key, reuse)
         if len(layers) != layout.num_layers:
             return  # a partial fetch cannot be promoted
-        for node, _, _ in fetched:
-            node.pins += 1
         promoted = []
-        try:
-            for node, t, chunk in fetched:
-                if t > 0 and node.key in self.index and self._promote(node, chunk, layout, t):
-                    promoted.append(node)
-        finally:
-            for node in reversed(promoted):  # deepest first, as a put does
-                self._admit(0, node, layout)
-            for node, _, _ in fetched:
-                node.pins -= 1
+        with _pinned(node for node, _, _ in fetched):
+            try:
+                for node, t, chunk in fetched:
+                    if t > 0 and node.key in self.index and self._promote(node, chunk, layout, t):
+                        promoted.append(node)
+            finally:
+                for node in reversed(promoted):  # deepest first, as a put does
+                    self._admit(0, node, layout)
 
     def _promote(self, node: Node, chunk: Chunk, layout: KVLayout, source: int) -> bool:
         """Copy a verified chunk (read from tier ``source``) into tier 0; the caller admits it to tier 0's
@@ -970,6 +963,14 @@ class TieredStore:
                 key = self.policies[t].victim(lambda k: self._evictable(k, t))
                 if key is None or not self._evict(self.index.nodes[key], t):
                     break
+
+
+def _decrement(counter: Counter, items: Iterable) -> None:
+    """Take one off the count of each of ``items``, dropping the counts that reach zero."""
+    for item in items:
+        counter[item] -= 1
+        if not counter[item]:
+            del counter[item]
 
 
 @contextmanager

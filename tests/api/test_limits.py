@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kvtier.api import Client
+from kvtier.api.app import _replay
 from kvtier.api.client import PayloadTooLargeError, ServerError
 from kvtier.api.wire import frame_prefix
 from kvtier.bench.api import free_port
@@ -327,9 +328,9 @@ def test_a_tenant_attaches_at_most_max_layouts_per_tenant(tmp_path):
             return httpx.post(url + "/v1/layouts", json=layout.to_dict(), headers={"Authorization": f"Bearer {key}"})
 
         assert [attach(layout, KEYS["alice"]).status_code for layout in layouts[:2]] == [200, 200]
-        refused = attach(layouts[2], KEYS["alice"])
-        assert refused.status_code == 409 and refused.json()["error"] == "too_many_layouts"
-        assert "max_layouts_per_tenant" in refused.json()["detail"]
+        third = attach(layouts[2], KEYS["alice"])
+        assert third.status_code == 409 and third.json()["error"] == "too_many_layouts"
+        assert "max_layouts_per_tenant" in third.json()["detail"]
         assert attach(layouts[0], KEYS["alice"]).status_code == 200
         assert attach(layouts[2], KEYS["bob"]).status_code == 200
 
@@ -365,10 +366,10 @@ def test_a_lookup_answered_with_other_chunks_is_an_error(tmp_path):
                 body, more = body + message.get("body", b""), message.get("more_body", False)
             request = json.loads(body)
             request.pop("parent", None)
-            replay = [{"type": "http.request", "body": json.dumps(request).encode(), "more_body": False}]
+            stripped = {"type": "http.request", "body": json.dumps(request).encode(), "more_body": False}
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-            headers.append((b"content-length", str(len(replay[0]["body"])).encode()))
-            await app({**scope, "headers": headers}, lambda: _pop(replay, receive), send)
+            headers.append((b"content-length", str(len(stripped["body"])).encode()))
+            await app({**scope, "headers": headers}, _replay(stripped, receive), send)
         return older
 
     config = make_config(tmp_path, server={"max_tokens_per_request": 2 * C})
@@ -377,7 +378,3 @@ def test_a_lookup_answered_with_other_chunks_is_an_error(tmp_path):
         c.put(tokens[: 2 * C] * 2, kv_for(4 * C, seed=12))  # chunks whose tokens the second request repeats
         with pytest.raises(ServerError, match="other chunks' keys"):
             c.lookup(tokens[: 2 * C] * 2)
-
-
-async def _pop(replay: list, receive):
-    return replay.pop() if replay else await receive()

@@ -287,7 +287,7 @@ class DiskTier(Tier):
     def _unreadable(self, key: bytes, exc: Exception) -> None:
         """A read of ``key`` failed with ``exc``: a bad or missing file is deleted (corrupt); an I/O error (out of
         file descriptors, a failing device, a permission) leaves the file for a later read."""
-        if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
+        if _transient(exc):
             log.warning("disk tier %s: chunk %s cannot be read now (%s); kept", self.name, key.hex(), exc)
             self.stats.errors += 1
         else:
@@ -378,7 +378,7 @@ class DiskTier(Tier):
                 finally:
                     os.close(fd)
             except (BlobError, OSError) as exc:
-                if isinstance(exc, OSError) and exc.errno != errno.ENOENT:
+                if _transient(exc):
                     raise TierError(f"disk tier {self.name!r} cannot read {self._file(key)}: {exc}; nothing was "
                                     "deleted") from None
                 self._corrupt(key, str(exc))
@@ -413,3 +413,9 @@ class DiskTier(Tier):
 
     def __len__(self) -> int:
         return len(self._sizes)
+
+
+def _transient(exc: Exception) -> bool:
+    """Whether a failed read says nothing about the file itself (an I/O error, out of file descriptors, a
+    permission), rather than that it is bad or missing."""
+    return isinstance(exc, OSError) and exc.errno != errno.ENOENT

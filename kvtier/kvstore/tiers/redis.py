@@ -69,7 +69,6 @@ class RedisTierError(TierError):
     """A Redis command failed (connection refused or lost, timeout, out of memory): nothing was stored."""
 
 
-
 @dataclass
 class _Entry:
     """Where one stored chunk's bytes are: its blob's layout in parts, and the byte spans of its tensors."""
@@ -466,8 +465,9 @@ class RedisTier(Tier):
     def _send_stale(self, else_: str) -> bool:
         """Delete the keys of chunks deleted here; whether that worked. A failure is counted and logged with
         ``else_`` (what follows)."""
+        stale = set(self._stale)
         pipe = self._redis.pipeline(transaction=False)
-        stale = self._queue_stale(pipe)
+        pipe.delete(*stale)
         try:
             pipe.execute()
         except redis.RedisError as exc:
@@ -489,13 +489,6 @@ class RedisTier(Tier):
         log.warning("redis tier %s: chunk %s is unreadable (%s); deleted", self.name, key.hex(), why)
         self.stats.corrupt += 1
         self.delete(key)
-
-    def _queue_stale(self, pipe: redis.client.Pipeline) -> set[bytes]:
-        """Queue the deletion of the stale keys; returns them (to drop from the set once it succeeded)."""
-        stale = set(self._stale)
-        if stale:
-            pipe.delete(*stale)
-        return stale
 
     @staticmethod
     def _batches(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
