@@ -359,7 +359,9 @@ class Service:
 
     def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest) -> Fetched:
         """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on, each into its
-        own buffer (the one copy), and frame them as blobs of the (layer-sliced) layout."""
+        own buffer (the one copy), and frame them as blobs of the (layer-sliced) layout. A chunk that came in with
+        checksums (a put's blob, a disk or Redis tier's) goes out with the same ones: the client checks the
+        bytes against what was verified when they arrived, not against a hash of whatever the memory holds now."""
         layers = _layers(layout, req.layer_start, req.layer_stop)
         sliced = layer_slice(layout, layers)
         store = self.store(principal)
@@ -376,7 +378,7 @@ class Service:
             fetched.tiers += got.tiers
             fetched.tokens += C
             fetched.chunks += 1
-            chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C], buf)
+            chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C], buf, layer_xxh3=got.layer_xxh3[0])
             fetched.parts += _frame(*encode_blob(chunk, sliced, self.codec))
             parent = keys[i]
         return fetched

@@ -425,20 +425,14 @@ class _Operations:
             out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim), dtype=layout.torch_dtype)
         else:
             layout.check_out(out, layers, n * C)
-        i = 0
-        for reply in replies:
-            for blob in split_frames(memoryview(reply.body)):
-                if i >= n:
-                    raise BlobError(f"the service sent more chunks than the {n} it announced")
-                header, chunk = decode_blob(blob, out[:, :, :, i * C : (i + 1) * C])
-                if (header.layout != sliced or chunk.key != keys[i]
-                        or not np.array_equal(chunk.tokens, ids[i * C : (i + 1) * C])):
-                    raise BlobError(f"chunk {i} from the service is not the chunk asked for")
-                i += 1
-        if i != n:
-            raise BlobError(f"the service announced {n} chunks and sent {i}")
+        # A chunk that fails verification is the service's fault (its checksums are the put's): the caller may take
+        # it as it takes a service that cannot answer (a StoreUnavailableError).
+        try:
+            digests = _decode_replies(replies, out, keys, ids, sliced, n)
+        except BlobError as exc:
+            raise ServerError(200, "bad_reply", f"the service's chunks fail verification: {exc}") from None
         self._known.update(keys, n)
-        return GetResult(n * C, out, tiers)
+        return GetResult(n * C, out, tiers, digests)
 
     def json_op(self, method: str, path: str, body: Any = None, idempotent: bool = True) -> Op[Any]:
         return (yield _Call(method, path, json=body, idempotent=idempotent)).json()
@@ -550,6 +544,26 @@ class _Receiver:
     def __exit__(self, exc_type, *rest) -> None:
         if exc_type is not None:
             self.ops._rx.give(self.buf)
+
+
+def _decode_replies(replies: list[_Reply], out: torch.Tensor, keys: list[bytes], ids: np.ndarray, sliced: KVLayout,
+                    n: int) -> list[tuple[str, ...] | None]:
+    """Decode the ``n`` chunks the ``replies`` announced into ``out``, each verified (its checksums, layout, key and
+    tokens); BlobError otherwise. Returns each chunk's layer checksums."""
+    C = sliced.chunk_tokens
+    digests = []
+    for reply in replies:
+        for blob in split_frames(memoryview(reply.body)):
+            i = len(digests)
+            if i >= n:
+                raise BlobError(f"the service sent more chunks than the {n} it announced")
+            header, chunk = decode_blob(blob, out[:, :, :, i * C : (i + 1) * C])
+            if header.layout != sliced or chunk.key != keys[i] or not np.array_equal(chunk.tokens, ids[i * C : (i + 1) * C]):
+                raise BlobError(f"chunk {i} from the service is not the chunk asked for")
+            digests.append(chunk.layer_xxh3)
+    if len(digests) != n:
+        raise BlobError(f"the service announced {n} chunks and sent {len(digests)}")
+    return digests
 
 
 async def _aiter(pieces: list[memoryview]):

@@ -25,6 +25,7 @@ import json
 import math
 import struct
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +50,10 @@ _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 @dataclass
 class Chunk:
     """One chunk. ``kv``: ``[L, T, H, C, D]`` in the layout's dtype (None in metadata-only use);
-    ``tokens``: int32 ``[C]``; ``summary``: ``[L, H, P, 3, D]`` per-page key min/max/mean, or None."""
+    ``tokens``: int32 ``[C]``; ``summary``: ``[L, H, P, 3, D]`` per-page key min/max/mean, or None;
+    ``layer_xxh3``: the XXH3-64 of each layer of ``kv`` (its raw bytes) as verified against a blob's checksums
+    when the chunk was read from one, else None. A blob encoded from the chunk carries these instead of new
+    ones, so the bytes are checked end to end: from the blob that brought them to whoever reads them next."""
 
     key: bytes
     parent: bytes
@@ -57,6 +61,7 @@ class Chunk:
     kv: torch.Tensor | None = None
     summary: torch.Tensor | None = None
     namespace: str = ""
+    layer_xxh3: tuple[str, ...] | None = None
 
 
 def key_summary(kv: torch.Tensor, page_tokens: int) -> torch.Tensor:
@@ -116,6 +121,23 @@ def layer_checksums(parts: dict[str, torch.Tensor]) -> list[str]:
     return layer_digests(part_views(parts), range(parts[next(iter(parts))].shape[0]))
 
 
+def raw_digests(header: BlobHeader, layers: range) -> tuple[str, ...] | None:
+    """The verified checksums of ``layers`` from ``header`` as a chunk carries them (:attr:`Chunk.layer_xxh3`):
+    those of a raw-codec blob, whose KV part is the layers' raw bytes; None for any other codec."""
+    if header.codec.name != "raw":
+        return None
+    return tuple(header.layer_xxh3[layers.start : layers.stop : layers.step])
+
+
+def carried_digests(chunk: Chunk, codec: Codec) -> tuple[str, ...] | None:
+    """The chunk's own layer checksums (:attr:`Chunk.layer_xxh3`) if a blob of it in ``codec`` carries them: the
+    raw codec, whose KV part is the chunk's bytes as they are. None otherwise (the blob's KV is hashed)."""
+    known = chunk.layer_xxh3
+    if codec.name != "raw" or known is None or chunk.kv is None or len(known) != chunk.kv.shape[0]:
+        return None
+    return known
+
+
 def checksum(t: torch.Tensor | None) -> str:
     """XXH3-64 hex digest of a contiguous CPU tensor's bytes ("" for None)."""
     return "" if t is None else xxhash.xxh3_64_hexdigest(byte_view(t))
@@ -141,7 +163,7 @@ def kv_parts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def blob_header(chunk: Chunk, layout: KVLayout, codec: Codec, tensors: dict[str, torch.Tensor],
-                layer_xxh3: list[str], align: int = 8) -> bytes:
+                layer_xxh3: Sequence[str], align: int = 8) -> bytes:
     """The safetensors header of a blob of ``tensors`` (from :func:`blob_tensors`) whose KV layers hash to
     ``layer_xxh3``. Its length does not depend on the digests' values (each is 16 hex digits), so a writer
     may put the KV first and the header last.
@@ -194,10 +216,14 @@ def _layout_json(layout: KVLayout) -> str:
 def encode_blob(chunk: Chunk, layout: KVLayout, codec: Codec, align: int = 8) -> tuple[bytes, list[memoryview]]:
     """Encode ``chunk`` with ``codec``: the safetensors header and the tensor buffers, in file order.
 
-    ``b"".join([header, *buffers])`` (or a vectored write of them) is the blob.
+    ``b"".join([header, *buffers])`` (or a vectored write of them) is the blob. With the raw codec, a chunk's
+    own ``layer_xxh3`` become the blob's checksums (the KV is not hashed again).
     """
     tensors = blob_tensors(chunk, codec)
-    header = blob_header(chunk, layout, codec, tensors, layer_checksums(kv_parts(tensors)), align)
+    digests = carried_digests(chunk, codec)
+    if digests is None:
+        digests = layer_checksums(kv_parts(tensors))
+    header = blob_header(chunk, layout, codec, tensors, digests, align)
     return header, [byte_view(t) for t in tensors.values()]
 
 
@@ -359,5 +385,5 @@ def decode_blob(data: bytes | bytearray | memoryview, out: torch.Tensor | None =
         header.codec.decode(sub, out)
     except CodecError as exc:
         raise BlobError(f"blob KV fails to decode: {exc}") from None
-    chunk = Chunk(header.key, header.parent, tokens.numpy(), out, summary, header.namespace)
+    chunk = Chunk(header.key, header.parent, tokens.numpy(), out, summary, header.namespace, raw_digests(header, layers))
     return header, chunk

@@ -86,11 +86,13 @@ class LookupResult:
 @dataclass
 class GetResult:
     """``tokens`` fetched (a multiple of chunk_tokens) into ``kv`` (``[L', T, H, >= tokens, D]``);
-    ``tiers``: the tier each chunk came from."""
+    ``tiers``: the tier each chunk came from; ``layer_xxh3``: per chunk, the checksums of its fetched layers as
+    verified when it was read from a blob (:attr:`Chunk.layer_xxh3`), or None."""
 
     tokens: int
     kv: torch.Tensor | None
     tiers: list[str]
+    layer_xxh3: list[tuple[str, ...] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -306,7 +308,7 @@ class TieredStore:
             self.counters.gets += 1
             self.counters.get_tokens += len(fetched) * C
             names = [self.tiers[t].name for _, t, _ in fetched]
-        return GetResult(len(fetched) * C, out, names)
+        return GetResult(len(fetched) * C, out, names, [chunk.layer_xxh3 for _, _, chunk in fetched])
 
     def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",
                    layout: KVLayout | None = None, wait: bool = True, lent: Sequence[torch.Tensor] = (),
@@ -989,7 +991,8 @@ def _pinned(nodes: Iterable[Node]) -> Iterator[None]:
 def check_chain(chunks: Sequence[Chunk], layout: KVLayout, with_kv: bool = True) -> None:
     """Raise unless ``chunks`` is a chain of chunks of ``layout``: each one's parent the previous one's key (the
     first's is not checked here), its key ``H(parent || tokens)`` of ``chunk_tokens`` tokens (ValueError) and,
-    ``with_kv``, its KV ``[L, T, H, chunk_tokens, D]`` and key summary (if any) of the layout (LayoutError)."""
+    ``with_kv``, its KV ``[L, T, H, chunk_tokens, D]``, layer checksums and key summary (if any) of the layout
+    (LayoutError)."""
     expected = chunks[0].parent if chunks else b""
     for c in chunks:
         if c.parent != expected:
@@ -1004,6 +1007,9 @@ def check_chain(chunks: Sequence[Chunk], layout: KVLayout, with_kv: bool = True)
             if c.kv.shape[3] != layout.chunk_tokens:
                 raise LayoutError(f"kv of chunk {c.key.hex()} holds {c.kv.shape[3]} tokens, a chunk "
                                   f"{layout.chunk_tokens}")
+            if c.layer_xxh3 is not None and len(c.layer_xxh3) != layout.num_layers:
+                raise LayoutError(f"chunk {c.key.hex()} carries {len(c.layer_xxh3)} layer checksums for "
+                                  f"{layout.num_layers} layers")
             if c.summary is not None and (tuple(c.summary.shape) != layout.summary_shape
                                           or c.summary.dtype != layout.torch_dtype):
                 raise LayoutError(f"key summary of chunk {c.key.hex()} is {tuple(c.summary.shape)} "

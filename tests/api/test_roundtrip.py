@@ -10,8 +10,10 @@ import torch
 
 from kvtier.api import AsyncClient, Client
 from kvtier.api.auth import hash_key
-from kvtier.api.client import AuthenticationError, NotFoundError, PermissionDeniedError, ServiceUnavailableError
-from kvtier.errors import LayoutError
+from kvtier.api.client import (AuthenticationError, NotFoundError, PermissionDeniedError, ServerError,
+                               ServiceUnavailableError)
+from kvtier.errors import LayoutError, StoreUnavailableError
+from kvtier.kvstore.chunk import layer_checksums
 
 from .helpers import BLOB_BYTES, KEYS, LAYOUT, kv_for, make_config, prompt, serve
 
@@ -357,3 +359,27 @@ def test_a_put_retried_after_a_restart_takes_the_new_limits(tmp_path):
         put = c.put(tokens, kv)
         assert (put.stored, put.present, put.dropped) == (12, 0, 0)
         assert torch.equal(c.get(tokens).kv, kv)
+
+
+def test_a_chunk_changed_in_the_services_memory_is_never_handed_out(tmp_path):
+    """A fetch sends each chunk with the checksums it was put with, not a hash of whatever the service's memory
+    holds now: bytes changed in between (a fault, flipped here by hand) fail the client's check, which raises a
+    ServerError (a StoreUnavailableError: an engine recomputes) and never returns them."""
+    apps = []
+    config = make_config(tmp_path, tiers=[{"kind": "host", "capacity_bytes": 64 << 10}])
+    C = LAYOUT.chunk_tokens
+    tokens, kv = prompt(2 * C, seed=3), kv_for(2 * C, seed=3)
+    sums = [layer_checksums({"kv": kv[:, :, :, i * C : (i + 1) * C].contiguous()}) for i in range(2)]
+    with serve(config, wrap=lambda app: apps.append(app) or app) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        assert c.put(tokens, kv).stored == 2
+        got = c.get(tokens)
+        assert torch.equal(got.kv, kv) and got.layer_xxh3 == [tuple(s) for s in sums]
+        assert c.get(tokens, layers=range(1, 2)).layer_xxh3 == [(s[1],) for s in sums]
+        service = apps[0].state.service
+        host = service.store(service.auth.identify(KEYS["alice"])).tiers[0]
+        entry = host._entries[c.keys(tokens)[1]]
+        host.pool[entry.offset + entry.parts["kv"][2] + 5] ^= 0x10
+        with pytest.raises(ServerError, match="bad_reply.*checksum") as err:
+            c.get(tokens)
+        assert isinstance(err.value, StoreUnavailableError)
+        assert torch.equal(c.get(tokens[:C]).kv, kv[:, :, :, :C])  # the chunk before it is still good

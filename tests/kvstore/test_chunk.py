@@ -206,3 +206,30 @@ def test_a_header_no_parser_or_allocator_can_take_is_a_blob_error(edit):
     chunk.summary = None  # (a summary's shape would give a huge layout away before the KV is allocated)
     with pytest.raises(BlobError):
         decode_blob(_with_header(blob_bytes(chunk, layout, get_codec("raw")), edit))
+
+
+def test_a_raw_blob_hands_its_verified_checksums_to_the_chunk():
+    layout = KVLayout("m", num_layers=4, kv_heads=2, head_dim=8, chunk_tokens=16, page_tokens=8)
+    chunk = chunk_of(layout)
+    header, back = decode_blob(blob_bytes(chunk, layout, get_codec("raw")))
+    assert back.layer_xxh3 == tuple(header.layer_xxh3) == tuple(layer_checksums({"kv": chunk.kv}))
+    _, some = decode_blob(blob_bytes(chunk, layout, get_codec("raw")), layers=range(1, 4, 2))
+    assert some.layer_xxh3 == (header.layer_xxh3[1], header.layer_xxh3[3])
+    assert chunk.layer_xxh3 is None  # a chunk built from a tensor knows none
+    # a lossy or compressed blob's checksums are of its encoded parts, not of the KV's bytes
+    for codec in ("int8", "zstd"):
+        assert decode_blob(blob_bytes(chunk, layout, get_codec(codec)))[1].layer_xxh3 is None
+
+
+def test_a_blob_of_a_chunk_carries_its_checksums_instead_of_new_ones():
+    """The checksums a chunk came in with go out with it: bytes changed in between fail the next reader's check."""
+    layout = KVLayout("m", num_layers=3, kv_heads=2, head_dim=8, chunk_tokens=16, page_tokens=8)
+    _, back = decode_blob(blob_bytes(chunk_of(layout), layout, get_codec("raw")))
+    assert torch.equal(decode_blob(blob_bytes(back, layout, get_codec("raw")))[1].kv, back.kv)
+    back.kv[1, 0, 0, 0, 0] += 1  # the memory holding it changed after it was verified
+    with pytest.raises(BlobError, match="checksum"):
+        decode_blob(blob_bytes(back, layout, get_codec("raw")))
+    # another codec's blob hashes its own parts; so does a blob of a chunk whose checksums do not fit its KV
+    assert decode_blob(blob_bytes(back, layout, get_codec("zstd")))[1].kv[1, 0, 0, 0, 0] == back.kv[1, 0, 0, 0, 0]
+    back.layer_xxh3 = back.layer_xxh3[:2]
+    assert torch.equal(decode_blob(blob_bytes(back, layout, get_codec("raw")))[1].kv, back.kv)

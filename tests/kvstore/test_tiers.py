@@ -5,14 +5,16 @@ import numpy as np
 import pytest
 import torch
 
+from kvtier.compression import get_codec
 from kvtier.errors import TierError
-from kvtier.kvstore.chunk import Chunk, key_summary
+from kvtier.kvstore import TieredStore
+from kvtier.kvstore.chunk import Chunk, blob_bytes, decode_blob, key_summary, layer_checksums
 from kvtier.kvstore.keys import chunk_keys, root_key
 from kvtier.kvstore.tiers import DiskTier, HostTier, MetaTier
 from kvtier.kvstore.tiers.memory import ExtentAllocator
 from kvtier.layout import KVLayout
 
-from .helpers import TINY, make_kv
+from .helpers import TINY, footprint, make_kv
 
 
 def chunks(n, seed=0, layout=TINY):
@@ -303,3 +305,38 @@ def test_a_disk_folder_is_opened_by_one_process_at_a_time(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def carrying(cs, layout=TINY):
+    """``cs`` as read back from their raw blobs: each carries its verified layer checksums."""
+    return [decode_blob(blob_bytes(c, layout, get_codec("raw")))[1] for c in cs]
+
+
+def test_tiers_hand_on_the_checksums_a_chunk_came_with(tier):
+    came, plain = carrying(chunks(1)), chunks(1, seed=1)
+    for c in came + plain:
+        tier.commit(tier.prepare(c, TINY))
+    out = torch.empty(TINY.chunk_shape, dtype=TINY.torch_dtype)
+    assert tier.get(came[0].key, out).layer_xxh3 == came[0].layer_xxh3 is not None
+    one = torch.empty((1,) + TINY.chunk_shape[1:], dtype=TINY.torch_dtype)
+    assert tier.get(came[0].key, one, range(1, 2)).layer_xxh3 == came[0].layer_xxh3[1:]
+    # a chunk put without: the disk tier hashed its blob (and verified the read), a memory tier knows none
+    expected = tuple(layer_checksums({"kv": plain[0].kv})) if isinstance(tier, DiskTier) else None
+    assert tier.get(plain[0].key, out).layer_xxh3 == expected
+
+
+def test_memory_that_changed_is_not_written_to_disk_as_good(tmp_path):
+    """A chunk's bytes changed in host memory after they were verified (a fault: flipped here by hand) are
+    demoted with the checksums they came with, so the disk read finds them bad: a miss, not wrong KV."""
+    host = HostTier(footprint(TINY), prefault=False)
+    store = TieredStore([host, DiskTier(tmp_path / "disk", 1 << 20)], layout=TINY)
+    first, second = carrying(chunks(1)), chunks(1, seed=1)
+    assert store.put_chunks(first, first[0].parent).stored == 1
+    offset = host._entries[first[0].key].offset
+    host.pool[offset + 3] ^= 0x40
+    assert store.put_chunks(second, second[0].parent).stored == 1  # demotes the first
+    assert not host.contains(first[0].key) and store.tiers[1].contains(first[0].key)
+    got = store.get(first[0].tokens)
+    assert got.tokens == 0
+    assert store.tiers[1].stats.corrupt == 1 and not store.tiers[1].contains(first[0].key)
+    assert store.get(second[0].tokens).tokens == TINY.chunk_tokens

@@ -37,8 +37,8 @@ import torch
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError, TierError
 from kvtier.kvstore.chunk import (
-    UNHASHED, BlobHeader, Chunk, blob_header, blob_tensors, byte_view, checksum, header_length, kv_parts,
-    layer_digests, parse_header, part_views, with_layer_digests,
+    UNHASHED, BlobHeader, Chunk, blob_header, blob_tensors, byte_view, carried_digests, checksum, header_length,
+    kv_parts, layer_digests, parse_header, part_views, raw_digests, with_layer_digests,
 )
 from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
@@ -156,28 +156,30 @@ class DiskTier(Tier):
     def prepare(self, chunk: Chunk, layout: KVLayout) -> Prepared:
         tensors = blob_tensors(chunk, self.codec)
         align = _PAGE if layout.chunk_bytes >= _ALIGN_FROM else 8
-        header = blob_header(chunk, layout, self.codec, tensors, [UNHASHED] * layout.num_layers, align=align)
-        return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors))
+        known = carried_digests(chunk, self.codec)
+        header = blob_header(chunk, layout, self.codec, tensors, known or [UNHASHED] * layout.num_layers, align=align)
+        return Prepared(chunk.key, len(header) + sum(t.nbytes for t in tensors.values()), (header, tensors, known is None))
 
-    def _write_blob(self, fd: int, header: bytes, tensors: dict[str, torch.Tensor]) -> None:
+    def _write_blob(self, fd: int, header: bytes, tensors: dict[str, torch.Tensor], unhashed: bool) -> None:
         """The KV parts and the summary (which follow each other in the file) in one vectored write by this
-        thread, while the tier's hashing thread hashes the KV (``pwritev`` releases the GIL, so the two overlap
-        where the cores do not share memory bandwidth; on our 2-vCPU VMs it is a wash against hashing first);
-        last, in one write, the header with the digests and the tokens that follow it. The write stays on the
-        calling thread, as a plain file write would.
+        thread; last, in one write, the header and the tokens that follow it. A chunk that carried its checksums
+        has them in ``header`` already; else (``unhashed``) the tier's hashing thread hashes the KV during the
+        first write (``pwritev`` releases the GIL, so the two overlap where the cores do not share memory
+        bandwidth; on our 2-vCPU VMs it is a wash against hashing first) and the digests go into the header. The
+        writes stay on the calling thread, as a plain file write would.
 
         Nothing between the submit and the write may call torch: a torch call releases the GIL, the hashing
         thread takes it, and this thread then waits for the whole hash before it can start writing."""
         parts = kv_parts(tensors)
         views = part_views(parts)
         body = [byte_view(t) for name, t in tensors.items() if name != "tokens"]  # kv.* then summary
-        hashed = self._hasher.submit(layer_digests, views, range(len(parts[next(iter(parts))])))
+        hashed = self._hasher.submit(layer_digests, views, range(len(parts[next(iter(parts))]))) if unhashed else None
         try:
             _pwrite_all(fd, body, len(header) + tensors["tokens"].nbytes)
         finally:
-            digests = hashed.result()  # also when writing failed: the hasher must be done with the views
-        head = with_layer_digests(header, digests) + byte_view(tensors["tokens"])
-        _pwrite_all(fd, [memoryview(head)], 0)
+            if hashed is not None:  # waited for also when writing failed: the hasher must be done with the views
+                header = with_layer_digests(header, hashed.result())
+        _pwrite_all(fd, [memoryview(header + byte_view(tensors["tokens"]))], 0)
 
     def commit(self, prepared: Prepared) -> None:
         if self._closed:
@@ -316,7 +318,7 @@ class DiskTier(Tier):
             os.close(fd)
         self.stats.hits += 1
         self.stats.bytes_read += self._sizes.get(key, 0)
-        return Chunk(header.key, header.parent, tokens, out)
+        return Chunk(header.key, header.parent, tokens, out, layer_xxh3=raw_digests(header, layers))
 
     def _read_kv(self, fd: int, header: BlobHeader, out: torch.Tensor, layers: range) -> dict[str, torch.Tensor]:
         """Read the codec parts of ``layers`` and verify their checksums as they arrive, a few layers at a time

@@ -5,8 +5,11 @@ allocator that coalesces freed neighbours, so a put or get is a plain copy into 
 
 A chunk can also arrive already in the pool: :meth:`MemoryTier.lend` hands out an extent as a byte buffer
 (the service receives a blob straight into it), and a commit of a chunk whose parts lie in a lent extent
-adopts the extent instead of copying. Key summaries are computed on demand (``summary_on_demand``): when the
-store keeps them, every entry has a slot for its summary, filled by :meth:`MemoryTier.set_summary`.
+adopts the extent instead of copying. A chunk that carries the checksums of its layers (read from a verified
+blob) keeps them here and a get hands them on: the bytes are not hashed again, and whoever reads a blob made of
+them checks them against the checksums they came with. Key summaries are computed on demand
+(``summary_on_demand``): when the store keeps them, every entry has a slot for its summary, filled by
+:meth:`MemoryTier.set_summary`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from kvtier.compression.codec import Codec
-from kvtier.kvstore.chunk import Chunk
+from kvtier.kvstore.chunk import Chunk, carried_digests
 from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
 
@@ -79,6 +82,7 @@ class _Entry:
     parent: bytes
     tokens: np.ndarray
     summary_ready: bool  # whether the slot holds the summary yet
+    layer_xxh3: tuple[str, ...] | None  # the checksums the chunk carried in, per layer (see Chunk.layer_xxh3)
 
 
 class MemoryTier(Tier):
@@ -199,7 +203,7 @@ class MemoryTier(Tier):
             raise MemoryError(f"tier {self.name!r}: the chunk needs {end} bytes, its extent has {prepared.nbytes}")
         summary = specs.pop("\0summary", None)
         entry = _Entry(offset, prepared.nbytes, specs, summary, chunk.parent, np.array(chunk.tokens, dtype=np.int32),
-                       summary_ready=slot is None)
+                       summary_ready=slot is None, layer_xxh3=carried_digests(chunk, self.codec))
         for name, t in copies:
             self._view(entry, specs[name] if name in specs else summary).copy_(t)
         if lent is not None:
@@ -216,12 +220,15 @@ class MemoryTier(Tier):
             self.stats.misses += 1
             return None
         parts = {name: self._view(entry, spec) for name, spec in entry.parts.items()}
+        digests = entry.layer_xxh3
         if layers is not None:
             parts = {name: p[layers.start : layers.stop : layers.step] for name, p in parts.items()}
+            if digests is not None:
+                digests = digests[layers.start : layers.stop : layers.step]
         self.codec.decode(parts, out)
         self.stats.hits += 1
         self.stats.bytes_read += entry.nbytes
-        return Chunk(key, entry.parent, entry.tokens, out)
+        return Chunk(key, entry.parent, entry.tokens, out, layer_xxh3=digests)
 
     def summary(self, key: bytes) -> torch.Tensor | None:
         entry = self._entries.get(key)

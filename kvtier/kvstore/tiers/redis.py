@@ -50,7 +50,8 @@ from redis.retry import Retry
 
 from kvtier.compression.codec import Codec
 from kvtier.errors import BlobError, CodecError, LayoutError, TierError
-from kvtier.kvstore.chunk import BlobHeader, Chunk, byte_view, checksum, encode_blob, header_length, layer_checksums, parse_header
+from kvtier.kvstore.chunk import (BlobHeader, Chunk, byte_view, checksum, encode_blob, header_length, layer_checksums,
+                                  parse_header, raw_digests)
 from kvtier.kvstore.keys import KEY_BYTES
 from kvtier.kvstore.tiers.base import Prepared, Tier
 from kvtier.layout import KVLayout
@@ -560,7 +561,8 @@ class RedisTier(Tier):
             return None
         self.stats.hits += 1
         self.stats.bytes_read += pieces.nbytes
-        return Chunk(key, header.parent, tokens.numpy(), out, namespace=header.namespace)
+        return Chunk(key, header.parent, tokens.numpy(), out, namespace=header.namespace,
+                     layer_xxh3=raw_digests(header, layers))
 
     @staticmethod
     def _token_bytes(meta: bytes, header: BlobHeader) -> bytes:
