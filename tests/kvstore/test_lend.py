@@ -309,19 +309,23 @@ def test_chunks_sharing_one_lent_extent_each_keep_their_own_kv(summary_first):
     assert torch.equal(store.get(tokens[: 2 * C], namespace=NS).kv, want[:, :, :, : 2 * C])
 
 
-@pytest.mark.parametrize("bad", ["long kv", "summary shape", "summary dtype"])
+@pytest.mark.parametrize("bad", ["long kv", "summary shape", "summary dtype", "checksums"])
 def test_put_chunks_refuses_kv_or_a_summary_that_does_not_fit_the_layout(bad):
-    """A chunk's KV holds exactly chunk_tokens tokens and its summary is the layout's: anything else would be
-    stored and break every later get of the prefix (the tier decodes the layout's shape)."""
+    """A chunk's KV holds exactly chunk_tokens tokens, its summary is the layout's and so is the number of layer
+    checksums it carries: anything else would be stored and break every later get of the prefix (the tier
+    decodes the layout's shape; a blob would carry checksums for other layers)."""
     tokens = prompt(21, 2)
     keys = chunk_keys(ROOT, tokens, C)
     kv = kv_for_tokens(TINY, tokens)
     chunk = Chunk(keys[0], ROOT, tokens[:C], kv if bad == "long kv" else kv[:, :, :, :C].contiguous())
-    if bad != "long kv":
+    if bad.startswith("summary"):
         summary = key_summary(chunk.kv, TINY.page_tokens)
         chunk.summary = summary[..., :4] if bad == "summary shape" else summary.float()
+    if bad == "checksums":
+        chunk.layer_xxh3 = ("0" * 16,) * (TINY.num_layers + 1)
     store = TieredStore([HostTier(1 << 20, prefault=False)], layout=TINY)
-    with pytest.raises(LayoutError, match="tokens, a chunk" if bad == "long kv" else "key summary"):
+    match = {"long kv": "tokens, a chunk", "checksums": "layer checksums"}.get(bad, "key summary")
+    with pytest.raises(LayoutError, match=match):
         store.put_chunks([chunk], ROOT, NS, TINY)
     assert len(store.index) == 0 and store.tiers[0].used_bytes == 0
 
