@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult, c
 from kvtier.layout import KVLayout
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 class APIError(KVTierError):
@@ -425,14 +427,22 @@ class _Operations:
             out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim), dtype=layout.torch_dtype)
         else:
             layout.check_out(out, layers, n * C)
-        # A chunk that fails verification is the service's fault (its checksums are the put's): the caller may take
-        # it as it takes a service that cannot answer (a StoreUnavailableError).
         try:
-            digests = _decode_replies(replies, out, keys, ids, sliced, n)
-        except BlobError as exc:
-            raise ServerError(200, "bad_reply", f"the service's chunks fail verification: {exc}") from None
+            digests, bad = _decode_replies(replies, out, keys, ids, sliced, n)
+        except BlobError as exc:  # not the chunks asked for: the caller may take it as a service that cannot answer
+            raise ServerError(200, "bad_reply", f"the service's reply is not what was asked for: {exc}") from None
+        if bad is not None:  # as the in-process store does with a bad copy: the hit ends there and the copy goes
+            n = len(digests)
+            logger.warning("chunk %d of a get failed verification (%s): the hit ends before it; deleting it and the "
+                           "chunks after it from the service", n, bad)
+            try:
+                yield from self._tokens_op("/v1/delete", ids[: (n + 1) * C], att.layout, idempotent=False)
+            except APIError as exc:
+                logger.warning("could not delete the chunk that failed verification: %s", exc)
+            finally:
+                self._known.clear()
         self._known.update(keys, n)
-        return GetResult(n * C, out, tiers, digests)
+        return GetResult(n * C, out, tiers[:n], digests)
 
     def json_op(self, method: str, path: str, body: Any = None, idempotent: bool = True) -> Op[Any]:
         return (yield _Call(method, path, json=body, idempotent=idempotent)).json()
@@ -547,9 +557,11 @@ class _Receiver:
 
 
 def _decode_replies(replies: list[_Reply], out: torch.Tensor, keys: list[bytes], ids: np.ndarray, sliced: KVLayout,
-                    n: int) -> list[tuple[str, ...] | None]:
+                    n: int) -> tuple[list[tuple[str, ...] | None], BlobError | None]:
     """Decode the ``n`` chunks the ``replies`` announced into ``out``, each verified (its checksums, layout, key and
-    tokens); BlobError otherwise. Returns each chunk's layer checksums."""
+    tokens). Returns each good chunk's layer checksums and, where a chunk's blob fails (its checksums, a broken
+    header), the error: the chunks after it are not decoded. Raises BlobError where the replies break the protocol
+    (another chunk than the one asked for, more or fewer chunks than announced)."""
     C = sliced.chunk_tokens
     digests = []
     for reply in replies:
@@ -557,13 +569,16 @@ def _decode_replies(replies: list[_Reply], out: torch.Tensor, keys: list[bytes],
             i = len(digests)
             if i >= n:
                 raise BlobError(f"the service sent more chunks than the {n} it announced")
-            header, chunk = decode_blob(blob, out[:, :, :, i * C : (i + 1) * C])
+            try:
+                header, chunk = decode_blob(blob, out[:, :, :, i * C : (i + 1) * C])
+            except BlobError as exc:
+                return digests, exc
             if header.layout != sliced or chunk.key != keys[i] or not np.array_equal(chunk.tokens, ids[i * C : (i + 1) * C]):
                 raise BlobError(f"chunk {i} from the service is not the chunk asked for")
             digests.append(chunk.layer_xxh3)
     if len(digests) != n:
         raise BlobError(f"the service announced {n} chunks and sent {len(digests)}")
-    return digests
+    return digests, None
 
 
 async def _aiter(pieces: list[memoryview]):

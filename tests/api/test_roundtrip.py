@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -361,17 +362,17 @@ def test_a_put_retried_after_a_restart_takes_the_new_limits(tmp_path):
         assert torch.equal(c.get(tokens).kv, kv)
 
 
-def test_a_chunk_changed_in_the_services_memory_is_never_handed_out(tmp_path):
+def test_a_chunk_changed_in_the_services_memory_is_never_handed_out(tmp_path, caplog):
     """A fetch sends each chunk with the checksums it was put with, not a hash of whatever the service's memory
-    holds now: bytes changed in between (a fault, flipped here by hand) fail the client's check, which raises a
-    ServerError (a StoreUnavailableError: an engine recomputes) and never returns them."""
+    holds now: bytes changed in between (a fault, flipped here by hand) fail the client's check. As the in-process
+    store does with a bad copy, the hit ends before that chunk and the chunk is deleted (a put stores it again)."""
     apps = []
     config = make_config(tmp_path, tiers=[{"kind": "host", "capacity_bytes": 64 << 10}])
     C = LAYOUT.chunk_tokens
-    tokens, kv = prompt(2 * C, seed=3), kv_for(2 * C, seed=3)
-    sums = [layer_checksums({"kv": kv[:, :, :, i * C : (i + 1) * C].contiguous()}) for i in range(2)]
+    tokens, kv = prompt(3 * C, seed=3), kv_for(3 * C, seed=3)
+    sums = [layer_checksums({"kv": kv[:, :, :, i * C : (i + 1) * C].contiguous()}) for i in range(3)]
     with serve(config, wrap=lambda app: apps.append(app) or app) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
-        assert c.put(tokens, kv).stored == 2
+        assert c.put(tokens, kv).stored == 3
         got = c.get(tokens)
         assert torch.equal(got.kv, kv) and got.layer_xxh3 == [tuple(s) for s in sums]
         assert c.get(tokens, layers=range(1, 2)).layer_xxh3 == [(s[1],) for s in sums]
@@ -379,7 +380,29 @@ def test_a_chunk_changed_in_the_services_memory_is_never_handed_out(tmp_path):
         host = service.store(service.auth.identify(KEYS["alice"])).tiers[0]
         entry = host._entries[c.keys(tokens)[1]]
         host.pool[entry.offset + entry.parts["kv"][2] + 5] ^= 0x10
-        with pytest.raises(ServerError, match="bad_reply.*checksum") as err:
-            c.get(tokens)
+        got = c.get(tokens)
+        assert got.tokens == C and torch.equal(got.kv[:, :, :, :C], kv[:, :, :, :C])
+        assert got.tiers == ["host"] and got.layer_xxh3 == [tuple(sums[0])]
+        assert "failed verification" in caplog.text
+        assert c.lookup(tokens).tokens == C  # the bad chunk and the one after it are gone from the service
+        assert c.put(tokens, kv).stored == 2
+        assert torch.equal(c.get(tokens).kv, kv)
+
+
+def test_a_reply_with_other_chunks_than_asked_for_is_a_server_error(url):
+    """A service that answers a fetch with another prompt's chunks (a fault a correct service cannot make: here
+    the client's request carries the other prompt's tokens) has the client raise a ServerError (a
+    StoreUnavailableError: an engine recomputes), never return them."""
+    C = LAYOUT.chunk_tokens
+    first, second = prompt(C, seed=4), prompt(C, seed=5)
+    with Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+        assert c.put(first, kv_for(C, seed=4)).stored == 1 and c.put(second, kv_for(C, seed=5)).stored == 1
+        real = c._fetch_op
+
+        def swapped(att, ids, keys, out, layers, replies):  # asks for the second prompt, checks against the first
+            return real(att, np.asarray(second, dtype=np.int32), keys, out, layers, replies)
+
+        c._fetch_op = swapped
+        with pytest.raises(ServerError, match="bad_reply.*not the chunk asked for") as err:
+            c.get(first)
         assert isinstance(err.value, StoreUnavailableError)
-        assert torch.equal(c.get(tokens[:C]).kv, kv[:, :, :, :C])  # the chunk before it is still good
