@@ -51,7 +51,7 @@ from kvtier.api.budget import ByteBudget
 from kvtier.api.metrics import Metrics
 from kvtier.api.partitions import Partitions, merged_stats
 from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
-from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice
+from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, fresh_bytes, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig, ServerConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TierError
@@ -357,30 +357,33 @@ class Service:
         chunks = min(len(req.tokens) // layout.chunk_tokens - req.start_chunk, self.limits.max_chunks_per_batch)
         return max(0, chunks) * layer_slice(layout, _layers(layout, req.layer_start, req.layer_stop)).chunk_bytes
 
-    def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest) -> Fetched:
-        """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on, each into its
-        own buffer (the one copy), and frame them as blobs of the (layer-sliced) layout. A chunk that came in with
-        checksums (a put's blob, a disk or Redis tier's) goes out with the same ones: the client checks the
-        bytes against what was verified when they arrived, not against a hash of whatever the memory holds now."""
+    def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest,
+              wait: bool = True) -> Fetched | None:
+        """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on and frame them as
+        blobs of the (layer-sliced) layout. Each chunk's KV is read once, into a ``bytes`` object that goes out as
+        it is (the one copy). A chunk that came in with checksums (a put's blob, a disk or Redis tier's) goes out
+        with the same ones: the client checks the bytes against what was verified when they arrived, not against a
+        hash of whatever the memory holds now. ``wait=False``: None (nothing read) when that would block (the
+        store's ``get_keys``), for a call on the event loop."""
         layers = _layers(layout, req.layer_start, req.layer_stop)
         sliced = layer_slice(layout, layers)
-        store = self.store(principal)
         base, ids, keys = self.chain(principal, layout, req)
         C = layout.chunk_tokens
-        parent = keys[req.start_chunk - 1] if 0 < req.start_chunk <= len(keys) else base
-        stop = min(len(keys), req.start_chunk + self.limits.max_chunks_per_batch)
-        fetched = Fetched([], 0, [], 0)
-        for i in range(req.start_chunk, stop):
-            buf = torch.empty(sliced.chunk_shape, dtype=layout.torch_dtype)
-            got = store.get_keys([keys[i]], parent, buf, layers, layout)
-            if not got.tokens:
-                break
-            fetched.tiers += got.tiers
-            fetched.tokens += C
-            fetched.chunks += 1
-            chunk = Chunk(keys[i], parent, ids[i * C : (i + 1) * C], buf, layer_xxh3=got.layer_xxh3[0])
-            fetched.parts += _frame(*encode_blob(chunk, sliced, self.codec))
-            parent = keys[i]
+        start = req.start_chunk
+        parent = keys[start - 1] if 0 < start <= len(keys) else base
+        asked = keys[start : start + self.limits.max_chunks_per_batch]
+        bodies = [fresh_bytes(sliced.chunk_bytes) for _ in asked]
+        kvs = [t.view(sliced.torch_dtype).view(sliced.chunk_shape) for _, t in bodies]
+        got = self.store(principal).get_keys(asked, parent, kvs, layers, layout, wait=wait)
+        if got is None:
+            return None
+        fetched = Fetched([], got.tokens, got.tiers, got.tokens // C)
+        for i in range(fetched.chunks):
+            j = start + i
+            chunk = Chunk(keys[j], parent, ids[j * C : (j + 1) * C], kvs[i], layer_xxh3=got.layer_xxh3[i])
+            header, (tokens, _) = encode_blob(chunk, sliced, self.codec)  # a raw blob: the tokens, then the KV
+            fetched.parts += _frame(header, [tokens, bodies[i][0]])
+            parent = keys[j]
         return fetched
 
     def count_fetched(self, principal: Principal, fetched: Fetched) -> None:
@@ -465,7 +468,7 @@ def _replay(first: Message, receive: Receive) -> Receive:
     return replayed
 
 
-def _frame(header: bytes, buffers: list[memoryview]) -> list[bytes | memoryview]:
+def _frame(header: bytes, buffers: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """One frame as few parts as possible: small buffers join the length prefix and the header."""
     parts: list[bytes | memoryview] = []
     pending = [frame_prefix(len(header) + sum(len(b) for b in buffers)), header]
@@ -489,8 +492,9 @@ class _Instrument:
     - a body that keeps arriving (408 once no piece came for ``body_timeout_s``, and the connection closes), and a
       response that keeps being read (dropped once the client took no piece for ``body_timeout_s``, recorded 408).
     A client that leaves while its body is read, while it waits for its bytes, or (a fetch) while its chunks are
-    read is recorded as 499, whatever the app answered; one that leaves while a response streams is not seen
-    (uvicorn drops what is sent to a closed connection)."""
+    read in a worker thread is recorded as 499, whatever the app answered; one that leaves while a response
+    streams, or while a fetch from host memory is read on the event loop, is not seen (uvicorn drops what is
+    sent to a closed connection)."""
 
     def __init__(self, app, service: Service, paths: set[str]) -> None:
         self.app = app
@@ -754,9 +758,11 @@ def create_app(config: KVTierConfig) -> FastAPI:
         service.check_tokens(len(body.tokens))
         held, _ = await service.hold(request, service.fetch_bytes(layout, body))
         try:
-            fetched = await run(service.fetch, who, layout, body)
-            if await request.is_disconnected():  # it left while its chunks were read: nothing to send (a 499)
-                raise ClientDisconnect()
+            fetched = service.fetch(who, layout, body, wait=False)  # on the event loop when nothing can block
+            if fetched is None:
+                fetched = await run(service.fetch, who, layout, body)
+                if await request.is_disconnected():  # it left while its chunks were read: nothing to send (a 499)
+                    raise ClientDisconnect()
         except BaseException:
             service.budget.release(held)
             raise

@@ -32,11 +32,12 @@ import httpx
 import numpy as np
 import torch
 
-from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, BufferPool, frame_prefix, layer_slice, split_frames
+from kvtier.api.fetch_receiver import FetchReceiver
+from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice
 from kvtier.compression.codec import get_codec
 from kvtier.errors import (BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError,
                            StoreUnavailableError, TokenError)
-from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, max_blob_bytes
+from kvtier.kvstore.chunk import Chunk, encode_blob
 from kvtier.kvstore.keys import TokenLike, as_tokens, chunk_keys
 from kvtier.kvstore.store import ChunkRef, GetResult, LookupResult, PutResult, check_chain
 from kvtier.layout import KVLayout
@@ -136,7 +137,7 @@ def _error(reply: "_Reply") -> APIError:
 @dataclass
 class _Call:
     """One HTTP request of an operation: a JSON body, or ``parts`` sent one after the other as a binary body.
-    ``binary``: the response body is read into a pooled buffer (released by :meth:`_Reply.release`)."""
+    ``receive``: for a binary reply, makes the receiver its body is fed to (given the reply's headers)."""
 
     method: str
     path: str
@@ -144,17 +145,17 @@ class _Call:
     parts: list[bytes | memoryview] | None = None
     params: dict[str, str] | None = None
     idempotent: bool = True
-    binary: bool = False
+    receive: Callable[[httpx.Headers], FetchReceiver] | None = None
 
 
 @dataclass
 class _Reply:
-    """A response: ``body`` is a view that is valid until ``release()``."""
+    """A response: its ``body``, or for a binary reply the ``received`` chunks (the body went to them)."""
 
     status: int
     headers: httpx.Headers
-    body: bytes | memoryview
-    release: Callable[[], None] = lambda: None
+    body: bytes
+    received: FetchReceiver | None = None
 
     def json(self) -> Any:
         return json.loads(bytes(self.body))
@@ -190,7 +191,6 @@ class _Operations:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.codec = get_codec("raw")
         self._attached: dict[str, _Attached] = {}
-        self._rx = BufferPool()  # response buffers
         self._known = _KnownKeys(_KNOWN_KEYS)
 
     # ------------------------------------------------------------------ building blocks
@@ -389,60 +389,80 @@ class _Operations:
         layers = att.layout.check_layers(layers)
         ids = _full_chunks(tokens, att.layout)
         keys = chunk_keys(att.root, ids, att.layout.chunk_tokens)
-        replies: list[_Reply] = []
-        try:
-            return (yield from self._fetch_op(att, ids, keys, out, layers, replies))
-        finally:
-            for reply in replies:
-                reply.release()
+        if out is not None:
+            att.layout.check_out(out, layers, 0)
+        return (yield from self._fetch_op(att, ids, keys, out, layers))
 
-    def _fetch_op(self, att: _Attached, ids: np.ndarray, keys: list[bytes], out: torch.Tensor | None, layers: range,
-                  replies: list[_Reply]) -> Op[GetResult]:
+    def _fetch_op(self, att: _Attached, ids: np.ndarray, keys: list[bytes], out: torch.Tensor | None,
+                  layers: range) -> Op[GetResult]:
+        """Fetch the cached prefix, one request per ``chunks_per_request`` chunks (at most ``max_chunks``), each
+        after the chunk before, until a reply brings fewer chunks than asked for. Each reply is received straight
+        into ``out`` (when None: into a tensor per reply, joined at the end)."""
         layout = att.layout
         C = layout.chunk_tokens
         sliced = layer_slice(layout, layers)
-        per_reply = max(1, self._rx.max_bytes // (FRAME_PREFIX + max_blob_bytes(sliced)))  # fit a pooled buffer
         tiers: list[str] = []
+        digests: list[tuple[str, ...]] = []
+        parts: list[torch.Tensor] = []  # without ``out``: each reply's chunks
         n = 0
         while n < len(keys):
             asked = []
 
             def fetch(a: _Attached) -> _Call:  # the batch's tokens, after the chunk before them
-                asked.append(min(len(keys) - n, a.max_chunks, per_reply, a.chunks_per_request))
-                return _Call("POST", "/v1/chunks/fetch", binary=True, json={
+                asked.append(min(len(keys) - n, a.max_chunks, a.chunks_per_request))
+                return _Call("POST", "/v1/chunks/fetch", receive=receiver, json={
                     **_chain_body(a, ids, keys, n, n + asked[-1]), "layer_start": layers.start,
                     "layer_stop": layers.stop})
+
+            def receiver(headers: httpx.Headers) -> FetchReceiver:
+                got = _announced(headers, C, asked[-1])
+                if out is None:
+                    dest = torch.empty(sliced.chunk_shape[:3] + (got * C, layout.head_dim), dtype=layout.torch_dtype)
+                else:
+                    layout.check_out(out, layers, (n + got) * C)
+                    dest = out[:, :, :, n * C : (n + got) * C]
+                return FetchReceiver(dest, sliced, keys[n : n + got], ids[n * C : (n + got) * C])
 
             try:
                 reply, att = yield from self._layout_call(att, fetch)
             except RemoteParentMissingError:  # the chunks before this batch were evicted meanwhile
                 break
-            replies.append(reply)
-            got = int(reply.headers["x-kvtier-tokens"]) // C
-            tiers += [t for t in reply.headers["x-kvtier-tiers"].split(",") if t]
-            n += got
-            if got < asked[-1]:
+            rx = reply.received
+            if rx is None:
+                raise ServerError(reply.status, "bad_reply", "the service answered a fetch without its chunks")
+            try:
+                rx.finish()
+            except BlobError as exc:  # not the chunks asked for: the caller may take it as a service that cannot answer
+                raise ServerError(200, "bad_reply", f"the service's reply is not what was asked for: {exc}") from None
+            if out is None:
+                parts.append(rx.out)
+            tiers += reply.headers["x-kvtier-tiers"].split(",")[: len(rx.digests)]
+            digests += rx.digests
+            n += len(rx.digests)
+            if rx.bad is not None:  # as the in-process store does with a bad copy: the hit ends there, the copy goes
+                yield from self._drop_bad(att, ids, n, rx.bad)
+                break
+            if len(rx.keys) < asked[-1]:
                 break
         if out is None:
-            out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (n * C, layout.head_dim), dtype=layout.torch_dtype)
-        else:
-            layout.check_out(out, layers, n * C)
-        try:
-            digests, bad = _decode_replies(replies, out, keys, ids, sliced, n)
-        except BlobError as exc:  # not the chunks asked for: the caller may take it as a service that cannot answer
-            raise ServerError(200, "bad_reply", f"the service's reply is not what was asked for: {exc}") from None
-        if bad is not None:  # as the in-process store does with a bad copy: the hit ends there and the copy goes
-            n = len(digests)
-            logger.warning("chunk %d of a get failed verification (%s): the hit ends before it; deleting it and the "
-                           "chunks after it from the service", n, bad)
-            try:
-                yield from self._tokens_op("/v1/delete", ids[: (n + 1) * C], att.layout, idempotent=False)
-            except APIError as exc:
-                logger.warning("could not delete the chunk that failed verification: %s", exc)
-            finally:
-                self._known.clear()
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3) if parts else \
+                torch.empty(sliced.chunk_shape[:3] + (0, layout.head_dim), dtype=layout.torch_dtype)
+            if out.shape[3] != n * C:  # a chunk failed: only the good ones
+                out = out[:, :, :, : n * C].clone()
         self._known.update(keys, n)
-        return GetResult(n * C, out, tiers[:n], digests)
+        return GetResult(n * C, out, tiers, digests)
+
+    def _drop_bad(self, att: _Attached, ids: np.ndarray, n: int, bad: BlobError) -> Op[None]:
+        """Chunk ``n`` of a get failed verification: delete it (and the chunks after it) from the service."""
+        logger.warning("chunk %d of a get failed verification (%s): the hit ends before it; deleting it and the "
+                       "chunks after it from the service", n, bad)
+        try:
+            yield from self._tokens_op("/v1/delete", ids[: (n + 1) * att.layout.chunk_tokens], att.layout,
+                                       idempotent=False)
+        except APIError as exc:
+            logger.warning("could not delete the chunk that failed verification: %s", exc)
+        finally:
+            self._known.clear()
 
     def json_op(self, method: str, path: str, body: Any = None, idempotent: bool = True) -> Op[Any]:
         return (yield _Call(method, path, json=body, idempotent=idempotent)).json()
@@ -479,11 +499,10 @@ class _Operations:
             return False
         return call.idempotent or isinstance(exc, httpx.ConnectError)  # a failed connect sent nothing
 
-    def _reply(self, call: _Call, resp: httpx.Response) -> "_Receiver | None":
-        """A receiver for a binary response body, or None to read it whole."""
-        if call.binary and resp.status_code == 200 and "content-length" in resp.headers:
-            return _Receiver(self, int(resp.headers["content-length"]))
-        return None
+    @staticmethod
+    def _receiver(call: _Call, resp: httpx.Response) -> FetchReceiver | None:
+        """The receiver of a binary reply's body, or None to read the body whole."""
+        return call.receive(resp.headers) if call.receive is not None and resp.status_code == 200 else None
 
     def _unreachable(self, call: _Call, exc: Exception) -> ServiceUnavailableError:
         return ServiceUnavailableError(0, type(exc).__name__, f"{call.method} {self.url}{call.path}: {exc}")
@@ -528,57 +547,13 @@ class _KnownKeys:
             return n
 
 
-class _Receiver:
-    """Collects a response body of known length into a pooled buffer; as a context manager, gives the buffer
-    back if the transfer fails."""
-
-    def __init__(self, ops: _Operations, nbytes: int) -> None:
-        self.ops = ops
-        self.buf = ops._rx.take(nbytes)
-        self.view = memoryview(self.buf)[:nbytes]
-        self.pos = 0
-
-    def add(self, piece: bytes) -> None:
-        end = self.pos + len(piece)
-        if end > len(self.view):
-            raise BlobError(f"response body longer than its Content-Length {len(self.view)}")
-        self.view[self.pos : end] = piece
-        self.pos = end
-
-    def reply(self, resp: httpx.Response) -> _Reply:
-        return _Reply(resp.status_code, resp.headers, self.view[: self.pos], lambda: self.ops._rx.give(self.buf))
-
-    def __enter__(self) -> "_Receiver":
-        return self
-
-    def __exit__(self, exc_type, *rest) -> None:
-        if exc_type is not None:
-            self.ops._rx.give(self.buf)
-
-
-def _decode_replies(replies: list[_Reply], out: torch.Tensor, keys: list[bytes], ids: np.ndarray, sliced: KVLayout,
-                    n: int) -> tuple[list[tuple[str, ...] | None], BlobError | None]:
-    """Decode the ``n`` chunks the ``replies`` announced into ``out``, each verified (its checksums, layout, key and
-    tokens). Returns each good chunk's layer checksums and, where a chunk's blob fails (its checksums, a broken
-    header), the error: the chunks after it are not decoded. Raises BlobError where the replies break the protocol
-    (another chunk than the one asked for, more or fewer chunks than announced)."""
-    C = sliced.chunk_tokens
-    digests = []
-    for reply in replies:
-        for blob in split_frames(memoryview(reply.body)):
-            i = len(digests)
-            if i >= n:
-                raise BlobError(f"the service sent more chunks than the {n} it announced")
-            try:
-                header, chunk = decode_blob(blob, out[:, :, :, i * C : (i + 1) * C])
-            except BlobError as exc:
-                return digests, exc
-            if header.layout != sliced or chunk.key != keys[i] or not np.array_equal(chunk.tokens, ids[i * C : (i + 1) * C]):
-                raise BlobError(f"chunk {i} from the service is not the chunk asked for")
-            digests.append(chunk.layer_xxh3)
-    if len(digests) != n:
-        raise BlobError(f"the service announced {n} chunks and sent {len(digests)}")
-    return digests, None
+def _announced(headers: httpx.Headers, chunk_tokens: int, asked: int) -> int:
+    """The chunks a fetch's reply announces (X-KVTier-Tokens): ServerError unless 0 to ``asked`` whole chunks."""
+    tokens = headers.get("x-kvtier-tokens", "")
+    if not tokens.isdigit() or int(tokens) % chunk_tokens or int(tokens) // chunk_tokens > asked:
+        raise ServerError(200, "bad_reply", f"a fetch of {asked} chunks of {chunk_tokens} tokens announced "
+                                            f"{tokens!r} tokens")
+    return int(tokens) // chunk_tokens
 
 
 async def _aiter(pieces: list[memoryview]):
@@ -632,13 +607,12 @@ class Client(_Operations):
     def _exchange(self, call: _Call) -> _Reply:
         resp = self._http.send(self._request(self._http, call, iter), stream=True)
         try:
-            rx = self._reply(call, resp)
+            rx = self._receiver(call, resp)
             if rx is None:
                 return _Reply(resp.status_code, resp.headers, resp.read())
-            with rx:
-                for piece in resp.iter_bytes():
-                    rx.add(piece)
-            return rx.reply(resp)
+            for piece in resp.iter_bytes():
+                rx.feed(piece)
+            return _Reply(resp.status_code, resp.headers, b"", rx)
         finally:
             resp.close()
 
@@ -758,13 +732,12 @@ class AsyncClient(_Operations):
     async def _exchange(self, call: _Call) -> _Reply:
         resp = await self._http.send(self._request(self._http, call, _aiter), stream=True)
         try:
-            rx = self._reply(call, resp)
+            rx = self._receiver(call, resp)
             if rx is None:
                 return _Reply(resp.status_code, resp.headers, await resp.aread())
-            with rx:
-                async for piece in resp.aiter_bytes():
-                    rx.add(piece)
-            return rx.reply(resp)
+            async for piece in resp.aiter_bytes():
+                rx.feed(piece)
+            return _Reply(resp.status_code, resp.headers, b"", rx)
         finally:
             await resp.aclose()
 

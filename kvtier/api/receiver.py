@@ -14,12 +14,11 @@ body is read and dropped), and so does a blob past ``max_blobs`` (the frames aft
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import xxhash
 
-from kvtier.api.wire import FRAME_PREFIX, frame_length
+from kvtier.api.wire import FRAME_PREFIX, LayerHasher, frame_length
 from kvtier.errors import BlobError
 from kvtier.kvstore.chunk import BlobHeader, header_length, parse_header
 
@@ -33,34 +32,6 @@ class ReceivedBlob:
     blob: memoryview
     header: BlobHeader | None = None
     layer_xxh3: list[str] | None = None
-
-
-@dataclass
-class _KVHashes:
-    """Per-layer digests of one blob's KV part, bytes ``[start, end)`` of the blob, layers of ``step`` bytes."""
-
-    start: int
-    end: int
-    step: int
-    done: int = 0  # bytes of the part hashed so far
-    digests: list[str] = field(default_factory=list)
-    layer: xxhash.xxh3_64 = field(default_factory=xxhash.xxh3_64)
-
-    @property
-    def complete(self) -> bool:
-        return self.done == self.end - self.start
-
-    def update(self, blob: memoryview, lo: int, hi: int) -> None:
-        """Hash the blob's bytes ``[lo, hi)`` (just written) that belong to the KV part."""
-        pos, hi = max(lo, self.start + self.done), min(hi, self.end)
-        while pos < hi:
-            take = min(hi - pos, self.step - self.done % self.step)
-            self.layer.update(blob[pos : pos + take])
-            pos += take
-            self.done += take
-            if self.done % self.step == 0:
-                self.digests.append(self.layer.hexdigest())
-                self.layer.reset()
 
 
 class BlobReceiver:
@@ -78,7 +49,7 @@ class BlobReceiver:
         self._skip = 0  # bytes of such a blob still to drop
         self._prefix = bytearray()
         self._filled = 0  # bytes of the current blob written
-        self._hashes: _KVHashes | None = None
+        self._hashes: LayerHasher | None = None
         self._parsed = False
 
     def feed(self, piece: bytes | memoryview) -> None:
@@ -131,7 +102,7 @@ class BlobReceiver:
         if not self._parsed:
             self._parse(blob, hi)
         if self._hashes is not None:
-            self._hashes.update(blob, lo, hi)
+            self._hashes.update(blob[lo:hi], lo)
             if self._hashes.complete:
                 self.blobs[-1].layer_xxh3 = self._hashes.digests
         return view[hi - lo :]
@@ -164,9 +135,9 @@ class BlobReceiver:
             _, shape, lo, hi = parts[0]
             if shape and shape[0] == header.layout.num_layers and (hi - lo) % shape[0] == 0 and hi > lo:
                 start = header.data_start + lo
-                self._hashes = _KVHashes(start, header.data_start + hi, (hi - lo) // shape[0])
+                self._hashes = LayerHasher(start, header.data_start + hi, (hi - lo) // shape[0])
                 if filled > start:  # KV bytes arrived with the header
-                    self._hashes.update(blob, start, filled)
+                    self._hashes.update(blob[start:filled], start)
 
 
 class TooManyBlobs(Exception):

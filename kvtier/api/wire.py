@@ -5,10 +5,13 @@ preceded by its length as a little-endian u64. A fetch of layers ``[a, b)`` retu
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import struct
-import threading
-from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import xxhash
 
 from kvtier.errors import BlobError
 from kvtier.layout import KVLayout
@@ -31,18 +34,25 @@ def frame_length(prefix: bytes | bytearray | memoryview, index: int, left: int) 
     return n
 
 
-def split_frames(body: memoryview) -> Iterator[memoryview]:
-    """The blobs of a batch body, as views of it; BlobError if the framing is broken."""
-    pos = 0
-    index = 0
-    while pos < len(body):
-        if len(body) - pos < FRAME_PREFIX:
-            raise BlobError(f"frame {index}: {len(body) - pos} trailing bytes, a length prefix needs {FRAME_PREFIX}")
-        n = frame_length(body[pos:], index, len(body) - pos - FRAME_PREFIX)
-        pos += FRAME_PREFIX
-        yield body[pos : pos + n]
-        pos += n
-        index += 1
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytes.restype = ctypes.py_object
+_bytes_buffer = ctypes.pythonapi.PyBytes_AsString
+_bytes_buffer.argtypes = (ctypes.py_object,)
+_bytes_buffer.restype = ctypes.c_void_p
+
+
+def fresh_bytes(nbytes: int) -> tuple[bytes, torch.Tensor]:
+    """A new ``bytes`` object of ``nbytes`` (at least 1) and a uint8 tensor ``[nbytes]`` over its contents, to be
+    filled before the bytes go anywhere: the C API's documented way of building a bytes object in place
+    (``PyBytes_FromStringAndSize(NULL, n)``, whose buffer may be written until the object is shared). A body part
+    that is a ``bytes`` object goes out as it is; h11 copies any other buffer into one first."""
+    if nbytes < 1:
+        raise ValueError(f"fresh_bytes needs at least 1 byte, got {nbytes}")
+    body = _new_bytes(None, nbytes)
+    array = (ctypes.c_char * nbytes).from_address(_bytes_buffer(body))
+    array.owner = body  # the tensor keeps the array alive, and the array the bytes
+    return body, torch.frombuffer(array, dtype=torch.uint8)
 
 
 def layer_slice(layout: KVLayout, layers: range) -> KVLayout:
@@ -52,26 +62,35 @@ def layer_slice(layout: KVLayout, layers: range) -> KVLayout:
     return dataclasses.replace(layout, num_layers=len(layers))
 
 
-class BufferPool:
-    """Body buffers for reuse: writing a large body into fresh memory page-faults on every page, which costs
-    more than the copy. Keeps up to ``keep`` buffers of at most ``max_bytes`` each; thread-safe."""
+@dataclass
+class LayerHasher:
+    """The XXH3-64 of each layer of a blob's KV part (bytes ``[start, end)`` of the blob, layers of ``step``
+    bytes), computed from the bytes as they arrive, in order: a receiver checks a blob without a second pass."""
 
-    def __init__(self, keep: int = 4, max_bytes: int = 64 << 20) -> None:
-        self.keep = keep
-        self.max_bytes = max_bytes
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
+    start: int
+    end: int
+    step: int
+    done: int = 0  # bytes of the part hashed so far
+    digests: list[str] = field(default_factory=list)
+    layer: xxhash.xxh3_64 = field(default_factory=xxhash.xxh3_64)
 
-    def take(self, nbytes: int) -> bytearray:
-        """A buffer of at least ``nbytes`` bytes (its contents are stale)."""
-        with self._lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) >= nbytes:
-                    return self._free.pop(i)
-        return bytearray(nbytes)
+    @property
+    def complete(self) -> bool:
+        return self.done == self.end - self.start
 
-    def give(self, buf: bytearray) -> None:
-        """Hand ``buf`` back; nothing may use it afterwards."""
-        with self._lock:
-            if len(self._free) < self.keep and len(buf) <= self.max_bytes:
-                self._free.append(buf)
+    def update(self, data: bytes | memoryview, at: int) -> None:
+        """Hash what of ``data`` (the blob's bytes from offset ``at`` on, the next ones to arrive) is KV."""
+        pos, hi = max(at, self.start + self.done), min(at + len(data), self.end)
+        if pos == at and hi == at + len(data) and self.done % self.step + len(data) < self.step:
+            self.layer.update(data)  # inside one layer: most pieces
+            self.done += len(data)
+            return
+        view = memoryview(data)
+        while pos < hi:
+            take = min(hi - pos, self.step - self.done % self.step)
+            self.layer.update(view[pos - at : pos - at + take])
+            pos += take
+            self.done += take
+            if self.done % self.step == 0:
+                self.digests.append(self.layer.hexdigest())
+                self.layer.reset()

@@ -85,12 +85,13 @@ class LookupResult:
 
 @dataclass
 class GetResult:
-    """``tokens`` fetched (a multiple of chunk_tokens) into ``kv`` (``[L', T, H, >= tokens, D]``);
+    """``tokens`` fetched (a multiple of chunk_tokens) into ``kv`` (``[L', T, H, >= tokens, D]``, or the
+    per-chunk tensors given to :meth:`TieredStore.get_keys`);
     ``tiers``: the tier each chunk came from; ``layer_xxh3``: per chunk, the checksums of its fetched layers as
     verified when it was read from a blob (:attr:`Chunk.layer_xxh3`), or None."""
 
     tokens: int
-    kv: torch.Tensor | None
+    kv: torch.Tensor | list[torch.Tensor] | None
     tiers: list[str]
     layer_xxh3: list[tuple[str, ...] | None] = field(default_factory=list)
 
@@ -273,15 +274,19 @@ class TieredStore:
         root = self.root(namespace, layout)
         return self.get_keys(chunk_keys(root, as_tokens(tokens), layout.chunk_tokens), root, out, layers, layout)
 
-    def get_keys(self, keys: Sequence[bytes], root: bytes, out: torch.Tensor | None = None,
-                 layers: range | None = None, layout: KVLayout | None = None) -> GetResult:
+    def get_keys(self, keys: Sequence[bytes], root: bytes, out: torch.Tensor | list[torch.Tensor] | None = None,
+                 layers: range | None = None, layout: KVLayout | None = None, wait: bool = True) -> GetResult | None:
         """Like :meth:`get` for chunk keys whose first parent is ``root``; ValueError when the cached ones are not
         such a chain (another root, keys out of order): a copy's parent would not match, and that is no reason to
-        drop it as corrupt."""
+        drop it as corrupt. ``out`` may also be one tensor per key, chunk ``i`` going to ``out[i]``
+        (``[len(layers), T, H, C, D]``). ``wait=False``: None, and nothing read, when the lock is taken or a chunk's
+        fastest copy is not in the first tier in host memory (reading it would do I/O or wait for a device)."""
         layout = self._layout(layout)
         layers = layout.check_layers(layers)
         C = layout.chunk_tokens
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
             nodes = self.index.match(keys)
             expected = root
             for node in nodes:
@@ -290,16 +295,22 @@ class TieredStore:
                     raise ValueError(f"chunk {node.key.hex()} is cached under {parent.hex()}, not under "
                                      f"{expected.hex()}: the keys are not a chain from root {root.hex()}")
                 expected = node.key
+            if not wait and not (self.tiers[0].host_memory and all(node.tiers & 1 for node in nodes)):
+                return None
             if out is None and not self.metadata_only:
                 out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (len(nodes) * C, layout.head_dim),
                                   dtype=layout.torch_dtype)
-            if out is not None:
+            if isinstance(out, list):
+                for part in out[: len(nodes)]:
+                    layout.check_out(part, layers, C)
+            elif out is not None:
                 layout.check_out(out, layers, len(nodes) * C)
             turn, _ = self.turn_of(nodes[-1] if nodes else None, keys[len(nodes):])
             fetched: list[tuple[Node, int, Chunk]] = []
             parent = root
             for i, node in enumerate(nodes):
-                got = self._fetch(node, parent, None if out is None else out[:, :, :, i * C : (i + 1) * C], layers)
+                part = out[i] if isinstance(out, list) else None if out is None else out[:, :, :, i * C : (i + 1) * C]
+                got = self._fetch(node, parent, part, layers)
                 if got is None:
                     break
                 fetched.append((node, *got))
@@ -308,6 +319,8 @@ class TieredStore:
             self.counters.gets += 1
             self.counters.get_tokens += len(fetched) * C
             names = [self.tiers[t].name for _, t, _ in fetched]
+        finally:
+            self._lock.release()
         return GetResult(len(fetched) * C, out, names, [chunk.layer_xxh3 for _, _, chunk in fetched])
 
     def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",

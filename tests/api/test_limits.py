@@ -256,11 +256,12 @@ def test_a_client_gone_mid_body_of_a_json_request_is_recorded_as_499(url, path):
     assert f'endpoint="{path}",status="400"' not in metrics
 
 
-def test_a_fetch_whose_client_left_before_its_response_is_a_499_and_counts_nothing_sent(url):
-    """Clients that send a whole fetch and close at once: the service finds them gone once the chunks are read,
-    sends nothing, records 499 and counts no bytes out for the tenant."""
+def test_a_fetch_whose_client_left_before_its_response_is_a_499_and_counts_nothing_sent(tmp_path):
+    """Clients that send a whole fetch and close at once: the service finds them gone once the chunks are read
+    (from disk, in a worker thread), sends nothing, records 499 and counts no bytes out for the tenant."""
     tokens = prompt(4 * C, seed=11)
-    with Client(url, LAYOUT, api_key=KEYS["alice"]) as alice:
+    config = make_config(tmp_path, tiers=[{"kind": "disk", "capacity_bytes": 4 << 20, "path": str(tmp_path / "disk")}])
+    with serve(config) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as alice:
         alice.put(tokens, kv_for(4 * C))
         before = alice.stats()["bytes_out"]
         data = json.dumps({"layout": LAYOUT.fingerprint, "tokens": tokens}).encode()

@@ -323,25 +323,26 @@ def test_chunks_built_elsewhere_are_put_as_a_chain(url, kind):
     asyncio.run(chain_scenario(kind, url))
 
 
-def test_a_get_is_fetched_in_replies_that_fit_a_pooled_buffer(url):
-    """A reply larger than the client's pooled buffers would be received into fresh memory (page faults on every
-    get): the client asks for as many chunks per request as one pooled buffer holds, and stops at the first
-    reply that brings fewer than it asked for (the cached prefix ends there)."""
-    from kvtier.api.wire import FRAME_PREFIX, BufferPool
-    from kvtier.kvstore.chunk import max_blob_bytes
-
+def test_a_get_over_several_requests_lands_in_out_and_stops_at_the_first_short_reply(tmp_path):
+    """A get of more chunks than one request may carry (max_chunks_per_batch) asks for them request by request,
+    each after the chunk before, and stops at the first reply that brings fewer than asked for (the cached prefix
+    ends there). Each reply lands in the caller's ``out`` (without one, in a tensor of its own; the get joins
+    them), and nothing is written past the hit."""
     C = LAYOUT.chunk_tokens
     tokens, kv = prompt(5 * C, seed=7), kv_for(5 * C, seed=7)
-    with Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
+    with serve(make_config(tmp_path, server={"max_chunks_per_batch": 2})) as url, \
+            Client(url, LAYOUT, api_key=KEYS["alice"]) as c:
         assert c.put(tokens[: 3 * C], kv[:, :, :, : 3 * C]).stored == 3
-        c._rx = BufferPool(max_bytes=2 * (FRAME_PREFIX + max_blob_bytes(LAYOUT)) + 1)  # room for two framed blobs
-        before = c.stats()["requests"].get("/v1/chunks/fetch", 0)
         got = c.get(tokens)
         assert got.tokens == 3 * C and torch.equal(got.kv, kv[:, :, :, : 3 * C])
-        assert c.stats()["requests"]["/v1/chunks/fetch"] - before == 2  # chunks 0-1, then 2 (asked for 2-3)
+        assert c.stats()["requests"]["/v1/chunks/fetch"] == 2  # chunks 0-1, then 2 (asked for 2-3)
+        out = torch.full(kv.shape[:3] + (6 * C, kv.shape[4]), 7.0, dtype=kv.dtype)
+        got = c.get(tokens, out=out)
+        assert got.tokens == 3 * C and got.kv is out and torch.equal(out[:, :, :, : 3 * C], kv[:, :, :, : 3 * C])
+        assert bool((out[:, :, :, 3 * C :] == 7).all())
         assert c.put(tokens, kv).stored == 2
         assert torch.equal(c.get(tokens).kv, kv)
-        assert c.stats()["requests"]["/v1/chunks/fetch"] - before == 2 + 3  # 0-1, 2-3, 4
+        assert c.stats()["requests"]["/v1/chunks/fetch"] == 2 + 2 + 3  # then 0-1, 2-3, 4
 
 
 def test_a_put_retried_after_a_restart_takes_the_new_limits(tmp_path):
@@ -399,8 +400,8 @@ def test_a_reply_with_other_chunks_than_asked_for_is_a_server_error(url):
         assert c.put(first, kv_for(C, seed=4)).stored == 1 and c.put(second, kv_for(C, seed=5)).stored == 1
         real = c._fetch_op
 
-        def swapped(att, ids, keys, out, layers, replies):  # asks for the second prompt, checks against the first
-            return real(att, np.asarray(second, dtype=np.int32), keys, out, layers, replies)
+        def swapped(att, ids, keys, out, layers):  # asks for the second prompt, checks against the first
+            return real(att, np.asarray(second, dtype=np.int32), keys, out, layers)
 
         c._fetch_op = swapped
         with pytest.raises(ServerError, match="bad_reply.*not the chunk asked for") as err:

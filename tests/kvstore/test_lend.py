@@ -1,6 +1,8 @@
 """Receiving in place: bytes lent by the first tier, chunks taken over without a copy, summaries on demand."""
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -37,6 +39,26 @@ def receive(store: TieredStore, blob: bytes, wait: bool = False) -> tuple[Chunk,
     buffer = lent if lent is not None else torch.empty(len(blob), dtype=torch.uint8)
     memoryview(buffer.numpy())[:] = blob
     return decode_blob(memoryview(buffer.numpy()), in_place=True)[1], lent
+
+
+@contextmanager
+def lock_held(store: TieredStore) -> Iterator[None]:
+    """Another thread holds the store's lock for the block."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join()
 
 
 def test_a_lent_chunk_is_taken_over_without_a_copy():
@@ -115,22 +137,9 @@ def test_a_put_that_might_block_is_not_done_without_waiting(tmp_path):
     tier = HostTier(1 << 20, prefault=False)
     store = TieredStore([tier], layout=TINY)
     chunk, lent = receive(store, blobs(prompt(4, 1))[0])
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with store._lock:
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(10)
-    try:
+    with lock_held(store):
         assert store.lend(len(blobs(prompt(4, 1))[0]), TINY, wait=False) is None
         assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]) is None
-    finally:
-        release.set()
-        holder.join()
     assert len(tier) == 0
     assert store.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]).stored == 1
     through = TieredStore([HostTier(1 << 20, prefault=False), DiskTier(tmp_path, 1 << 20)], layout=TINY,
@@ -139,6 +148,34 @@ def test_a_put_that_might_block_is_not_done_without_waiting(tmp_path):
     assert through.put_chunks([chunk], ROOT, NS, TINY, wait=False, lent=[lent]) is None  # a disk write is I/O
     assert through.put_chunks([chunk], ROOT, NS, TINY, lent=[lent]).stored == 1
     assert through.lookup(prompt(5, 1).tolist(), NS).chunks[0].tiers == ["host", "disk"]
+
+
+def test_a_get_into_one_tensor_per_chunk_and_without_waiting_reads_only_host_memory(tmp_path):
+    """``get_keys`` with one tensor per key fills each with its chunk; ``wait=False`` reads only when nothing can
+    block (the lock is free and every chunk's fastest copy is in the first tier, in host memory), else returns
+    None having read and changed nothing."""
+    store = TieredStore([HostTier(4 * footprint(TINY), prefault=False), DiskTier(tmp_path, 1 << 20)], layout=TINY,
+                        write_through=[False, True])
+    tokens = prompt(6, 3)
+    kv = kv_for_tokens(TINY, tokens)
+    store.put(tokens, kv, NS)
+    keys = chunk_keys(ROOT, tokens, C)
+    outs = [torch.zeros(TINY.chunk_shape, dtype=TINY.torch_dtype) for _ in range(4)]  # one more than cached
+    got = store.get_keys(keys + [bytes(16)], ROOT, outs, layout=TINY, wait=False)
+    assert got.tokens == 3 * C and got.kv is outs and got.tiers == ["host"] * 3
+    for i in range(3):
+        assert torch.equal(outs[i], kv[:, :, :, i * C : (i + 1) * C])
+    assert not outs[3].any()
+    with lock_held(store):
+        assert store.get_keys(keys, ROOT, outs[:3], layout=TINY, wait=False) is None
+    gets = store.counters.gets
+    store.tiers[0].delete(keys[1])  # chunk 1 now only on disk: reading it is I/O (and a promotion)
+    store._forget(store.index.get(keys[1]), 0)
+    assert store.get_keys(keys, ROOT, outs[:3], layout=TINY, wait=False) is None
+    assert store.counters.gets == gets and store.lookup(tokens.tolist(), NS).chunks[1].tiers == ["disk"]
+    assert store.get_keys(keys, ROOT, outs[:3], layout=TINY).tokens == 3 * C  # waiting, it reads the disk
+    with pytest.raises(LayoutError):
+        store.get_keys(keys, ROOT, [torch.zeros(1)] * 3, layout=TINY)
 
 
 @pytest.mark.parametrize("how", ["put", "received"])

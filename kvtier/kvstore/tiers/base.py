@@ -21,6 +21,8 @@ A tier stores encoded chunks under their keys and accounts the bytes they take. 
   lends free bytes to receive a blob into (``lend_nbytes``: what lending them takes, 0 for a tier that
   lends nothing);
 - ``contains(key)``, ``delete(key) -> bytes freed``, ``__len__``;
+- ``host_memory``: whether its chunks lie in this process's CPU memory, so that reading one does no I/O and
+  waits for no device (the service then reads it on its event loop);
 - ``scan() -> Iterator[(Chunk without KV, KVLayout)]``: for persistent tiers, what is there at start-up;
 - batch forms ``get_many`` and ``commit_many`` (loops here; a networked tier pipelines them).
 
@@ -66,6 +68,7 @@ class TierStats:
 
 class Tier(ABC):
     persistent: bool = False
+    host_memory: bool = False  # its chunks lie in this process's CPU memory: a read is a copy, no I/O, no device
     summary_on_demand: bool = False
     keep_summaries: bool = False
 

@@ -94,6 +94,7 @@ class MemoryTier(Tier):
                  device: str | torch.device = "cpu", pin: bool = False, prefault: bool = True) -> None:
         super().__init__(name, capacity_bytes, codec)
         self.device = torch.device(device)
+        self.host_memory = self.device.type == "cpu"
         self._alloc = ExtentAllocator(capacity_bytes)
         self.capacity_bytes = self._alloc.capacity
         self.pool = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=self.device, pin_memory=pin)
