@@ -62,6 +62,7 @@ from kvtier.layout import KVLayout
 
 T = TypeVar("T")
 _SMALL = 64 << 10  # buffers below this are joined with their frame's header into one write
+_PART = 1 << 20  # a borrowed chunk's KV goes out in parts of at most this many bytes
 _BINARY_BODIES = {"/v1/chunks", "/v1/bench/sink"}  # the paths whose bodies are chunk data, not JSON
 _JSON_TOKEN_BYTES = 12  # a token id in JSON: at most 10 digits, then ", " (json.dumps's default separator)
 _JSON_OTHER_BYTES = 64 << 10  # a JSON body's other fields (a layout's names, flags, whitespace)
@@ -99,12 +100,15 @@ class _TenantCounters:
 
 @dataclass
 class Fetched:
-    """A fetch ready to stream: ``chunks`` chunks (``tokens`` tokens, read from ``tiers``) framed in ``parts``."""
+    """A fetch ready to stream: ``chunks`` chunks (``tokens`` tokens, read from ``tiers``) framed in ``parts``;
+    ``release(wait=True) -> bool``: when the parts are views of chunks borrowed from the store, gives them back
+    once sent (see :meth:`TieredStore.borrow_keys`)."""
 
     parts: list[bytes | memoryview]
     tokens: int
     tiers: list[str]
     chunks: int
+    release: Callable[..., bool] | None = None
 
 
 class FramesResponse(Response):
@@ -113,7 +117,7 @@ class FramesResponse(Response):
     media_type = CONTENT_TYPE
 
     def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str],
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.parts = parts
         self.on_close = on_close  # called once the response is sent, or failed
         self.status_code = 200
@@ -130,7 +134,8 @@ class FramesResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if self.on_close is not None:
-                self.on_close()
+                with anyio.CancelScope(shield=True):
+                    await self.on_close()
 
 
 class Service:
@@ -148,7 +153,7 @@ class Service:
         self._attached: dict[str, set[str]] = {}
         self._counters: dict[str, _TenantCounters] = {}
         self._lock = threading.Lock()
-        self._source = b""
+        self._source: list[bytes] = []
 
     def store(self, principal: Principal) -> TieredStore:
         """The store holding ``principal``'s tenant."""
@@ -360,11 +365,12 @@ class Service:
     def fetch(self, principal: Principal, layout: KVLayout, req: schemas.FetchRequest,
               wait: bool = True) -> Fetched | None:
         """Fetch up to ``max_chunks_per_batch`` cached chunks from chunk ``req.start_chunk`` on and frame them as
-        blobs of the (layer-sliced) layout. Each chunk's KV is read once, into a ``bytes`` object that goes out as
-        it is (the one copy). A chunk that came in with checksums (a put's blob, a disk or Redis tier's) goes out
-        with the same ones: the client checks the bytes against what was verified when they arrived, not against a
-        hash of whatever the memory holds now. ``wait=False``: None (nothing read) when that would block (the
-        store's ``get_keys``), for a call on the event loop."""
+        blobs of the (layer-sliced) layout. ``wait=False`` (on the event loop): the chunks borrowed from the first
+        tier's memory and sent from there, in parts of at most ``_PART`` bytes that h11 copies one by one as they go
+        out, between the client's reads; None when the store would have to wait or read. Else (in a thread) each
+        chunk's KV is read once, into a ``bytes`` object that goes out as it is. A chunk that came in with checksums
+        (a put's blob, a disk or Redis tier's) goes out with the same ones: the client checks the bytes against what
+        was verified when they arrived, not against a hash of whatever the memory holds now."""
         layers = _layers(layout, req.layer_start, req.layer_stop)
         sliced = layer_slice(layout, layers)
         base, ids, keys = self.chain(principal, layout, req)
@@ -372,18 +378,26 @@ class Service:
         start = req.start_chunk
         parent = keys[start - 1] if 0 < start <= len(keys) else base
         asked = keys[start : start + self.limits.max_chunks_per_batch]
-        bodies = [fresh_bytes(sliced.chunk_bytes) for _ in asked]
-        kvs = [t.view(sliced.torch_dtype).view(sliced.chunk_shape) for _, t in bodies]
-        got = self.store(principal).get_keys(asked, parent, kvs, layers, layout, wait=wait)
-        if got is None:
-            return None
-        fetched = Fetched([], got.tokens, got.tiers, got.tokens // C)
-        for i in range(fetched.chunks):
-            j = start + i
-            chunk = Chunk(keys[j], parent, ids[j * C : (j + 1) * C], kvs[i], layer_xxh3=got.layer_xxh3[i])
-            header, (tokens, _) = encode_blob(chunk, sliced, self.codec)  # a raw blob: the tokens, then the KV
-            fetched.parts += _frame(header, [tokens, bodies[i][0]])
-            parent = keys[j]
+        store = self.store(principal)
+        if not wait:
+            borrowed = store.borrow_keys(asked, parent, layers, layout)
+            if borrowed is None:
+                return None
+            fetched = Fetched([], borrowed.tokens, borrowed.tiers, len(borrowed.chunks), borrowed.release)
+            kv_bytes = [None] * fetched.chunks  # each KV sent from where the tier holds it
+            chunks = borrowed.chunks
+        else:
+            bodies = [fresh_bytes(sliced.chunk_bytes) for _ in asked]
+            kvs = [t.view(sliced.torch_dtype).view(sliced.chunk_shape) for _, t in bodies]
+            got = store.get_keys(asked, parent, kvs, layers, layout)
+            fetched = Fetched([], got.tokens, got.tiers, got.tokens // C)
+            kv_bytes = [body for body, _ in bodies[: fetched.chunks]]
+            chunks = [Chunk(keys[j], keys[j - 1] if j > start else parent, ids[j * C : (j + 1) * C], kvs[j - start],
+                            layer_xxh3=got.layer_xxh3[j - start]) for j in range(start, start + fetched.chunks)]
+        for chunk, body in zip(chunks, kv_bytes):
+            header, (tokens, kv) = encode_blob(chunk, sliced, self.codec)  # a raw blob: the tokens, then the KV
+            kv_parts = [body] if body is not None else [kv[k : k + _PART] for k in range(0, len(kv), _PART)]
+            fetched.parts += _frame(header, [tokens, *kv_parts])
         return fetched
 
     def count_fetched(self, principal: Principal, fetched: Fetched) -> None:
@@ -430,12 +444,16 @@ class Service:
         namespace = tenant_namespace(tenant)
         return self.partitions.for_namespace(namespace).delete_namespace(namespace)
 
-    def source(self, nbytes: int) -> bytes:
-        """Bench only: ``nbytes`` random bytes (the last size asked for is kept). Not zeros: ``bytes(n)`` maps
-        every page to the kernel's one zero page, and sending that is reading one cached page over and over."""
+    def source(self, nbytes: int) -> list[bytes]:
+        """Bench only: ``nbytes`` random bytes (the last size asked for is kept), as ``bytes`` parts of at most
+        ``_PART``: the most the HTTP stack can do with bytes in memory (h11 sends a ``bytes`` part without copying
+        it, and parts let the transport drain between them), as a fetch sends a borrowed chunk. Not zeros:
+        ``bytes(n)`` maps every page to the kernel's one zero page, and sending that is reading one cached page over
+        and over."""
         with self._lock:
-            if len(self._source) != nbytes:
-                self._source = os.urandom(nbytes)
+            if sum(map(len, self._source)) != nbytes:
+                data = os.urandom(nbytes)
+                self._source = [data[i : i + _PART] for i in range(0, nbytes, _PART)]
             return self._source
 
 
@@ -766,9 +784,15 @@ def create_app(config: KVTierConfig) -> FastAPI:
         except BaseException:
             service.budget.release(held)
             raise
+
+        async def sent() -> None:  # the response is out, or failed: its bytes and borrowed chunks go back
+            service.budget.release(held)
+            if fetched.release is not None and not fetched.release(False):
+                await run(fetched.release)
+
         service.count_fetched(who, fetched)
         headers = {"x-kvtier-tokens": str(fetched.tokens), "x-kvtier-tiers": ",".join(fetched.tiers)}
-        return FramesResponse(fetched.parts, headers, on_close=partial(service.budget.release, held))
+        return FramesResponse(fetched.parts, headers, on_close=sent)
 
     def count_endpoint(path: str, method: Callable[[Principal, KVLayout, list[int]], int], doc: str) -> None:
         async def endpoint(body: schemas.TokensRequest, who: Principal = Depends(tenant)) -> schemas.CountResponse:
@@ -829,7 +853,7 @@ def create_app(config: KVTierConfig) -> FastAPI:
         async def source(nbytes: int = Query(ge=0, le=config.server.max_body_bytes),
                          who: Principal = Depends(tenant)) -> FramesResponse:
             """Bench baseline: ``nbytes`` bytes (at most max_body_bytes) from memory, sent like a fetch."""
-            return FramesResponse([service.source(nbytes)], {})
+            return FramesResponse(service.source(nbytes), {})
 
     paths.update(route.path for route in app.routes)
     return app

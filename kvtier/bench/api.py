@@ -5,7 +5,8 @@ disk) with the bench endpoints on. For chunks of 1, 4 and 16 MiB, one :class:`~k
 times ``put(tokens, kv)`` of a new chunk (upload of a framed blob; decode, verify and store on the server) and
 ``get(tokens)`` of a cached one (fetch, decode and verify into a tensor), and, in alternating rounds, the bare
 endpoint that swallows a body of the same size (``PUT /v1/bench/sink``) or returns
-one from memory (``GET /v1/bench/source``), with its own httpx client: the HTTP stack's own limit. Then, in
+one from memory (``GET /v1/bench/source``: ``bytes`` parts of 1 MiB, which h11 sends without a copy, received
+into a reused buffer), with its own httpx client: the HTTP stack's own limit. Then, in
 this process and without a socket (:mod:`kvtier.bench.api_cost`), the service's own work per put (put minus
 sink) beside the least a put must do with the bytes (copy them into kept memory and hash them).
 """
@@ -170,8 +171,16 @@ def run(args: argparse.Namespace) -> Report:
             def get() -> None:
                 assert client.get(cached, out=out, layout=layout).tokens == _CHUNK_TOKENS
 
+            received = memoryview(bytearray(len(body)))  # the baseline keeps the bytes too, in memory it reuses
+
             def source() -> None:
-                http.get("/v1/bench/source", params={"nbytes": len(body)}).raise_for_status()
+                with http.stream("GET", "/v1/bench/source", params={"nbytes": len(body)}) as resp:
+                    resp.raise_for_status()
+                    pos = 0
+                    for piece in resp.iter_bytes():
+                        received[pos : pos + len(piece)] = piece
+                        pos += len(piece)
+                assert pos == len(body)
 
             s, b = _measure(get, source, args.iterations, args.rounds, bar)
             _rows(report, "get", mib, len(body), s, b)
@@ -181,8 +190,10 @@ def run(args: argparse.Namespace) -> Report:
         bar.close()
     report.notes.append("service: kvtier.api.Client put (upload, verify, store) / get (fetch, verify, decode into a tensor) "
                         "against a real `kvtier serve` subprocess on 127.0.0.1, host tier only; baseline: the same "
-                        "server's bare sink/source endpoints with bodies of the same size (httpx, one connection each), "
-                        "alternating rounds; bytes = one framed chunk blob; torch uses one intra-op thread in both processes")
+                        "server's bare sink/source endpoints with bodies of the same size (httpx, one connection each; "
+                        "the source's body sent in 1 MiB bytes parts, as a fetch sends, and received into a reused "
+                        "buffer, as the client receives into `out`), alternating rounds; bytes = one framed chunk blob; "
+                        "torch uses one intra-op thread in both processes")
     report.notes.append("in process: the same app called through ASGI with the body in 256 KiB pieces, no socket: "
                         "put minus sink (medians) is the service's own work, beside the least a put must do with "
                         "the bytes (kvtier.bench.api_cost)")

@@ -23,7 +23,9 @@ for it; a chunk gets its summary before it is written to a tier that stores it w
 A receiver of blobs (the service) can :meth:`TieredStore.lend` bytes of the first tier's memory, receive a
 blob into them, and :meth:`TieredStore.put_chunks` a chunk whose KV lies there: the tier takes the bytes
 over instead of copying them. With ``wait=False`` both return None instead of waiting for the lock or doing
-I/O, so an event loop may call them.
+I/O, so an event loop may call them. A sender (the service's fetch) can :meth:`TieredStore.borrow_keys` the
+chunks of a prompt: their KV as views of the first tier's memory, pinned until released, so the bytes go out
+without a copy here; it never waits either.
 
 Every request also has a turn (:meth:`TieredStore.turn_of`: how many earlier prompts its prompt continues),
 which the store keeps on the nodes it uses and, for a while, on the keys it dropped. The store counts how
@@ -39,9 +41,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -94,6 +97,18 @@ class GetResult:
     kv: torch.Tensor | list[torch.Tensor] | None
     tiers: list[str]
     layer_xxh3: list[tuple[str, ...] | None] = field(default_factory=list)
+
+
+@dataclass
+class Borrowed:
+    """:meth:`TieredStore.borrow_keys`: ``tokens`` cached, in ``chunks`` whose KV are views of a tier's memory
+    (with their layer checksums, as a get gives them), from ``tiers``; ``release(wait=True) -> bool`` unpins them
+    (once; with ``wait=False``, only if the store's lock is free: False otherwise, and nothing done)."""
+
+    tokens: int
+    chunks: list[Chunk]
+    tiers: list[str]
+    release: Callable[..., bool]
 
 
 @dataclass
@@ -275,28 +290,16 @@ class TieredStore:
         return self.get_keys(chunk_keys(root, as_tokens(tokens), layout.chunk_tokens), root, out, layers, layout)
 
     def get_keys(self, keys: Sequence[bytes], root: bytes, out: torch.Tensor | list[torch.Tensor] | None = None,
-                 layers: range | None = None, layout: KVLayout | None = None, wait: bool = True) -> GetResult | None:
+                 layers: range | None = None, layout: KVLayout | None = None) -> GetResult:
         """Like :meth:`get` for chunk keys whose first parent is ``root``; ValueError when the cached ones are not
         such a chain (another root, keys out of order): a copy's parent would not match, and that is no reason to
         drop it as corrupt. ``out`` may also be one tensor per key, chunk ``i`` going to ``out[i]``
-        (``[len(layers), T, H, C, D]``). ``wait=False``: None, and nothing read, when the lock is taken or a chunk's
-        fastest copy is not in the first tier in host memory (reading it would do I/O or wait for a device)."""
+        (``[len(layers), T, H, C, D]``)."""
         layout = self._layout(layout)
         layers = layout.check_layers(layers)
         C = layout.chunk_tokens
-        if not self._lock.acquire(blocking=wait):
-            return None
-        try:
-            nodes = self.index.match(keys)
-            expected = root
-            for node in nodes:
-                parent = node.parent.key if node.parent is not None else root_key(node.layout, node.namespace)
-                if parent != expected:
-                    raise ValueError(f"chunk {node.key.hex()} is cached under {parent.hex()}, not under "
-                                     f"{expected.hex()}: the keys are not a chain from root {root.hex()}")
-                expected = node.key
-            if not wait and not (self.tiers[0].host_memory and all(node.tiers & 1 for node in nodes)):
-                return None
+        with self._lock:
+            nodes = self._chain(keys, root)
             if out is None and not self.metadata_only:
                 out = torch.empty((len(layers),) + layout.chunk_shape[1:3] + (len(nodes) * C, layout.head_dim),
                                   dtype=layout.torch_dtype)
@@ -315,13 +318,69 @@ class TieredStore:
                     break
                 fetched.append((node, *got))
                 parent = node.key
-            self._after_get(fetched, layers, layout, self.continuation(turn))
-            self.counters.gets += 1
-            self.counters.get_tokens += len(fetched) * C
-            names = [self.tiers[t].name for _, t, _ in fetched]
+            self._served(fetched, layers, layout, turn)
+        return GetResult(len(fetched) * C, out, [self.tiers[t].name for _, t, _ in fetched],
+                         [chunk.layer_xxh3 for _, _, chunk in fetched])
+
+    def borrow_keys(self, keys: Sequence[bytes], root: bytes, layers: range | None = None,
+                    layout: KVLayout | None = None) -> Borrowed | None:
+        """Like :meth:`get_keys` without a copy and without waiting: the cached chunks with their KV
+        (``[len(layers), T, H, C, D]``) as views of the first tier's own memory, pinned (out of eviction's and
+        deletion's reach) until ``Borrowed.release``. None, with nothing read or pinned, when the lock is taken or a
+        chunk's copy cannot be viewed in the first tier (:meth:`Tier.view`: a raw chunk in host memory) or fails
+        verification there: :meth:`get_keys` then reads it (and drops a bad copy). The views stay valid while pinned
+        unless the chunk is dropped anyway (its prefix found corrupt); the bytes then sent fail the reader's
+        checksums."""
+        layout = self._layout(layout)
+        layers = layout.check_layers(layers)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            nodes = self._chain(keys, root)
+            fetched: list[tuple[Node, int, Chunk]] = []
+            parent = root
+            for node in nodes:
+                chunk = self.tiers[0].view(node.key, layers) if node.tiers & 1 else None
+                if chunk is None or not _verified(chunk, parent, node.key):
+                    return None
+                fetched.append((node, 0, chunk))
+                parent = node.key
+            self._served(fetched, layers, layout, self.turn_of(nodes[-1] if nodes else None, keys[len(nodes):])[0])
+            for node in nodes:
+                node.pins += 1
         finally:
             self._lock.release()
-        return GetResult(len(fetched) * C, out, names, [chunk.layer_xxh3 for _, _, chunk in fetched])
+        return Borrowed(len(nodes) * layout.chunk_tokens, [chunk for _, _, chunk in fetched],
+                        [self.tiers[0].name] * len(nodes), partial(self._unpin, nodes))
+
+    def _chain(self, keys: Sequence[bytes], root: bytes) -> list[Node]:
+        """The cached run of ``keys``' leading chunks, checked to hang from ``root`` (ValueError otherwise)."""
+        nodes = self.index.match(keys)
+        expected = root
+        for node in nodes:
+            parent = node.parent.key if node.parent is not None else root_key(node.layout, node.namespace)
+            if parent != expected:
+                raise ValueError(f"chunk {node.key.hex()} is cached under {parent.hex()}, not under "
+                                 f"{expected.hex()}: the keys are not a chain from root {root.hex()}")
+            expected = node.key
+        return nodes
+
+    def _served(self, fetched: list[tuple[Node, int, Chunk]], layers: range, layout: KVLayout, turn: int) -> None:
+        """Account a get that served ``fetched`` (whose last chunk's turn is ``turn``): touches, promotions, counts."""
+        self._after_get(fetched, layers, layout, self.continuation(turn))
+        self.counters.gets += 1
+        self.counters.get_tokens += len(fetched) * layout.chunk_tokens
+
+    def _unpin(self, nodes: list[Node], wait: bool = True) -> bool:
+        """Undo a borrow's pins; False (nothing done) when ``wait=False`` and the lock is taken."""
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
+            for node in nodes:
+                node.pins -= 1
+        finally:
+            self._lock.release()
+        return True
 
     def put_chunks(self, chunks: Sequence[Chunk], root: bytes, namespace: str = "",
                    layout: KVLayout | None = None, wait: bool = True, lent: Sequence[torch.Tensor] = (),
@@ -858,7 +917,7 @@ class TieredStore:
             if self.metadata_only:
                 return t, Chunk(node.key, parent, None)
             chunk = tier.get(node.key, out, layers)
-            if chunk is not None and chunk.parent == parent and chain_key(parent, _token_bytes(chunk.tokens)) == node.key:
+            if chunk is not None and _verified(chunk, parent, node.key):
                 return t, chunk
             if chunk is not None:
                 self.counters.verify_failures += 1
@@ -1028,6 +1087,11 @@ def check_chain(chunks: Sequence[Chunk], layout: KVLayout, with_kv: bool = True)
                 raise LayoutError(f"key summary of chunk {c.key.hex()} is {tuple(c.summary.shape)} "
                                   f"{c.summary.dtype}, the layout's is {layout.summary_shape} {layout.torch_dtype}")
         expected = c.key
+
+
+def _verified(chunk: Chunk, parent: bytes, key: bytes) -> bool:
+    """Whether a copy read for ``key`` under ``parent`` is that chunk: its parent, and ``H(parent || tokens)``."""
+    return chunk.parent == parent and chain_key(parent, _token_bytes(chunk.tokens)) == key
 
 
 def _token_bytes(tokens: np.ndarray) -> memoryview:

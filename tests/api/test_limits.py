@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
+import threading
 import time
 
+import anyio
 import httpx
 import numpy as np
 import pytest
@@ -277,6 +279,55 @@ def test_a_fetch_whose_client_left_before_its_response_is_a_499_and_counts_nothi
             time.sleep(0.05)
         assert 'endpoint="/v1/chunks/fetch",status="200"' not in m
         assert alice.stats()["bytes_out"] == before
+
+
+def test_chunks_a_fetch_sends_from_the_tiers_memory_stay_pinned_until_the_reply_is_out(tmp_path):
+    """A fetch of chunks in the first tier's host memory sends them from there: while its reply is held back (the
+    transport's writes are stalled here), they are pinned (a delete leaves them); once it is out, or its client
+    gone, nothing stays pinned and they can be deleted."""
+    gate, apps = threading.Event(), []
+
+    def stall_fetch_bodies(app):
+        apps.append(app)
+
+        async def stalled(scope, receive, send):
+            async def gated(message):
+                if message["type"] == "http.response.body" and scope.get("path") == "/v1/chunks/fetch":
+                    await anyio.to_thread.run_sync(gate.wait, 10)
+                await send(message)
+
+            await app(scope, receive, gated)
+
+        return stalled
+
+    config = make_config(tmp_path, tiers=[{"kind": "host", "capacity_bytes": 1 << 20}])
+    tokens, kv = prompt(3 * C, seed=12), kv_for(3 * C, seed=12)
+    with serve(config, wrap=stall_fetch_bodies) as url, Client(url, LAYOUT, api_key=KEYS["alice"]) as alice:
+        assert alice.put(tokens, kv).stored == 3
+        service = apps[0].state.service
+        store = service.store(service.auth.identify(KEYS["alice"]))
+        nodes = [store.index.get(k) for k in alice.keys(tokens)]
+        got = []
+        reader = threading.Thread(target=lambda: got.append(alice.get(tokens)))
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not all(n.pins for n in nodes):
+            assert time.monotonic() < deadline and reader.is_alive()
+            time.sleep(0.01)
+        assert store.delete(tokens, service.auth.identify(KEYS["alice"]).namespace, LAYOUT) == 0  # pinned
+        gate.set()
+        reader.join(10)
+        assert got[0].tokens == 3 * C and torch.equal(got[0].kv, kv)
+        data = json.dumps({"layout": LAYOUT.fingerprint, "tokens": tokens}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        for _ in range(3):  # clients that leave without reading their reply
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(heads("POST", "/v1/chunks/fetch", Content_Type="application/json",
+                                Content_Length=len(data)) + data)
+        while any(n.pins for n in nodes):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert alice.delete(tokens) == 1 and alice.lookup(tokens).tokens == 2 * C
 
 
 def test_transfer_encoding_with_content_length_is_refused_before_reading(url, root):

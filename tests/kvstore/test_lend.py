@@ -150,32 +150,50 @@ def test_a_put_that_might_block_is_not_done_without_waiting(tmp_path):
     assert through.lookup(prompt(5, 1).tolist(), NS).chunks[0].tiers == ["host", "disk"]
 
 
-def test_a_get_into_one_tensor_per_chunk_and_without_waiting_reads_only_host_memory(tmp_path):
-    """``get_keys`` with one tensor per key fills each with its chunk; ``wait=False`` reads only when nothing can
-    block (the lock is free and every chunk's fastest copy is in the first tier, in host memory), else returns
-    None having read and changed nothing."""
-    store = TieredStore([HostTier(4 * footprint(TINY), prefault=False), DiskTier(tmp_path, 1 << 20)], layout=TINY,
-                        write_through=[False, True])
+def test_a_get_into_one_tensor_per_chunk_fills_each():
+    store = TieredStore([HostTier(4 * footprint(TINY), prefault=False)], layout=TINY)
     tokens = prompt(6, 3)
     kv = kv_for_tokens(TINY, tokens)
     store.put(tokens, kv, NS)
-    keys = chunk_keys(ROOT, tokens, C)
     outs = [torch.zeros(TINY.chunk_shape, dtype=TINY.torch_dtype) for _ in range(4)]  # one more than cached
-    got = store.get_keys(keys + [bytes(16)], ROOT, outs, layout=TINY, wait=False)
+    got = store.get_keys(chunk_keys(ROOT, tokens, C) + [bytes(16)], ROOT, outs, layout=TINY)
     assert got.tokens == 3 * C and got.kv is outs and got.tiers == ["host"] * 3
     for i in range(3):
         assert torch.equal(outs[i], kv[:, :, :, i * C : (i + 1) * C])
     assert not outs[3].any()
-    with lock_held(store):
-        assert store.get_keys(keys, ROOT, outs[:3], layout=TINY, wait=False) is None
-    gets = store.counters.gets
-    store.tiers[0].delete(keys[1])  # chunk 1 now only on disk: reading it is I/O (and a promotion)
-    store._forget(store.index.get(keys[1]), 0)
-    assert store.get_keys(keys, ROOT, outs[:3], layout=TINY, wait=False) is None
-    assert store.counters.gets == gets and store.lookup(tokens.tolist(), NS).chunks[1].tiers == ["disk"]
-    assert store.get_keys(keys, ROOT, outs[:3], layout=TINY).tokens == 3 * C  # waiting, it reads the disk
     with pytest.raises(LayoutError):
-        store.get_keys(keys, ROOT, [torch.zeros(1)] * 3, layout=TINY)
+        store.get_keys(chunk_keys(ROOT, tokens, C), ROOT, [torch.zeros(1)] * 3, layout=TINY)
+
+
+def test_borrowed_chunks_are_views_of_the_tier_pinned_until_released(tmp_path):
+    """``borrow_keys`` hands out the chunks' KV where the first tier holds it (no copy), verified and counted as a
+    get, and pins them: nothing evicts or deletes them until ``release``. It never waits: None, with nothing
+    pinned, when the lock is taken or a chunk is not in the first tier's host memory."""
+    tier = HostTier(3 * footprint(TINY), prefault=False)
+    store = TieredStore([tier, DiskTier(tmp_path, 1 << 20)], layout=TINY, write_through=[False, True])
+    tokens = prompt(6, 3)
+    kv = kv_for_tokens(TINY, tokens)
+    store.put(tokens, kv, NS)
+    keys = chunk_keys(ROOT, tokens, C)
+    gets = store.counters.gets
+    borrowed = store.borrow_keys(keys + [bytes(16)], ROOT, range(1, 2), TINY)
+    assert borrowed.tokens == 3 * C and borrowed.tiers == ["host"] * 3 and store.counters.gets == gets + 1
+    for i, chunk in enumerate(borrowed.chunks):
+        assert torch.equal(chunk.kv, kv[1:2, :, :, i * C : (i + 1) * C]) and chunk.key == keys[i]
+        assert tier.pool.data_ptr() <= chunk.kv.data_ptr() < tier.pool.data_ptr() + tier.pool.numel()
+    assert store.delete(tokens, NS) == 0  # pinned: not deleted
+    store.put(prompt(7, 3), kv_for_tokens(TINY, prompt(7, 3)), NS)  # the host is full of pinned chunks
+    assert [c.tiers for c in store.lookup(tokens, NS).chunks] == [["host", "disk"]] * 3
+    with lock_held(store):
+        assert store.borrow_keys(keys, ROOT, layout=TINY) is None
+        assert borrowed.release(False) is False  # would wait for the lock: nothing done
+    assert borrowed.release() is True
+    assert store.delete(tokens, NS) == 1  # the prompt's last chunk (and what hangs below it)
+    store.put(tokens, kv, NS)
+    store.tiers[0].delete(keys[1])  # chunk 1 only on disk now: reading it is I/O
+    store._forget(store.index.get(keys[1]), 0)
+    assert store.borrow_keys(keys, ROOT, layout=TINY) is None
+    assert all(store.index.get(k).pins == 0 for k in keys)
 
 
 @pytest.mark.parametrize("how", ["put", "received"])

@@ -12,6 +12,9 @@ A tier stores encoded chunks under their keys and accounts the bytes they take. 
   None is a miss, also for a chunk found corrupt (then it is deleted and counted in ``stats.corrupt``) and for
   one that cannot be read just now (an I/O error, Redis unreachable: it is kept, ``contains`` still says so,
   and counted in ``stats.errors``);
+- ``view(key, layers=None) -> Chunk | None``: like ``get`` without a copy, for a tier that can (a raw chunk in
+  host memory): the chunk with its KV a view of the tier's own bytes, valid while the chunk stays (the store
+  pins it meanwhile); None otherwise;
 - ``summary(key) -> Tensor | None``: the chunk's key summary without its KV; a tier with
   ``summary_on_demand`` may hold a chunk whose summary comes later, through ``set_summary(key, summary)``
   (the store computes it when it is first needed); other tiers get it with the chunk when the store keeps
@@ -21,8 +24,6 @@ A tier stores encoded chunks under their keys and accounts the bytes they take. 
   lends free bytes to receive a blob into (``lend_nbytes``: what lending them takes, 0 for a tier that
   lends nothing);
 - ``contains(key)``, ``delete(key) -> bytes freed``, ``__len__``;
-- ``host_memory``: whether its chunks lie in this process's CPU memory, so that reading one does no I/O and
-  waits for no device (the service then reads it on its event loop);
 - ``scan() -> Iterator[(Chunk without KV, KVLayout)]``: for persistent tiers, what is there at start-up;
 - batch forms ``get_many`` and ``commit_many`` (loops here; a networked tier pipelines them).
 
@@ -68,7 +69,6 @@ class TierStats:
 
 class Tier(ABC):
     persistent: bool = False
-    host_memory: bool = False  # its chunks lie in this process's CPU memory: a read is a copy, no I/O, no device
     summary_on_demand: bool = False
     keep_summaries: bool = False
 
@@ -95,6 +95,9 @@ class Tier(ABC):
 
     @abstractmethod
     def get(self, key: bytes, out: torch.Tensor, layers: range | None = None) -> Chunk | None: ...
+
+    def view(self, key: bytes, layers: range | None = None) -> Chunk | None:
+        return None
 
     @abstractmethod
     def summary(self, key: bytes) -> torch.Tensor | None: ...

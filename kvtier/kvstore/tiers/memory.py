@@ -94,7 +94,6 @@ class MemoryTier(Tier):
                  device: str | torch.device = "cpu", pin: bool = False, prefault: bool = True) -> None:
         super().__init__(name, capacity_bytes, codec)
         self.device = torch.device(device)
-        self.host_memory = self.device.type == "cpu"
         self._alloc = ExtentAllocator(capacity_bytes)
         self.capacity_bytes = self._alloc.capacity
         self.pool = torch.empty(self.capacity_bytes, dtype=torch.uint8, device=self.device, pin_memory=pin)
@@ -220,16 +219,28 @@ class MemoryTier(Tier):
         if entry is None:
             self.stats.misses += 1
             return None
+        parts, digests = self._read(entry, layers)
+        self.codec.decode(parts, out)
+        return Chunk(key, entry.parent, entry.tokens, out, layer_xxh3=digests)
+
+    def view(self, key: bytes, layers: range | None = None) -> Chunk | None:
+        entry = self._entries.get(key)
+        if entry is None or self.codec.name != "raw" or self.device.type != "cpu":
+            return None
+        parts, digests = self._read(entry, layers)
+        return Chunk(key, entry.parent, entry.tokens, parts["kv"], layer_xxh3=digests)
+
+    def _read(self, entry: _Entry, layers: range | None) -> tuple[dict[str, torch.Tensor], tuple[str, ...] | None]:
+        """A read of ``entry``, counted: its parts' ``layers`` (views of the pool) and their checksums."""
         parts = {name: self._view(entry, spec) for name, spec in entry.parts.items()}
         digests = entry.layer_xxh3
         if layers is not None:
             parts = {name: p[layers.start : layers.stop : layers.step] for name, p in parts.items()}
             if digests is not None:
                 digests = digests[layers.start : layers.stop : layers.step]
-        self.codec.decode(parts, out)
         self.stats.hits += 1
         self.stats.bytes_read += entry.nbytes
-        return Chunk(key, entry.parent, entry.tokens, out, layer_xxh3=digests)
+        return parts, digests
 
     def summary(self, key: bytes) -> torch.Tensor | None:
         entry = self._entries.get(key)
