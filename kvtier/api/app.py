@@ -112,14 +112,16 @@ class Fetched:
 
 
 class FramesResponse(Response):
-    """Streams a list of byte buffers with a Content-Length (no copy of the buffers here)."""
+    """Streams a list of byte buffers with a Content-Length (no copy of the buffers here). ``on_close`` is awaited
+    once the last buffer has been handed over, before the response ends (uvicorn's h11 protocol has copied every
+    buffer that is not ``bytes`` by then: what the buffers lent can go back), or when sending fails."""
 
     media_type = CONTENT_TYPE
 
     def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str],
                  on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.parts = parts
-        self.on_close = on_close  # called once the response is sent, or failed
+        self.on_close = on_close
         self.status_code = 200
         self.background = None
         nbytes = sum(len(p) for p in parts)
@@ -131,11 +133,16 @@ class FramesResponse(Response):
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             for part in self.parts:
                 await send({"type": "http.response.body", "body": part, "more_body": True})
+            await self._close()  # before the end: a request after this one on the connection finds it done
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            if self.on_close is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.on_close()
+            await self._close()
+
+    async def _close(self) -> None:
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            with anyio.CancelScope(shield=True):
+                await on_close()
 
 
 class Service:
@@ -785,7 +792,7 @@ def create_app(config: KVTierConfig) -> FastAPI:
             service.budget.release(held)
             raise
 
-        async def sent() -> None:  # the response is out, or failed: its bytes and borrowed chunks go back
+        async def sent() -> None:  # the response is handed over, or failed: its bytes and borrowed chunks go back
             service.budget.release(held)
             if fetched.release is not None and not fetched.release(False):
                 await run(fetched.release)

@@ -50,8 +50,11 @@ def serve(args: argparse.Namespace) -> int:
     except (KVTierError, OSError, ValueError) as exc:
         print(f"kvtier serve: {exc}", file=sys.stderr)
         return 2
+    # h11, whatever else is installed: it copies a body part that is not ``bytes`` before its send returns, so a
+    # fetch may send chunks borrowed from a tier and give them back once sent (httptools hands the part to the
+    # transport, which may keep a view of it until the socket takes it).
     uvicorn.run(app, host=args.host or config.server.host, port=config.server.port if args.port is None else args.port,
-                log_level=args.log_level, timeout_keep_alive=30)  # engines keep their connections
+                log_level=args.log_level, timeout_keep_alive=30, http="h11")  # engines keep their connections
     return 0
 
 

@@ -50,7 +50,8 @@ def make_config(tmp_path, **overrides) -> KVTierConfig:
 def serve(config: KVTierConfig, port: int = 0, wrap=lambda app: app) -> Iterator[str]:
     """Run the app for ``config`` (as ``wrap`` returns it: a test may put a fault in front of it) with uvicorn in a
     thread (on ``port``, 0: a free one); yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(wrap(create_app(config)), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(wrap(create_app(config)), host="127.0.0.1", port=port, log_level="warning",
+                                           http="h11"))  # as `kvtier serve` runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -283,8 +283,9 @@ def test_a_fetch_whose_client_left_before_its_response_is_a_499_and_counts_nothi
 
 def test_chunks_a_fetch_sends_from_the_tiers_memory_stay_pinned_until_the_reply_is_out(tmp_path):
     """A fetch of chunks in the first tier's host memory sends them from there: while its reply is held back (the
-    transport's writes are stalled here), they are pinned (a delete leaves them); once it is out, or its client
-    gone, nothing stays pinned and they can be deleted."""
+    transport's writes are stalled here), they are pinned (a delete leaves them); once its parts are handed over
+    (before the reply ends: the next request on the connection finds them unpinned), or its client is gone,
+    nothing stays pinned and they can be deleted."""
     gate, apps = threading.Event(), []
 
     def stall_fetch_bodies(app):
@@ -318,6 +319,9 @@ def test_chunks_a_fetch_sends_from_the_tiers_memory_stay_pinned_until_the_reply_
         gate.set()
         reader.join(10)
         assert got[0].tokens == 3 * C and torch.equal(got[0].kv, kv)
+        assert alice.delete(tokens) == 1  # the next request on the connection: unpinned before the reply ended
+        assert alice.put(tokens, kv).stored == 1
+        nodes = [store.index.get(k) for k in alice.keys(tokens)]
         data = json.dumps({"layout": LAYOUT.fingerprint, "tokens": tokens}).encode()
         host, port = url.removeprefix("http://").split(":")
         for _ in range(3):  # clients that leave without reading their reply
