@@ -51,11 +51,11 @@ from kvtier.api.budget import ByteBudget
 from kvtier.api.metrics import Metrics
 from kvtier.api.partitions import Partitions, merged_stats
 from kvtier.api.receiver import BlobReceiver, ReceivedBlob, TooManyBlobs
-from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, fresh_bytes, frame_prefix, layer_slice
+from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, fresh_bytes, frame_prefix, layer_slice, pieces
 from kvtier.compression.codec import get_codec
 from kvtier.config import KVTierConfig, ServerConfig
 from kvtier.errors import BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError, TierError
-from kvtier.kvstore.chunk import Chunk, decode_blob, encode_blob, parse_header
+from kvtier.kvstore.chunk import Chunk, byte_view, decode_blob, encode_blob, parse_header
 from kvtier.kvstore.keys import as_tokens, chunk_keys, root_key
 from kvtier.kvstore.store import TieredStore
 from kvtier.layout import KVLayout
@@ -391,19 +391,18 @@ class Service:
             if borrowed is None:
                 return None
             fetched = Fetched([], borrowed.tokens, borrowed.tiers, len(borrowed.chunks), borrowed.release)
-            kv_bytes = [None] * fetched.chunks  # each KV sent from where the tier holds it
             chunks = borrowed.chunks
+            sends = [pieces(byte_view(c.kv), _PART) for c in chunks]  # each KV from where the tier holds it
         else:
             bodies = [fresh_bytes(sliced.chunk_bytes) for _ in asked]
             kvs = [t.view(sliced.torch_dtype).view(sliced.chunk_shape) for _, t in bodies]
             got = store.get_keys(asked, parent, kvs, layers, layout)
             fetched = Fetched([], got.tokens, got.tiers, got.tokens // C)
-            kv_bytes = [body for body, _ in bodies[: fetched.chunks]]
             chunks = [Chunk(keys[j], keys[j - 1] if j > start else parent, ids[j * C : (j + 1) * C], kvs[j - start],
                             layer_xxh3=got.layer_xxh3[j - start]) for j in range(start, start + fetched.chunks)]
-        for chunk, body in zip(chunks, kv_bytes):
-            header, (tokens, kv) = encode_blob(chunk, sliced, self.codec)  # a raw blob: the tokens, then the KV
-            kv_parts = [body] if body is not None else [kv[k : k + _PART] for k in range(0, len(kv), _PART)]
+            sends = [[body] for body, _ in bodies[: fetched.chunks]]  # each KV as the bytes it was read into
+        for chunk, kv_parts in zip(chunks, sends):
+            header, (tokens, _) = encode_blob(chunk, sliced, self.codec)  # a raw blob: the tokens, then the KV
             fetched.parts += _frame(header, [tokens, *kv_parts])
         return fetched
 
@@ -459,8 +458,7 @@ class Service:
         and over."""
         with self._lock:
             if sum(map(len, self._source)) != nbytes:
-                data = os.urandom(nbytes)
-                self._source = [data[i : i + _PART] for i in range(0, nbytes, _PART)]
+                self._source = [bytes(piece) for piece in pieces(os.urandom(nbytes), _PART)]
             return self._source
 
 

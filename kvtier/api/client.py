@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kvtier.api.fetch_receiver import FetchReceiver
-from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice
+from kvtier.api.wire import CONTENT_TYPE, FRAME_PREFIX, frame_prefix, layer_slice, pieces
 from kvtier.compression.codec import get_codec
 from kvtier.errors import (BlobError, CapacityError, KVTierError, LayoutError, ParentMissingError,
                            StoreUnavailableError, TokenError)
@@ -474,10 +474,10 @@ class _Operations:
         Content-Length (so no piece needs a fresh large allocation on the way)."""
         if call.parts is None:
             return http.build_request(call.method, call.path, params=call.params, json=call.json)
-        pieces = [p[i : i + _PIECE] for p in map(memoryview, call.parts) for i in range(0, len(p), _PIECE)]
-        headers = {"Content-Type": CONTENT_TYPE, "Content-Length": str(sum(len(p) for p in pieces))}
+        body = [piece for part in call.parts for piece in pieces(part, _PIECE)]
+        headers = {"Content-Type": CONTENT_TYPE, "Content-Length": str(sum(len(p) for p in body))}
         return http.build_request(call.method, call.path, params=call.params, headers=headers,
-                                  content=body_iter(pieces))
+                                  content=body_iter(body))
 
     def _settle(self, call: _Call, attempt: int, reply: _Reply | None,
                 failure: httpx.TransportError | None) -> _Reply | None:

@@ -17,6 +17,9 @@ Two kinds of failure are told apart:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 import torch
 import xxhash
@@ -27,6 +30,7 @@ from kvtier.kvstore.chunk import BlobHeader, header_length, parse_header
 from kvtier.layout import KVLayout
 
 _KV = "kv.kv"  # the raw codec's one part
+T = TypeVar("T")
 
 
 class FetchReceiver:
@@ -216,7 +220,7 @@ class _BadChunk(Exception):
         self.error = error
 
 
-def _checked(parse, data: bytearray):
+def _checked(parse: Callable[[memoryview], T], data: bytearray) -> T:
     """``parse(data)``, its BlobError taken as a bad chunk."""
     try:
         return parse(memoryview(data))

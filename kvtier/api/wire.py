@@ -42,6 +42,12 @@ _bytes_buffer.argtypes = (ctypes.py_object,)
 _bytes_buffer.restype = ctypes.c_void_p
 
 
+def pieces(data: bytes | memoryview, size: int) -> list[memoryview]:
+    """``data`` as consecutive views of at most ``size`` bytes."""
+    view = memoryview(data)
+    return [view[i : i + size] for i in range(0, len(view), size)]
+
+
 def fresh_bytes(nbytes: int) -> tuple[bytes, torch.Tensor]:
     """A new ``bytes`` object of ``nbytes`` (at least 1) and a uint8 tensor ``[nbytes]`` over its contents, to be
     filled before the bytes go anywhere: the C API's documented way of building a bytes object in place

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> Report:
     }
     report = Report("api")
     torch.set_num_threads(1)  # like the server: intra-op threads would fight it for the cores
-    keep_freed_memory()  # like the server: else the baseline's fresh 4 MiB bodies page-fault (the client's are pooled)
+    keep_freed_memory()  # like the server: fresh large buffers (h11's body pieces) reuse warm pages, not new ones
     rng = np.random.default_rng(0)
     with ServerProcess(config) as server, Client(server.url, api_key=key, timeout=60) as client, \
             httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60,

@@ -19,7 +19,7 @@ import torch
 import xxhash
 
 from kvtier.api.app import create_app
-from kvtier.api.wire import CONTENT_TYPE, frame_prefix
+from kvtier.api.wire import CONTENT_TYPE, frame_prefix, pieces
 from kvtier.config import KVTierConfig
 from kvtier.kvstore.chunk import Chunk, encode_blob
 from kvtier.kvstore.keys import chunk_keys
@@ -30,17 +30,17 @@ PIECE = 256 << 10  # what uvicorn's transport reads at a time (asyncio's 256 KiB
 
 async def _call(app, path: str, query: str, body: bytes, key: str) -> None:
     """One PUT through the ASGI app; each piece becomes a fresh bytes object, as one read from a socket does."""
-    pieces = [memoryview(body)[i : i + PIECE] for i in range(0, len(body), PIECE)]
+    parts = pieces(body, PIECE)
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT", "scheme": "http",
              "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
              "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode()),
                          (b"content-type", CONTENT_TYPE.encode())]}
-    sent = iter(range(1, len(pieces) + 1))
+    sent = iter(range(1, len(parts) + 1))
 
     async def receive() -> dict:
         i = next(sent)
-        return {"type": "http.request", "body": bytes(pieces[i - 1]), "more_body": i < len(pieces)}
+        return {"type": "http.request", "body": bytes(parts[i - 1]), "more_body": i < len(parts)}
 
     status = []
 
