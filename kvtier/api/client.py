@@ -114,7 +114,7 @@ _BY_STATUS: dict[int, type[APIError]] = {400: BadRequestError, 401: Authenticati
                                          404: NotFoundError, 409: ConflictError, 413: PayloadTooLargeError,
                                          422: BadRequestError}
 _RETRY_STATUS = {502, 503, 504}
-_PIECE = 256 << 10
+BODY_PIECE = 256 << 10  # a binary request body goes out in views of at most this many bytes
 _KNOWN_KEYS = 1 << 16
 # Without TCP_NODELAY a small request body written after its headers waits for the delayed ACK (40 ms).
 SOCKET_OPTIONS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
@@ -192,6 +192,7 @@ class _Operations:
         self.codec = get_codec("raw")
         self._attached: dict[str, _Attached] = {}
         self._known = _KnownKeys(_KNOWN_KEYS)
+        self._urls: dict[tuple[str, tuple[tuple[str, str], ...]], httpx.URL] = {}  # (path, params) -> its URL
 
     # ------------------------------------------------------------------ building blocks
 
@@ -470,14 +471,18 @@ class _Operations:
     # ------------------------------------------------------------------ transport helpers
 
     def _request(self, http: httpx.Client | httpx.AsyncClient, call: _Call, body_iter) -> httpx.Request:
-        """The httpx request of ``call``; a binary body goes out in pieces of at most ``_PIECE`` bytes with its
-        Content-Length (so no piece needs a fresh large allocation on the way)."""
+        """The httpx request of ``call``; a binary body goes out in pieces of at most ``BODY_PIECE`` bytes with its
+        Content-Length (so no piece needs a fresh large allocation on the way). Each path and query is merged
+        with the base URL once: parsing a URL takes a good part of building a request."""
+        where = (call.path, tuple(sorted((call.params or {}).items())))
+        url = self._urls.get(where)
+        if url is None:
+            url = self._urls[where] = http.build_request(call.method, call.path, params=call.params).url
         if call.parts is None:
-            return http.build_request(call.method, call.path, params=call.params, json=call.json)
-        body = [piece for part in call.parts for piece in pieces(part, _PIECE)]
+            return http.build_request(call.method, url, json=call.json)
+        body = [piece for part in call.parts for piece in pieces(part, BODY_PIECE)]
         headers = {"Content-Type": CONTENT_TYPE, "Content-Length": str(sum(len(p) for p in body))}
-        return http.build_request(call.method, call.path, params=call.params, headers=headers,
-                                  content=body_iter(body))
+        return http.build_request(call.method, url, headers=headers, content=body_iter(body))
 
     def _settle(self, call: _Call, attempt: int, reply: _Reply | None,
                 failure: httpx.TransportError | None) -> _Reply | None:

@@ -4,7 +4,8 @@ A real ``kvtier serve`` runs in a subprocess on 127.0.0.1 (host tier only: this 
 disk) with the bench endpoints on. For chunks of 1, 4 and 16 MiB, one :class:`~kvtier.api.client.Client`
 times ``put(tokens, kv)`` of a new chunk (upload of a framed blob; decode, verify and store on the server) and
 ``get(tokens)`` of a cached one (fetch, decode and verify into a tensor), and, in alternating rounds, the bare
-endpoint that swallows a body of the same size (``PUT /v1/bench/sink``) or returns
+endpoint that swallows a body of the same size (``PUT /v1/bench/sink``: sent in views of 256 KiB, as the client
+sends a put's body; one ``bytes`` body would be copied piece by piece on its way out) or returns
 one from memory (``GET /v1/bench/source``: ``bytes`` parts of 1 MiB, which h11 sends without a copy, received
 into a reused buffer), with its own httpx client: the HTTP stack's own limit. Then, in
 this process and without a socket (:mod:`kvtier.bench.api_cost`), the service's own work per put (put minus
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 
 from kvtier.api.auth import hash_key
-from kvtier.api.client import SOCKET_OPTIONS, Client
+from kvtier.api.client import BODY_PIECE, SOCKET_OPTIONS, Client
 from kvtier.api.serve_cli import keep_freed_memory
+from kvtier.api.wire import pieces
 from kvtier.bench.api_cost import put_cost, without_settings
 from kvtier.bench.args import at_least
 from kvtier.bench.report import Report, progress
@@ -154,12 +156,13 @@ def run(args: argparse.Namespace) -> Report:
             kv = torch.randn(layout.chunk_shape, dtype=torch.float16)
             prompts = iter(rng.integers(0, 50_000, size=(args.iterations + 2, _CHUNK_TOKENS)))  # warm-up, get
             body = bytes(_frame_bytes(layout, kv))
+            length = {"Content-Length": str(len(body))}
 
             def put() -> None:
                 assert client.put(next(prompts), kv, layout=layout).stored == 1
 
-            def sink() -> None:
-                http.put("/v1/bench/sink", content=body).raise_for_status()
+            def sink() -> None:  # the body in the client's pieces: one ``bytes`` would be copied as it goes out
+                http.put("/v1/bench/sink", content=iter(pieces(body, BODY_PIECE)), headers=length).raise_for_status()
 
             s, b = _measure(put, sink, args.iterations, args.rounds, bar)
             _rows(report, "put", mib, len(body), s, b)
@@ -191,8 +194,9 @@ def run(args: argparse.Namespace) -> Report:
     report.notes.append("service: kvtier.api.Client put (upload, verify, store) / get (fetch, verify, decode into a tensor) "
                         "against a real `kvtier serve` subprocess on 127.0.0.1, host tier only; baseline: the same "
                         "server's bare sink/source endpoints with bodies of the same size (httpx, one connection each; "
-                        "the source's body sent in 1 MiB bytes parts, as a fetch sends, and received into a reused "
-                        "buffer, as the client receives into `out`), alternating rounds; bytes = one framed chunk blob; "
+                        "the sink's body sent in views of 256 KiB, as the client sends a put's; the source's body sent "
+                        "in 1 MiB bytes parts, as a fetch sends, and received into a reused buffer, as the client "
+                        "receives into `out`), alternating rounds; bytes = one framed chunk blob; "
                         "torch uses one intra-op thread in both processes")
     report.notes.append("in process: the same app called through ASGI with the body in 256 KiB pieces, no socket: "
                         "put minus sink (medians) is the service's own work, beside the least a put must do with "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import httpx
 import numpy as np
@@ -163,6 +164,19 @@ def test_a_service_without_tenants_is_healthy_and_refuses_tenant_calls(tmp_path)
         assert httpx.get(url + "/v1/admin/stats", headers=admin).status_code == 200
         assert httpx.post(url + "/v1/lookup", json={"layout": LAYOUT.fingerprint, "tokens": [1]},
                           headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 401
+
+
+def test_one_client_puts_and_gets_with_two_layouts_in_turn(url):
+    """Requests of each layout name that layout, however they alternate (the client merges each path and query
+    with its base URL once and keeps it)."""
+    other = dataclasses.replace(LAYOUT, model_id="other", num_layers=1)
+    tokens = prompt(2 * LAYOUT.chunk_tokens)
+    kv = kv_for(len(tokens))
+    with Client(url, api_key=KEYS["alice"]) as c:
+        for layout, part in [(LAYOUT, kv), (other, kv[:1]), (LAYOUT, kv), (other, kv[:1])]:
+            assert c.put(tokens, part.contiguous(), layout=layout).stored + c.lookup(tokens, layout=layout).tokens > 0
+            got = c.get(tokens, layout=layout)
+            assert got.tokens == len(tokens) and torch.equal(got.kv, part)
 
 
 def test_a_put_after_a_delete_sends_what_the_delete_removed(url):
