@@ -298,6 +298,8 @@ class TieredStore:
         layout = self._layout(layout)
         layers = layout.check_layers(layers)
         C = layout.chunk_tokens
+        if isinstance(out, list) and len(out) != len(keys):
+            raise LayoutError(f"{len(out)} output tensors for {len(keys)} chunk keys: give one per key")
         with self._lock:
             nodes = self._chain(keys, root)
             if out is None and not self.metadata_only:

@@ -163,6 +163,8 @@ def test_a_get_into_one_tensor_per_chunk_fills_each():
     assert not outs[3].any()
     with pytest.raises(LayoutError):
         store.get_keys(chunk_keys(ROOT, tokens, C), ROOT, [torch.zeros(1)] * 3, layout=TINY)
+    with pytest.raises(LayoutError, match="one per key"):  # fewer tensors than keys: refused before any read
+        store.get_keys(chunk_keys(ROOT, tokens, C), ROOT, outs[:2], layout=TINY)
 
 
 def test_borrowed_chunks_are_views_of_the_tier_pinned_until_released(tmp_path):
